@@ -1,0 +1,104 @@
+"""The `memcity` command."""
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from memcity_pipeline.settings import get_settings
+
+app = typer.Typer(help="memcity-pipeline: enriched, searchable knowledge and RLM queries.")
+console = Console(stderr=True)
+out = Console()
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def _run_ingest(as_json: bool) -> None:
+    from memcity_pipeline.runner import run_job
+
+    settings = get_settings()
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]ingest[/bold] {task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=as_json,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+        outcome = run_job(
+            "ingest",
+            settings,
+            on_event=lambda line: progress.update(task, description=line[:100]),
+        )
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "run_id": outcome.run_id,
+                    "success": outcome.success,
+                    "failure": outcome.failure,
+                    "assets": outcome.materializations,
+                    "checks": outcome.check_results,
+                },
+                default=str,
+            )
+        )
+    else:
+        _print_outcome(outcome.materializations, outcome.check_results)
+        console.print(f"run {outcome.run_id} · lake: {settings.lake_dir}")
+    if not outcome.success:
+        console.print(f"[red]ingestion failed[/red]: {outcome.failure}")
+        raise typer.Exit(1)
+
+
+def _print_outcome(materializations: dict[str, dict[str, Any]], checks: dict[str, bool]) -> None:
+    table = Table(title="What this run made")
+    table.add_column("asset")
+    table.add_column("summary")
+    for key, meta in materializations.items():
+        table.add_row(key, str(meta.get("summary", "")))
+    out.print(table)
+    warnings = [
+        (key, meta["warnings"]) for key, meta in materializations.items() if meta.get("warnings")
+    ]
+    for key, text in warnings:
+        out.print(f"[yellow]{key}: ingestion errors (also in the ingestion_errors table)[/yellow]")
+        out.print(str(text))
+    failed = [name for name, ok in checks.items() if not ok]
+    if checks:
+        out.print(
+            f"asset checks: {len(checks) - len(failed)} passed"
+            + (f", [red]{len(failed)} failed: {', '.join(failed)}[/red]" if failed else "")
+        )
+
+
+@app.command()
+def ingest(as_json: JsonFlag = False) -> None:
+    """Materialize every ingestion asset for everything in the landing folder."""
+    _run_ingest(as_json)
+
+
+@app.command()
+def demo(as_json: JsonFlag = False) -> None:
+    """Copy the bundled sample corpus into the landing folder and ingest it."""
+    from memcity_pipeline.runner import copy_sample_corpus
+
+    settings = get_settings()
+    count = copy_sample_corpus(settings.landing_dir)
+    if not as_json:
+        console.print(f"sample corpus: {count} files in {settings.landing_dir}")
+    _run_ingest(as_json)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

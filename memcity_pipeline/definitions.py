@@ -1,0 +1,27 @@
+"""The one `dg.Definitions` of memcity-pipeline: assets, checks, jobs, schedules, sensors, resources.
+
+`dagster dev -w workspace.yaml` loads `defs` from here; so does the `memcity` CLI.
+"""
+
+import dagster as dg
+
+from memcity_pipeline.assets import ingestion
+from memcity_pipeline.jobs.ingest import daily_ingest_schedule, ingest_job, landing_sensor
+from memcity_pipeline.resources.lake import LakeResource
+from memcity_pipeline.settings import Settings, get_settings
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    """Definitions wired to `settings` (the environment's by default)."""
+    s = settings or get_settings()
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules([ingestion]),
+        asset_checks=dg.load_asset_checks_from_modules([ingestion]),
+        jobs=[ingest_job],
+        schedules=[daily_ingest_schedule],
+        sensors=[landing_sensor],
+        resources={"lake": LakeResource.from_settings(s)},
+    )
+
+
+defs = build_definitions()

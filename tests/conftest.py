@@ -1,0 +1,43 @@
+"""Shared pytest fixtures. Area fixtures live in tests/fixtures_*.py and are registered here."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures_llm",
+    "tests.fixtures_sandbox",
+]
+
+# Variables that would point a test at real services or real secrets.
+_SCRUBBED = [
+    "DAGSTER_HOME",
+    "MEMCITY_LANDING",
+    "MEMCITY_LLM_BASE_URL",
+    "MEMCITY_LLM_API_KEY",
+    "OPENROUTER_API_KEY",
+    "MEMCITY_LLM_MODEL",
+    "MEMCITY_LLM_SUB_MODEL",
+    "MEMCITY_POSTGRES_URL",
+    "MEMCITY_ENRICHMENT",
+    "MEMCITY_EMBEDDINGS",
+    "MEMCITY_SANDBOX",
+    "DAYTONA_API_KEY",
+    "DAYTONA_API_URL",
+]
+
+
+@pytest.fixture(autouse=True)
+def memcity_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own MEMCITY_HOME (lake, landing, Dagster instance) and no secrets."""
+    home = tmp_path / "memcity"
+    home.mkdir()
+    monkeypatch.setenv("MEMCITY_HOME", str(home))
+    for name in _SCRUBBED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env from the working directory
+    yield home
+
+
+POSTGRES_TEST_URL = "postgresql://postgres@127.0.0.1:5432/test"
