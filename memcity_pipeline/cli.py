@@ -95,10 +95,51 @@ def demo(as_json: JsonFlag = False) -> None:
     _run_ingest(as_json)
 
 
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    org: Annotated[str, typer.Option("--org", help="Organisation id.")],
+    kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base id.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Search this user's memories.")] = None,
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="How many results.")] = 10,
+    as_json: JsonFlag = False,
+) -> None:
+    """Hybrid search (BM25 + vectors) over a knowledge base (--kb) or a user's memories (--user)."""
+    from memcity_pipeline.api import SearchError, get_context, search_memories
+
+    if (kb is None) == (user is None):
+        console.print("[red]give exactly one of --kb or --user[/red]")
+        raise typer.Exit(2)
+    try:
+        hits = (
+            get_context(org, kb, query, k)
+            if kb is not None
+            else search_memories(org, user or "", query, k)
+        )
+    except SearchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps([h.to_dict() for h in hits], default=str))
+        return
+    table = Table(title=f"{len(hits)} results for {query!r}")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("found by")
+    table.add_column("where")
+    table.add_column("text")
+    for i, h in enumerate(hits, start=1):
+        where = f"{h.title} › {h.section or ''}" if hasattr(h, "title") else str(h.created_at)
+        text = getattr(h, "resolved_text", None) or h.text
+        table.add_row(
+            str(i), f"{h.score:.4f}", ", ".join(h.retrievers), where, " ".join(text.split())[:200]
+        )
+    out.print(table)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

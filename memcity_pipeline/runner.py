@@ -82,6 +82,7 @@ def run_job(
     run_config: dict[str, Any] | None = None,
     on_event: Callable[[str], None] | None = None,
     definitions: dg.Definitions | None = None,
+    log_level: str = "WARNING",
 ) -> JobOutcome:
     """Execute a job of the definitions in this process, recorded in the shared instance.
 
@@ -93,6 +94,10 @@ def run_job(
     instance = get_instance(settings)
     defs = definitions or build_definitions(settings)
     job = defs.resolve_job_def(job_name)
+    run_config = {
+        "loggers": {"console": {"config": {"log_level": log_level}}},
+        **(run_config or {}),
+    }
     run_id = str(uuid.uuid4())
     stop = threading.Event()
     follower = None
@@ -111,9 +116,7 @@ def run_job(
             follower.join(timeout=5)
     outcome = JobOutcome(run_id=run_id, success=result.success)
     for event in result.get_asset_materialization_events():
-        mat = event.asset_materialization
-        if mat is None:
-            continue
+        mat = event.materialization
         outcome.materializations[mat.asset_key.to_user_string()] = {
             k: getattr(v, "value", v) for k, v in mat.metadata.items()
         }

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     embeddings: str = Field(
         default="local", description="`local` (all-MiniLM-L6-v2) or `openai:<model>`."
     )
+    rerank: Literal["off", "llm"] = "off"
 
     # Sandboxes
     sandbox: Literal["local", "daytona"] = "local"

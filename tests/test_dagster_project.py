@@ -44,7 +44,11 @@ def test_definitions_hold_every_ingestion_piece() -> None:
 def test_memcity_demo_runs_on_embedded_defaults_and_second_run_changes_nothing() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     first = subprocess.run(
-        [str(BIN / "memcity"), "demo", "--json"], capture_output=True, text=True, env=env, timeout=900
+        [str(BIN / "memcity"), "demo", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)

@@ -49,7 +49,10 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
 def test_sample_corpus_ingests_every_kind_without_errors(dirs: tuple[Path, Path]) -> None:
     landing, lake = dirs
     copy_sample_corpus(landing)
-    reports = {k: sync_sources(k, landing, lake, LIMITS) for k in ("documents", "memories", "conversations")}
+    reports = {
+        k: sync_sources(k, landing, lake, LIMITS)
+        for k in ("documents", "memories", "conversations")
+    }
     assert all(r.errors == [] for r in reports.values()), [r.errors for r in reports.values()]
     docs = _docs(lake)
     formats = set(docs["format"].to_list())
@@ -166,9 +169,8 @@ def test_assets_report_counts_and_warnings_in_metadata(tmp_path: Path) -> None:
     result = dg.materialize([raw_documents, memories, conversations], resources={"lake": lake})
     assert result.success
     mats = {
-        e.asset_key.to_user_string(): e.asset_materialization.metadata
+        e.asset_key.to_user_string(): e.materialization.metadata
         for e in result.get_asset_materialization_events()
-        if e.asset_materialization
     }
     assert set(mats) == {"raw_documents", "memories", "conversations"}
     docs_meta = mats["raw_documents"]
@@ -178,7 +180,7 @@ def test_assets_report_counts_and_warnings_in_metadata(tmp_path: Path) -> None:
     assert "| title |" in docs_meta["preview"].value
 
     again = dg.materialize([raw_documents], resources={"lake": lake})
-    meta = again.get_asset_materialization_events()[0].asset_materialization.metadata
+    meta = again.get_asset_materialization_events()[0].materialization.metadata
     assert meta["changed"].value == 0
     assert meta["summary"].value.startswith("documents: 0 changed")
 

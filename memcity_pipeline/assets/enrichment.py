@@ -36,11 +36,15 @@ from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
 
-StructuredCall = Callable[[list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]]
+StructuredCall = Callable[
+    [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
+]
 
 
 def _structured_call(client: Any, max_tokens: int) -> StructuredCall:
-    def call(messages: list[dict[str, str]], schema: type[BaseModel]) -> tuple[BaseModel, int, int, float | None]:
+    def call(
+        messages: list[dict[str, str]], schema: type[BaseModel]
+    ) -> tuple[BaseModel, int, int, float | None]:
         res = client.complete(messages, schema=schema, max_tokens=max_tokens)
         return res.parsed, res.prompt_tokens, res.completion_tokens, res.cost_usd
 
@@ -75,11 +79,12 @@ def _sync_tables(
     return total, written
 
 
-def _llm_metadata(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dg.RawMetadataValue]:
+def _llm_metadata(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     cost_after, cost_before = after.get("cost_usd"), before.get("cost_usd")
     cost = None if cost_after is None else cost_after - (cost_before or 0.0)
     return {
-        "llm_calls": after["calls"] - before["calls"],
+        "llm_calls": (after["calls"] - after["cache_hits"])
+        - (before["calls"] - before["cache_hits"]),
         "cache_hits": after["cache_hits"] - before["cache_hits"],
         "prompt_tokens": after["prompt_tokens"] - before["prompt_tokens"],
         "completion_tokens": after["completion_tokens"] - before["completion_tokens"],
@@ -119,12 +124,18 @@ def document_structure(
     def structurer(title: str, text: str) -> Any:
         assert client is not None
         return structure_document(
-            title, text, _structured_call(client, 1500), window_tokens=window, count_tokens=count_tokens
+            title,
+            text,
+            _structured_call(client, 1500),
+            window_tokens=window,
+            count_tokens=count_tokens,
         )
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
         docs = read_parquet(kb_table_path(lake.lake, "raw_documents", org, kb), RAW_DOCUMENTS)
-        old = read_parquet(kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE)
+        old = read_parquet(
+            kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE
+        )
         return build_document_structure(
             docs,
             old,
@@ -134,7 +145,9 @@ def document_structure(
             max_workers=enrichment.max_workers,
         )
 
-    stats, written = _sync_tables(context, lake, "document_structure", DOCUMENT_STRUCTURE, "document_id", build)
+    stats, written = _sync_tables(
+        context, lake, "document_structure", DOCUMENT_STRUCTURE, "document_id", build
+    )
     for reason in stats.failure_reasons:
         context.log.warning(f"document_structure: {reason}")
     after = client.stats.snapshot() if client else dict(_NO_LLM)
@@ -153,15 +166,26 @@ def document_structure(
             "per_document": dg.MetadataValue.md(
                 markdown_table(
                     stats.per_document,
-                    ["title", "method", "status", "sections", "entities", "llm_calls",
-                     "prompt_tokens", "completion_tokens", "cost_usd"],
+                    [
+                        "title",
+                        "method",
+                        "status",
+                        "sections",
+                        "entities",
+                        "llm_calls",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_usd",
+                    ],
                 )
             ),
         }
     )
 
 
-@dg.asset(group_name="enrichment", kinds={"parquet", "polars"}, deps=[raw_documents, document_structure])
+@dg.asset(
+    group_name="enrichment", kinds={"parquet", "polars"}, deps=[raw_documents, document_structure]
+)
 def chunks(
     context: dg.AssetExecutionContext, lake: LakeResource, enrichment: EnrichmentResource
 ) -> dg.MaterializeResult:
@@ -172,7 +196,9 @@ def chunks(
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
         docs = read_parquet(kb_table_path(lake.lake, "raw_documents", org, kb), RAW_DOCUMENTS)
-        struct = read_parquet(kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE)
+        struct = read_parquet(
+            kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE
+        )
         old = read_parquet(kb_table_path(lake.lake, "chunks", org, kb), CHUNKS)
         return build_chunks(
             docs,
@@ -197,7 +223,15 @@ def chunks(
             "preview": dg.MetadataValue.md(
                 markdown_table(
                     sample.head(5).to_dicts(),
-                    ["document_id", "ordinal", "section_title", "start", "end", "token_count", "text"],
+                    [
+                        "document_id",
+                        "ordinal",
+                        "section_title",
+                        "start",
+                        "end",
+                        "token_count",
+                        "text",
+                    ],
                 )
             ),
         }
@@ -224,13 +258,20 @@ def enriched_chunks(
     def enricher(title: str, summary: str, entities: list[Any], texts: list[str]) -> list[Any]:
         assert call is not None
         return enrich_chunks(
-            title, summary, entities, texts, call,
-            batch_size=enrichment.chunks_per_call, on_error=context.log.debug,
+            title,
+            summary,
+            entities,
+            texts,
+            call,
+            batch_size=enrichment.chunks_per_call,
+            on_error=context.log.debug,
         )
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
         ch = read_parquet(kb_table_path(lake.lake, "chunks", org, kb), CHUNKS)
-        struct = read_parquet(kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE)
+        struct = read_parquet(
+            kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE
+        )
         old = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
         return build_enriched_chunks(
             ch,
@@ -242,17 +283,27 @@ def enriched_chunks(
             max_workers=enrichment.max_workers,
         )
 
-    stats, written = _sync_tables(context, lake, "enriched_chunks", ENRICHED_CHUNKS, "chunk_id", build)
+    stats, written = _sync_tables(
+        context, lake, "enriched_chunks", ENRICHED_CHUNKS, "chunk_id", build
+    )
     for reason in sorted(set(stats.failure_reasons))[:20]:
         context.log.warning(f"enriched_chunks: chunk failed: {reason}")
     after = client.stats.snapshot() if client else dict(_NO_LLM)
     sample = _first_table(lake, "enriched_chunks")
     if sample.height:
-        sample = sample.filter(pl.col("enrichment_status") == "enriched").head(3) if enrichment.enabled else sample.head(3)
+        sample = (
+            sample.filter(pl.col("enrichment_status") == "enriched").head(3)
+            if enrichment.enabled
+            else sample.head(3)
+        )
     return dg.MaterializeResult(
         metadata={
-            "summary": f"{stats.processed} chunks enriched now ({stats.failures} failed), "
-            f"{stats.reused} unchanged",
+            "summary": (
+                f"{stats.processed} chunks enriched now ({stats.failures} failed), "
+                if enrichment.enabled
+                else f"{stats.processed} chunks passed through (enrichment off), "
+            )
+            + f"{stats.reused} unchanged",
             "dagster/row_count": _count_rows(lake, "enriched_chunks"),
             "documents": stats.documents,
             "chunks_processed": stats.processed,
@@ -264,12 +315,22 @@ def enriched_chunks(
             "per_document": dg.MetadataValue.md(
                 markdown_table(
                     stats.per_document,
-                    ["title", "chunks", "failed", "llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"],
+                    [
+                        "title",
+                        "chunks",
+                        "failed",
+                        "llm_calls",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_usd",
+                    ],
                 )
             ),
             "preview": dg.MetadataValue.md(
                 markdown_table(
-                    sample.to_dicts(), ["text", "resolved_text", "key_terms", "summary"], max_chars=160
+                    sample.to_dicts(),
+                    ["text", "resolved_text", "key_terms", "summary"],
+                    max_chars=160,
                 )
             ),
         }
@@ -307,24 +368,36 @@ def chunks_not_empty(lake: LakeResource) -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=chunks, description="Every chunk fits the token budget.")
-def chunks_within_token_budget(lake: LakeResource, enrichment: EnrichmentResource) -> dg.AssetCheckResult:
+def chunks_within_token_budget(
+    lake: LakeResource, enrichment: EnrichmentResource
+) -> dg.AssetCheckResult:
     frame = _all_rows(lake, "chunks", ["chunk_id", "token_count"])
-    over = frame.filter(pl.col("token_count") > enrichment.chunk_tokens).height if frame.height else 0
+    over = (
+        frame.filter(pl.col("token_count") > enrichment.chunk_tokens).height if frame.height else 0
+    )
     biggest = int(frame["token_count"].max()) if frame.height else 0
     return dg.AssetCheckResult(
         passed=over == 0,
-        metadata={"over_budget": over, "largest_chunk_tokens": biggest, "budget": enrichment.chunk_tokens},
+        metadata={
+            "over_budget": over,
+            "largest_chunk_tokens": biggest,
+            "budget": enrichment.chunk_tokens,
+        },
     )
 
 
-@dg.asset_check(asset=chunks, description="Chunk offsets lie inside their document and are in order.")
+@dg.asset_check(
+    asset=chunks, description="Chunk offsets lie inside their document and are in order."
+)
 def chunk_offsets_valid(lake: LakeResource) -> dg.AssetCheckResult:
     bad = 0
     total = 0
     for org, kb in kb_partitions(lake.lake, "chunks"):
         ch = read_parquet(kb_table_path(lake.lake, "chunks", org, kb), CHUNKS)
         docs = read_parquet(kb_table_path(lake.lake, "raw_documents", org, kb), RAW_DOCUMENTS)
-        lengths = dict(zip(docs["document_id"].to_list(), docs["char_count"].to_list(), strict=True))
+        lengths = dict(
+            zip(docs["document_id"].to_list(), docs["char_count"].to_list(), strict=True)
+        )
         texts = dict(zip(docs["document_id"].to_list(), docs["text"].to_list(), strict=True))
         total += ch.height
         for doc_id, group in ch.sort("ordinal").group_by("document_id", maintain_order=True):
@@ -342,9 +415,13 @@ def chunk_offsets_valid(lake: LakeResource) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=bad == 0, metadata={"chunks": total, "invalid": bad})
 
 
-@dg.asset_check(asset=enriched_chunks, description="Every chunk is enriched, or failed with a reason.")
+@dg.asset_check(
+    asset=enriched_chunks, description="Every chunk is enriched, or failed with a reason."
+)
 def chunks_enriched_or_explained(lake: LakeResource) -> dg.AssetCheckResult:
-    frame = _all_rows(lake, "enriched_chunks", ["enrichment_status", "enrichment_error", "resolved_text"])
+    frame = _all_rows(
+        lake, "enriched_chunks", ["enrichment_status", "enrichment_error", "resolved_text"]
+    )
     if frame.height == 0:
         return dg.AssetCheckResult(passed=True, metadata={"chunks": 0})
     bad = frame.filter(
@@ -352,5 +429,8 @@ def chunks_enriched_or_explained(lake: LakeResource) -> dg.AssetCheckResult:
         | ((pl.col("enrichment_status") == "failed") & pl.col("enrichment_error").is_null())
         | ~pl.col("enrichment_status").is_in(["enriched", "failed", "off"])
     ).height
-    counts = {r["enrichment_status"]: r["len"] for r in frame.group_by("enrichment_status").len().to_dicts()}
+    counts = {
+        r["enrichment_status"]: r["len"]
+        for r in frame.group_by("enrichment_status").len().to_dicts()
+    }
     return dg.AssetCheckResult(passed=bad == 0, metadata={"unexplained": bad, **counts})

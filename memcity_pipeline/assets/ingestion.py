@@ -1,12 +1,14 @@
 """Ingestion assets: landing files into the lake's `raw_documents`, `memories`, `conversations`."""
 
+from typing import Any
+
 import dagster as dg
 import polars as pl
 
 from memcity_pipeline.assets.metadata import markdown_table, preview
 from memcity_pipeline.lib.ingest import SyncReport, sync_sources
-from memcity_pipeline.lib.landing import SourceKind
 from memcity_pipeline.lib.lake import read_parquet
+from memcity_pipeline.lib.landing import SourceKind
 from memcity_pipeline.lib.schemas import SOURCE_SCHEMAS, SOURCE_TABLES
 from memcity_pipeline.resources.lake import LakeResource
 
@@ -43,11 +45,11 @@ def _summary(report: SyncReport) -> str:
     )
 
 
-def _metadata(lake: LakeResource, report: SyncReport) -> dict[str, dg.RawMetadataValue]:
+def _metadata(lake: LakeResource, report: SyncReport) -> dict[str, Any]:
     table_dir = lake.lake / SOURCE_TABLES[report.kind]
     first = sorted(table_dir.glob("*/*.parquet"))[:1]
     sample = read_parquet(first[0]) if first else pl.DataFrame()
-    meta: dict[str, dg.RawMetadataValue] = {
+    meta: dict[str, Any] = {
         "summary": _summary(report),
         "dagster/row_count": report.rows,
         "files": report.files,

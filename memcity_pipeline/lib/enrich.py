@@ -142,7 +142,9 @@ def enrich_chunks(
             retry = batch
         for i in retry if len(batch) > 1 else []:
             results[i] = _single(context, i, chunks[i], call, results[i])
-    return [r if r is not None else ChunkEnrichment("failed", error="not processed") for r in results]
+    return [
+        r if r is not None else ChunkEnrichment("failed", error="not processed") for r in results
+    ]
 
 
 def _single(

@@ -274,7 +274,9 @@ def sync_sources(
         parsed[src.rel_path] = rows
         for p in problems:
             new_error_rows.append(
-                _error_row(kind, src.org_id, src.scope_id, src.rel_path, p.line, p.reason, digest, now)
+                _error_row(
+                    kind, src.org_id, src.scope_id, src.rel_path, p.line, p.reason, digest, now
+                )
             )
         whole_file_failed = not rows and bool(problems)
         new_manifest.append(
@@ -347,9 +349,7 @@ def _landing_error(p: LandingProblem, now: datetime) -> dict[str, Any]:
     return _error_row(p.kind, p.org_id, p.scope_id, p.rel_path, None, p.reason, None, now)
 
 
-def _write_errors_if_changed(
-    path: Path, old: pl.DataFrame, rows: list[dict[str, Any]]
-) -> None:
+def _write_errors_if_changed(path: Path, old: pl.DataFrame, rows: list[dict[str, Any]]) -> None:
     """Rewrite the errors table only when its content (ignoring detection times) changed."""
 
     def keys(frame: pl.DataFrame) -> list[tuple[Any, ...]]:

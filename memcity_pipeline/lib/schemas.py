@@ -110,6 +110,7 @@ def source_files_path(lake: Path, kind: SourceKind) -> Path:
 def ingestion_errors_path(lake: Path, kind: SourceKind | None) -> Path:
     return lake / "ingestion_errors" / f"{kind or 'layout'}.parquet"
 
+
 ENTITY = pa.struct(
     [
         ("name", pa.string()),
@@ -118,7 +119,9 @@ ENTITY = pa.struct(
         ("description", pa.string()),
     ]
 )
-RELATIONSHIP = pa.struct([("source", pa.string()), ("relation", pa.string()), ("target", pa.string())])
+RELATIONSHIP = pa.struct(
+    [("source", pa.string()), ("relation", pa.string()), ("target", pa.string())]
+)
 SECTION = pa.struct([("title", pa.string()), ("start", pa.int64()), ("end", pa.int64())])
 
 DOCUMENT_STRUCTURE = pa.schema(
@@ -156,7 +159,10 @@ CHUNKS = pa.schema(
         ("end", pa.int64()),
         ("text", pa.large_string()),
         ("token_count", pa.int64()),
-        ("source_key", pa.string()),  # hash of what the chunks were made from (text, sections, budget)
+        (
+            "source_key",
+            pa.string(),
+        ),  # hash of what the chunks were made from (text, sections, budget)
     ]
 )
 

@@ -120,7 +120,9 @@ def build_document_structure(
             "summary": result.summary,
             "entities": [e.model_dump() for e in result.entities],
             "relationships": [r.model_dump() for r in result.relationships],
-            "sections": [{"title": s.title, "start": s.start, "end": s.end} for s in result.sections],
+            "sections": [
+                {"title": s.title, "start": s.start, "end": s.end} for s in result.sections
+            ],
             "method": result.method,
             "status": status,
             "error": error,
@@ -206,7 +208,10 @@ def build_chunks(
             continue
         stats.processed += 1
         pieces = chunk_document(
-            doc["text"], sections or heading_sections(doc["text"], doc["title"]), title=doc["title"], **kw
+            doc["text"],
+            sections or heading_sections(doc["text"], doc["title"]),
+            title=doc["title"],
+            **kw,
         )
         for c in pieces:
             out.append(
@@ -214,7 +219,8 @@ def build_chunks(
                     "org_id": doc["org_id"],
                     "knowledge_base_id": doc["knowledge_base_id"],
                     "document_id": doc["document_id"],
-                    "chunk_id": "chk_" + _sha(doc["document_id"], str(c.start), str(c.end), c.text)[:24],
+                    "chunk_id": "chk_"
+                    + _sha(doc["document_id"], str(c.start), str(c.end), c.text)[:24],
                     "ordinal": c.ordinal,
                     "section_title": c.section_title,
                     "start": c.start,
@@ -263,7 +269,11 @@ def build_enriched_chunks(
         for row in rows:
             key = _sha(row["text"], ctx)
             prev = old.get(row["chunk_id"])
-            if prev and prev["context_key"] == key and prev["enrichment_status"] in ("enriched", "off"):
+            if (
+                prev
+                and prev["context_key"] == key
+                and prev["enrichment_status"] in ("enriched", "off")
+            ):
                 result[row["chunk_id"]] = {**prev, "ordinal": row["ordinal"]}
                 stats.reused += 1
             else:

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
-from memcity_pipeline.lib.chunking import Section, chunk_document, heading_sections, normalise_sections
+from memcity_pipeline.lib.chunking import (
+    Section,
+    chunk_document,
+    heading_sections,
+    normalise_sections,
+)
 
 SUMMARY_MAX_CHARS = 2000
 
@@ -75,11 +80,13 @@ STRUCTURE_SYSTEM = (
 
 MERGE_SUMMARY_SYSTEM = (
     "You combine partial summaries of consecutive parts of one document into one summary of at "
-    "most 5 sentences. Reply with JSON only: {\"summary\": \"...\"}."
+    'most 5 sentences. Reply with JSON only: {"summary": "..."}.'
 )
 
 # (messages, schema) -> (parsed, prompt_tokens, completion_tokens, cost_usd or None)
-StructuredCall = Callable[[list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]]
+StructuredCall = Callable[
+    [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
+]
 
 
 def _norm(s: str) -> str:
@@ -103,7 +110,9 @@ def locate_sections(text: str, found: Sequence[SectionOut], offset: int = 0) -> 
         starts.append((idx, sec.title.strip()[:200] or "Section"))
         pos = idx + 1
     sections = [
-        Section(title, offset + s, offset + (starts[i + 1][0] if i + 1 < len(starts) else len(text)))
+        Section(
+            title, offset + s, offset + (starts[i + 1][0] if i + 1 < len(starts) else len(text))
+        )
         for i, (s, title) in enumerate(starts)
     ]
     return sections
@@ -178,7 +187,13 @@ def structure_document(
 ) -> DocumentStructure:
     """Phase 1 for one document. Raises what `call` raises when the LLM fails for good."""
     windows = (
-        chunk_document(text, heading_sections(text), max_tokens=window_tokens, overlap_tokens=0, count=count_tokens)
+        chunk_document(
+            text,
+            heading_sections(text),
+            max_tokens=window_tokens,
+            overlap_tokens=0,
+            count=count_tokens,
+        )
         if count_tokens(text) > window_tokens
         else None
     )

@@ -1,0 +1,112 @@
+"""Retrieval quality on the sample corpus's labelled questions: recall@5, recall@10 and MRR for
+BM25 alone, vectors alone and the hybrid, with enrichment on (the configured LLM; the embedded
+SmolLM2 by default) and off.
+
+    python bench/retrieval.py [--modes off,llm] [--home DIR]
+
+A hit is relevant when its chunk comes from one of the question's `relevant_paths`; recall@k is
+the share of questions with a relevant chunk in the top k, MRR the mean of 1/rank of the first.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memcity_pipeline.lib.retrieval import _load
+from memcity_pipeline.lib.search import vector_top_k
+from memcity_pipeline.runner import copy_sample_corpus, run_job, sample_corpus_dir
+from memcity_pipeline.settings import get_settings
+
+
+def _questions() -> list[dict]:
+    path = sample_corpus_dir() / "eval" / "questions.jsonl"
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines() if line.strip()]
+
+
+def _first_relevant(ranked: list[str], relevant_chunks: set[str]) -> int | None:
+    for rank, chunk_id in enumerate(ranked, start=1):
+        if chunk_id in relevant_chunks:
+            return rank
+    return None
+
+
+def evaluate(mode: str, home: Path) -> dict[str, dict[str, float]]:
+    os.environ["MEMCITY_HOME"] = str(home)
+    os.environ["MEMCITY_ENRICHMENT"] = mode
+    os.environ.pop("DAGSTER_HOME", None)
+    settings = get_settings()
+    copy_sample_corpus(settings.landing_dir)
+    started = time.perf_counter()
+    outcome = run_job("ingest", settings)
+    if not outcome.success:
+        raise SystemExit(f"ingestion failed ({mode}): {outcome.failure}")
+    print(f"  ingest ({mode}) took {time.perf_counter() - started:.1f} s", flush=True)
+
+    from memcity_pipeline.resources.embeddings import EmbeddingsResource
+
+    embedder = EmbeddingsResource.from_settings(settings).get_embedder()
+    lake = settings.lake_dir
+    results: dict[str, list[int | None]] = {"bm25": [], "vector": [], "hybrid": []}
+    for q in _questions():
+        org, kb = q["org_id"], q["knowledge_base_id"]
+        loaded = _load(lake, "chunks", org, kb, embedder, _rows)
+        relevant = {
+            cid
+            for cid, row in loaded.rows.items()
+            if any(row["source_path"].endswith("/" + p) for p in q["relevant_paths"])
+        }
+        index = loaded.index
+        bm25 = [i for i, _ in index.bm25.query(q["question"], 10)]
+        qv = embedder.embed([q["question"]])[0]
+        vec = [index.ids[p] for p, _ in vector_top_k(index.vectors, qv, 10)]
+        hyb = [h.id for h in index.search(q["question"], k=10, query_vector=qv)]
+        for name, ranked in (("bm25", bm25), ("vector", vec), ("hybrid", hyb)):
+            results[name].append(_first_relevant(ranked, relevant))
+    out = {}
+    for name, ranks in results.items():
+        n = len(ranks)
+        out[name] = {
+            "recall@5": sum(1 for r in ranks if r and r <= 5) / n,
+            "recall@10": sum(1 for r in ranks if r and r <= 10) / n,
+            "mrr": sum(1 / r for r in ranks if r) / n,
+        }
+    return out
+
+
+def _rows(lake: Path, org: str, kb: str) -> dict:
+    chunks = pl.read_parquet(lake / "enriched_chunks" / org / f"{kb}.parquet")
+    docs = pl.read_parquet(
+        lake / "raw_documents" / org / f"{kb}.parquet", columns=["document_id", "source_path"]
+    )
+    return {r["chunk_id"]: r for r in chunks.join(docs, on="document_id").iter_rows(named=True)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--modes", default="off,llm", help="enrichment modes to compare")
+    parser.add_argument("--home", type=Path, default=None, help="keep the lakes here")
+    args = parser.parse_args()
+    base = args.home or Path(tempfile.mkdtemp(prefix="memcity-retrieval-"))
+    print(f"{len(_questions())} labelled questions; lakes under {base}")
+    table = []
+    for mode in args.modes.split(","):
+        scores = evaluate(mode, base / f"enrichment-{mode}")
+        for retriever, s in scores.items():
+            table.append((mode, retriever, s["recall@5"], s["recall@10"], s["mrr"]))
+    print(f"\n{'enrichment':<11}{'retriever':<10}{'recall@5':>10}{'recall@10':>11}{'MRR':>8}")
+    for mode, retriever, r5, r10, mrr in table:
+        print(f"{mode:<11}{retriever:<10}{r5:>10.3f}{r10:>11.3f}{mrr:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
