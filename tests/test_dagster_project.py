@@ -19,10 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_definitions_validate_with_the_dagster_cli() -> None:
+def test_definitions_validate_with_the_dagster_cli(tmp_path: Path) -> None:
+    # With DAGSTER_HOME set, the Dagster CLI uses that instance, not the ./dagster.yaml of the
+    # repository (which asks for Postgres): the embedded default.
+    home = ensure_dagster_home(get_settings())
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    os.environ.pop("DAGSTER_HOME", None)
     proc = subprocess.run(
         [str(BIN / "dagster"), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -440,3 +440,15 @@ def test_real_local_model_structured_call(local_llm_server: LocalLLMServer, tmp_
             schema=City,
             max_tokens=60,
         ).cached
+
+
+def test_structured_output_accepts_raw_newlines_inside_strings() -> None:
+    from pydantic import BaseModel
+
+    from memcity_pipeline.lib.llm_client import parse_structured
+
+    class Out(BaseModel):
+        summary: str
+
+    parsed = parse_structured('{"summary": "line one\nline two"}', Out)
+    assert isinstance(parsed, Out) and parsed.summary == "line one\nline two"

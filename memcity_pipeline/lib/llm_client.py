@@ -159,7 +159,12 @@ def parse_structured(text: str, schema: type[BaseModel]) -> BaseModel:
     """Validate `text` against `schema`; raises ValueError (JSON or validation) with details."""
     candidate = extract_json_text(text)
     try:
-        return schema.model_validate_json(candidate)
+        # strict=False: raw newlines and tabs inside strings are common in model output.
+        data = json.loads(candidate, strict=False)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"(root): Invalid JSON: {exc}") from exc
+    try:
+        return schema.model_validate(data)
     except ValidationError as exc:
         raise ValueError(_short_validation_error(exc)) from exc
 
