@@ -20,6 +20,7 @@ _SCRUBBED = [
     "MEMCITY_LLM_MODEL",
     "MEMCITY_LLM_SUB_MODEL",
     "MEMCITY_POSTGRES_URL",
+    "MEMCITY_DAGSTER_POSTGRES_URL",
     "MEMCITY_ENRICHMENT",
     "MEMCITY_EMBEDDINGS",
     "MEMCITY_SANDBOX",
@@ -36,6 +37,9 @@ def memcity_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     monkeypatch.setenv("MEMCITY_HOME", str(home))
     for name in _SCRUBBED:
         monkeypatch.delenv(name, raising=False)
+    # Whole-job tests run without LLM phases (minutes on the CPU model); the tests of the LLM
+    # phases give their own resources, and one runs them on the real local model.
+    monkeypatch.setenv("MEMCITY_ENRICHMENT", "off")
     monkeypatch.chdir(tmp_path)  # no stray .env from the working directory
     yield home
 

@@ -90,7 +90,9 @@ def postgres_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Dag
     home = tmp_path / "dagster_home_pg"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("MEMCITY_POSTGRES_URL", POSTGRES_TEST_URL)
+    monkeypatch.setenv(
+        "MEMCITY_DAGSTER_POSTGRES_URL", POSTGRES_TEST_URL.replace("postgresql://", "postgresql+psycopg2://")
+    )
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = dg.DagsterInstance.get()
     yield instance
@@ -111,7 +113,7 @@ def test_materialization_lands_in_real_postgres(postgres_instance: dg.DagsterIns
         status = conn.execute(
             "SELECT status FROM runs WHERE run_id = %s", (result.run_id,)
         ).fetchone()
-    keys = {json.loads(r[0])["path"][0] for r in rows}
+    keys = {json.loads(r[0])[0] for r in rows}
     assert {"raw_documents", "memories", "conversations"} <= keys
     assert status == ("SUCCESS",)
 
@@ -140,3 +142,26 @@ def test_embedded_home_is_created_when_dagster_home_is_unset() -> None:
         assert "telemetry" in (path / "dagster.yaml").read_text()
     finally:
         os.environ.pop("DAGSTER_HOME", None)
+
+
+def test_multiprocess_concurrency_limit_of_one_runs_steps_one_at_a_time(
+    postgres_instance: dg.DagsterInstance,
+) -> None:
+    copy_sample_corpus(get_settings().landing_dir)
+    run_config = {"execution": {"config": {"multiprocess": {"max_concurrent": 1}}}}
+    with dg.execute_job(
+        dg.reconstructable(ingest_job_def), instance=postgres_instance, run_config=run_config
+    ) as result:
+        assert result.success
+        running: set[str] = set()
+        most = 0
+        for event in result.all_events:
+            if event.event_type == dg.DagsterEventType.STEP_START:
+                running.add(event.step_key)
+                most = max(most, len(running))
+            elif event.event_type in (
+                dg.DagsterEventType.STEP_SUCCESS,
+                dg.DagsterEventType.STEP_FAILURE,
+            ):
+                running.discard(event.step_key)
+        assert most == 1
