@@ -19,7 +19,7 @@ from memcity_pipeline.lib.schemas import (
     CHUNKS,
     DOCUMENT_STRUCTURE,
     ENRICHED_CHUNKS,
-    RAW_DOCUMENTS,
+    KB_TABLE_SCHEMAS,
     kb_partitions,
     kb_table_path,
 )
@@ -132,10 +132,8 @@ def document_structure(
         )
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
-        docs = read_parquet(kb_table_path(lake.lake, "raw_documents", org, kb), RAW_DOCUMENTS)
-        old = read_parquet(
-            kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE
-        )
+        docs = _read(lake, "raw_documents", org, kb)
+        old = _read(lake, "document_structure", org, kb)
         return build_document_structure(
             docs,
             old,
@@ -195,11 +193,9 @@ def chunks(
     """
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
-        docs = read_parquet(kb_table_path(lake.lake, "raw_documents", org, kb), RAW_DOCUMENTS)
-        struct = read_parquet(
-            kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE
-        )
-        old = read_parquet(kb_table_path(lake.lake, "chunks", org, kb), CHUNKS)
+        docs = _read(lake, "raw_documents", org, kb)
+        struct = _read(lake, "document_structure", org, kb)
+        old = _read(lake, "chunks", org, kb)
         return build_chunks(
             docs,
             struct,
@@ -268,11 +264,9 @@ def enriched_chunks(
         )
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
-        ch = read_parquet(kb_table_path(lake.lake, "chunks", org, kb), CHUNKS)
-        struct = read_parquet(
-            kb_table_path(lake.lake, "document_structure", org, kb), DOCUMENT_STRUCTURE
-        )
-        old = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
+        ch = _read(lake, "chunks", org, kb)
+        struct = _read(lake, "document_structure", org, kb)
+        old = _read(lake, "enriched_chunks", org, kb)
         return build_enriched_chunks(
             ch,
             struct,
@@ -337,6 +331,11 @@ def enriched_chunks(
     )
 
 
+def _read(lake: LakeResource, table: str, org: str, kb: str) -> pl.DataFrame:
+    """One knowledge base's rows of a lake table (empty, with its schema, when absent)."""
+    return read_parquet(kb_table_path(lake.lake, table, org, kb), KB_TABLE_SCHEMAS[table])
+
+
 def _first_table(lake: LakeResource, table: str) -> pl.DataFrame:
     parts = kb_partitions(lake.lake, table)
     return read_parquet(kb_table_path(lake.lake, table, *parts[0])) if parts else pl.DataFrame()
@@ -393,8 +392,8 @@ def chunk_offsets_valid(lake: LakeResource) -> dg.AssetCheckResult:
     bad = 0
     total = 0
     for org, kb in kb_partitions(lake.lake, "chunks"):
-        ch = read_parquet(kb_table_path(lake.lake, "chunks", org, kb), CHUNKS)
-        docs = read_parquet(kb_table_path(lake.lake, "raw_documents", org, kb), RAW_DOCUMENTS)
+        ch = _read(lake, "chunks", org, kb)
+        docs = _read(lake, "raw_documents", org, kb)
         lengths = dict(
             zip(docs["document_id"].to_list(), docs["char_count"].to_list(), strict=True)
         )

@@ -202,3 +202,11 @@ def kb_table_path(lake: Path, table: str, org_id: str, kb_id: str) -> Path:
 def kb_partitions(lake: Path, table: str) -> list[tuple[str, str]]:
     """The (org, kb) pairs for which `table` has a file."""
     return sorted((p.parent.name, p.stem) for p in (lake / table).glob("*/*.parquet"))
+
+
+KB_TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "raw_documents": RAW_DOCUMENTS,
+    "document_structure": DOCUMENT_STRUCTURE,
+    "chunks": CHUNKS,
+    "enriched_chunks": ENRICHED_CHUNKS,
+}
