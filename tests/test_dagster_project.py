@@ -91,7 +91,8 @@ def postgres_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Dag
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     monkeypatch.setenv(
-        "MEMCITY_DAGSTER_POSTGRES_URL", POSTGRES_TEST_URL.replace("postgresql://", "postgresql+psycopg2://")
+        "MEMCITY_DAGSTER_POSTGRES_URL",
+        POSTGRES_TEST_URL.replace("postgresql://", "postgresql+psycopg2://"),
     )
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     instance = dg.DagsterInstance.get()
