@@ -1,6 +1,7 @@
 """The `memcity` command."""
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -135,6 +136,70 @@ def search(
             str(i), f"{h.score:.4f}", ", ".join(h.retrievers), where, " ".join(text.split())[:200]
         )
     out.print(table)
+
+
+@app.command()
+def query(
+    question: Annotated[str, typer.Argument(help="The question for the RLM.")],
+    org: Annotated[str, typer.Option("--org", help="Organisation id.")],
+    context_type: Annotated[
+        str, typer.Option("--context-type", help="memories | documents | conversation | custom")
+    ] = "documents",
+    kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base (documents).")] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="User (memories, conversation).")
+    ] = None,
+    custom_file: Annotated[
+        Path | None, typer.Option("--custom-file", help="Custom context: text, .json or .jsonl.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Root model.")] = None,
+    sub_model: Annotated[str | None, typer.Option("--sub-model", help="Sub-call model.")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="python | bun")] = "python",
+    max_iterations: Annotated[int | None, typer.Option("--max-iterations", min=1)] = None,
+    max_timeout: Annotated[float | None, typer.Option("--max-timeout", min=1)] = None,
+    max_budget: Annotated[float | None, typer.Option("--max-budget", min=0)] = None,
+    max_errors: Annotated[int | None, typer.Option("--max-errors", min=1)] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Answer a question over ALL of a context with a Recursive Language Model."""
+    from memcity_pipeline.rlm.cli_commands import query_command
+
+    code = query_command(
+        question,
+        org=org,
+        context_type=context_type,
+        kb=kb,
+        user=user,
+        custom_file=custom_file,
+        model=model,
+        sub_model=sub_model,
+        runtime=runtime,
+        max_iterations=max_iterations,
+        max_timeout=max_timeout,
+        max_budget=max_budget,
+        max_errors=max_errors,
+        as_json=as_json,
+        out=out,
+        err=console,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def sessions(
+    org: Annotated[str | None, typer.Option("--org", help="Only this organisation.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many, newest first.")] = 20,
+    sync: Annotated[
+        bool, typer.Option("--sync", help="First copy sessions missing in Postgres to it.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List recent RLM sessions (from the lake)."""
+    from memcity_pipeline.rlm.cli_commands import sessions_command
+
+    raise typer.Exit(
+        sessions_command(org=org, limit=limit, sync=sync, as_json=as_json, out=out, err=console)
+    )
 
 
 llm_app = typer.Typer(help="The embedded local model.")

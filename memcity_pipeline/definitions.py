@@ -6,6 +6,7 @@
 import dagster as dg
 
 from memcity_pipeline.assets import enrichment, indexing, ingestion
+from memcity_pipeline.jobs import rlm_query
 from memcity_pipeline.jobs.ingest import daily_ingest_schedule, ingest_job, landing_sensor
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.resources.enrichment import EnrichmentResource
@@ -14,7 +15,7 @@ from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.resources.sandbox import SandboxResource
 from memcity_pipeline.settings import Settings, get_settings
 
-STAGE_MODULES = [ingestion, enrichment, indexing]
+STAGE_MODULES = [ingestion, enrichment, indexing, rlm_query]
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -23,7 +24,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=dg.load_assets_from_modules(STAGE_MODULES),
         asset_checks=dg.load_asset_checks_from_modules(STAGE_MODULES),
-        jobs=[ingest_job],
+        jobs=[ingest_job, rlm_query.rlm_query_job],
         schedules=[daily_ingest_schedule],
         sensors=[landing_sensor],
         resources={

@@ -1,0 +1,503 @@
+"""The Python API of the RLM query (the spec's `rlmQuery`): `rlm_query(...) -> RLMResult`.
+
+A wrong request (missing parameter, unknown org/user/knowledge base, bad config) raises
+:class:`RLMRequestError` before any LLM call or sandbox. Everything after that ends in an
+`RLMResult` and one session row, never an exception: a limit (iterations, budget, errors,
+timeout) gives the best answer so far with a `warning` and status `partial` or `timeout`;
+a failure (the LLM or the sandbox unavailable) gives status `failed` and an `error`.
+"""
+
+import json
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+from rlm.logger import RLMLogger
+from rlm.utils.exceptions import (
+    BudgetExceededError,
+    CancellationError,
+    ErrorThresholdExceededError,
+    TimeoutExceededError,
+    TokenLimitExceededError,
+)
+
+from memcity_pipeline.lib.llm_client import LLMClient, parse_structured
+from memcity_pipeline.resources.llm import LLMResource
+from memcity_pipeline.resources.sandbox.base import SandboxBackend, SandboxSession
+from memcity_pipeline.resources.sandbox.resource import SandboxResource
+from memcity_pipeline.rlm.context import ContextError, GatheredContext, gather_context
+from memcity_pipeline.rlm.engine import (
+    PRELUDE,
+    Deadline,
+    ProgressFn,
+    SandboxRLM,
+    Spend,
+    SubCallBroker,
+)
+from memcity_pipeline.rlm.prompts import SYSTEM_PROMPT, describe_context
+from memcity_pipeline.rlm.sessions import SessionStore, now_utc, trajectory_path
+from memcity_pipeline.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+Status = Literal["completed", "partial", "failed", "timeout"]
+AVAILABLE_RUNTIMES = ("python",)
+
+# Sandbox options of the spec -> fields of SandboxResource.
+SANDBOX_OPTION_FIELDS = {
+    "sandbox_mode": "sandbox_mode",
+    "sandbox_snapshot": "snapshot",
+    "sandbox_auto_stop_minutes": "auto_stop_minutes",
+    "sandbox_auto_archive_minutes": "auto_archive_minutes",
+    "sandbox_cpu": "cpu",
+    "sandbox_memory": "memory_gib",
+    "sandbox_disk": "disk_gib",
+    "sandbox_exec_timeout_s": "exec_timeout_s",
+}
+
+
+class RLMRequestError(ValueError):
+    """The request is wrong (parameters, ids, config); nothing was run."""
+
+
+class RLMConfig(BaseModel):
+    """The engine's options (the spec's `rlmConfig`); camelCase names are accepted too."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+
+    runtime: Literal["python", "bun"] = Field(
+        default="python", description="Runtime of the REPL in the sandbox."
+    )
+    runtime_fallback_to_python: bool = Field(
+        default=True, description="Run on python when the requested runtime is unavailable."
+    )
+    max_iterations: int = Field(default=20, ge=1, le=200, description="Root LLM turns at most.")
+    max_depth: int = Field(
+        default=1, ge=1, le=3, description="Recursion depth; sub-calls are plain LLM calls at 1."
+    )
+    model: str | None = Field(default=None, description="Root model (default: the LLM's model).")
+    sub_model: str | None = Field(
+        default=None, description="Model of llm_query calls (default: model, else the sub-model)."
+    )
+    custom_system_prompt: str | None = Field(
+        default=None, description="Replaces the built-in system prompt."
+    )
+    max_timeout: float = Field(default=600.0, gt=0, description="Seconds for the whole query.")
+    max_budget: float | None = Field(
+        default=None, ge=0, description="USD cap per query (null: unlimited)."
+    )
+    max_errors: int | None = Field(
+        default=None, ge=1, description="Consecutive REPL errors before stopping (null: no cap)."
+    )
+    max_tokens_per_call: int | None = Field(
+        default=None, gt=0, description="max_tokens of each LLM call (null: the server's)."
+    )
+    # Sandbox options (applied to the sandbox resource when set).
+    sandbox_mode: Literal["shared", "per_org"] | None = None
+    sandbox_snapshot: str | None = None
+    sandbox_auto_stop_minutes: int | None = Field(default=None, ge=0)
+    sandbox_auto_archive_minutes: int | None = Field(default=None, ge=0)
+    sandbox_cpu: int | None = Field(default=None, gt=0)
+    sandbox_memory: int | None = Field(default=None, gt=0, description="GiB of RAM.")
+    sandbox_disk: int | None = Field(default=None, gt=0, description="GiB of disk.")
+    sandbox_exec_timeout_s: float | None = Field(
+        default=None, gt=0, description="Wall clock of one code execution."
+    )
+
+    def sandbox_overrides(self) -> dict[str, Any]:
+        """The sandbox options that are set, as SandboxResource field values."""
+        return {
+            target: getattr(self, name)
+            for name, target in SANDBOX_OPTION_FIELDS.items()
+            if getattr(self, name) is not None
+        }
+
+
+class RLMResult(BaseModel):
+    """What a query returns (and what its session row records)."""
+
+    answer: str
+    status: Status
+    iterations: int = 0
+    total_sub_calls: int = 0
+    cost: float | None = None  # USD; None when the provider reports no cost
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    warning: str | None = None
+    error: str | None = None
+    session_id: str
+    execution_time_s: float = 0.0
+    context_type: str
+    context_chars: int = 0
+    context_items: int = 0
+    root_model: str | None = None
+    sub_model: str | None = None
+    runtime: str = "python"
+    runtime_used: str | None = None
+    trajectory_path: str | None = None
+    logged_to_postgres: bool = False
+
+
+def parse_config(rlm_config: "RLMConfig | dict[str, Any] | None") -> RLMConfig:
+    """An RLMConfig from a model, a dict (snake or camel case) or None; RLMRequestError."""
+    if isinstance(rlm_config, RLMConfig):
+        return rlm_config
+    try:
+        return RLMConfig.model_validate(rlm_config or {})
+    except ValidationError as exc:
+        raise RLMRequestError(f"invalid rlm_config: {exc}") from exc
+
+
+def _resolve_client(llm: LLMClient | LLMResource | None) -> tuple[LLMClient, LLMResource | None]:
+    """The LLM client, and the resource to close afterwards when we built one."""
+    if isinstance(llm, LLMClient):
+        return llm, None
+    if isinstance(llm, LLMResource):
+        return llm.get_client(), None
+    owned = LLMResource()
+    return owned.get_client(), owned
+
+
+def _resolve_sandbox(
+    sandbox: SandboxResource | SandboxBackend | None, overrides: dict[str, Any]
+) -> tuple[SandboxResource | SandboxBackend, str, SandboxResource | None]:
+    """(what opens sessions, backend name, resource to close afterwards if we built it)."""
+    if isinstance(sandbox, SandboxBackend):
+        name = "daytona" if "daytona" in type(sandbox).__name__.lower() else "local"
+        return sandbox, name, None
+    if sandbox is None:
+        owned = SandboxResource(**overrides)
+        return owned, owned.backend_name(), owned
+    if overrides:
+        fields = {n: getattr(sandbox, n) for n in type(sandbox).model_fields}
+        owned = SandboxResource(**{**fields, **overrides})
+        return owned, owned.backend_name(), owned
+    return sandbox, sandbox.backend_name(), None
+
+
+def _strip_code(text: str) -> str:
+    """A root LLM reply without its code blocks (prose only), or the reply if that is empty."""
+    prose = re.sub(r"```.*?```", "", text or "", flags=re.DOTALL).strip()
+    return prose or (text or "").strip()
+
+
+def rlm_query(
+    org_id: str,
+    query: str,
+    context_type: str,
+    *,
+    user_id: str | None = None,
+    knowledge_base_id: str | None = None,
+    custom_context: str | list[Any] | None = None,
+    rlm_config: RLMConfig | dict[str, Any] | None = None,
+    settings: Settings | None = None,
+    llm: LLMClient | LLMResource | None = None,
+    sandbox: SandboxResource | SandboxBackend | None = None,
+    lake_dir: Path | str | None = None,
+    session_store: SessionStore | None = None,
+    progress: ProgressFn | None = None,
+) -> RLMResult:
+    """Answer `query` over the org's context with a Recursive Language Model.
+
+    `llm` defaults to `LLMResource()` (settings), `sandbox` to `SandboxResource()`, the lake to
+    the settings' one, the session store to the lake plus `MEMCITY_POSTGRES_URL`. `progress`
+    receives events (`sandbox_opening`, `context_loaded`, `iteration_start`, `iteration_done`).
+    Raises RLMRequestError for a wrong request; otherwise always returns.
+    """
+    cfg = parse_config(rlm_config)
+    if not query or not query.strip():
+        raise RLMRequestError("query is empty")
+    s = settings or get_settings()
+    lake = Path(lake_dir) if lake_dir is not None else s.lake_dir
+    try:
+        gathered = gather_context(
+            lake,
+            org_id,
+            context_type,
+            user_id=user_id,
+            knowledge_base_id=knowledge_base_id,
+            custom_context=custom_context,
+        )
+    except ContextError as exc:
+        raise RLMRequestError(str(exc)) from exc
+    store = session_store or SessionStore(lake, s.postgres_url)
+    run = _Run(org_id, query, user_id, knowledge_base_id, cfg, gathered, lake)
+    try:
+        run.execute(llm, sandbox, progress)
+    except Exception as exc:  # whatever happened, the session is recorded
+        log.exception("rlm session %s failed", run.session_id)
+        run.fail(f"{type(exc).__name__}: {exc}")
+    return run.finish(store)
+
+
+class _Run:
+    """One query from start to session row."""
+
+    def __init__(
+        self,
+        org_id: str,
+        query: str,
+        user_id: str | None,
+        knowledge_base_id: str | None,
+        cfg: RLMConfig,
+        gathered: GatheredContext,
+        lake: Path,
+    ) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.org_id = org_id
+        self.query = query
+        self.user_id = user_id
+        self.knowledge_base_id = knowledge_base_id
+        self.cfg = cfg
+        self.gathered = gathered
+        self.lake = lake
+        self.started_at = now_utc()
+        self.t0 = time.monotonic()
+        self.deadline = Deadline(cfg.max_timeout)
+        self.spend = Spend(max_budget=cfg.max_budget)
+        self.answer = ""
+        self.status: Status = "failed"
+        self.warning: str | None = None
+        self.error: str | None = None
+        self.iterations = 0
+        self.sub_calls = 0
+        self.backend = "local"
+        self.runtime_used: str | None = None
+        self.fallback_reason: str | None = None
+        self.root_model: str | None = cfg.model
+        self.sub_model: str | None = cfg.sub_model
+        self.trajectory: Path | None = None
+
+    def fail(self, message: str) -> None:
+        self.status = "failed"
+        self.error = message
+
+    def _runtime(self) -> bool:
+        """Decide the runtime; False when the query cannot run."""
+        if self.cfg.runtime in AVAILABLE_RUNTIMES:
+            self.runtime_used = self.cfg.runtime
+            return True
+        reason = f"runtime {self.cfg.runtime!r} is not available in this deployment"
+        if self.cfg.runtime_fallback_to_python:
+            self.runtime_used = "python"
+            self.fallback_reason = f"{reason}; ran on python"
+            self.warning = self.fallback_reason
+            return True
+        self.fail(f"{reason} and runtime_fallback_to_python is false")
+        return False
+
+    def execute(
+        self,
+        llm: LLMClient | LLMResource | None,
+        sandbox: SandboxResource | SandboxBackend | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        if not self._runtime():
+            return
+        client, owned_llm = _resolve_client(llm)
+        opener, self.backend, owned_sandbox = _resolve_sandbox(
+            sandbox, self.cfg.sandbox_overrides()
+        )
+        try:
+            self._loop(client, opener, progress)
+        finally:
+            if owned_sandbox is not None:
+                owned_sandbox.close()
+            if owned_llm is not None:
+                owned_llm.close()
+
+    def _loop(
+        self,
+        client: LLMClient,
+        opener: SandboxResource | SandboxBackend,
+        progress: ProgressFn | None,
+    ) -> None:
+        cfg = self.cfg
+        self.root_model = cfg.model or client.model
+        self.sub_model = cfg.sub_model or cfg.model or client.sub_model
+        self.trajectory = trajectory_path(self.lake, self.session_id)
+        logger = RLMLogger(log_dir=str(self.trajectory.parent))
+        logger.log_file_path = str(self.trajectory)
+        exec_timeout = cfg.sandbox_exec_timeout_s or float(
+            getattr(opener, "exec_timeout_s", None) or 120.0
+        )
+
+        def open_session(broker: SubCallBroker) -> SandboxSession:
+            return opener.open_session(
+                self.org_id, broker, prelude=PRELUDE, session_id=self.session_id[:32]
+            )
+
+        meta = describe_context(
+            self.gathered.context_type,
+            self.gathered.payload,
+            truncated=self.gathered.truncated,
+            total=self.gathered.total_available,
+        )
+        engine = SandboxRLM(
+            client=client,
+            open_session=open_session,
+            metadata=meta,
+            query=self.query,
+            root_model=self.root_model,
+            sub_model=self.sub_model,
+            deadline=self.deadline,
+            spend=self.spend,
+            max_iterations=cfg.max_iterations,
+            max_depth=cfg.max_depth,
+            max_errors=cfg.max_errors,
+            system_prompt=cfg.custom_system_prompt or SYSTEM_PROMPT,
+            exec_timeout_s=exec_timeout,
+            logger=logger,
+            progress=progress,
+            max_tokens_per_call=cfg.max_tokens_per_call,
+        )
+        limit_warning: str | None = None
+        try:
+            completion = engine.completion(self.gathered.payload, root_prompt=self.query)
+            self.answer = completion.response or ""
+            if engine.hit_iteration_cap:
+                self.status = "partial"
+                limit_warning = (
+                    f"max_iterations ({cfg.max_iterations}) reached without FINAL; the answer "
+                    "is the root model's best answer from the history"
+                )
+            else:
+                self.status = "completed"
+        except TimeoutExceededError as exc:
+            self.status = "timeout"
+            self.answer = _strip_code(exc.partial_answer or engine._best_partial_answer or "")
+            limit_warning = f"{exc}; the answer is the best one so far"
+        except (BudgetExceededError, ErrorThresholdExceededError, TokenLimitExceededError) as exc:
+            self.status = "partial"
+            partial = getattr(exc, "partial_answer", None) or engine._best_partial_answer
+            self.answer = _strip_code(partial or "")
+            limit_warning = f"{exc}; the answer is the best one so far"
+        except CancellationError as exc:
+            self.status = "partial"
+            self.answer = _strip_code(exc.partial_answer or "")
+            limit_warning = str(exc)
+        except Exception as exc:
+            self.fail(f"{type(exc).__name__}: {exc}")
+            self.answer = _strip_code(engine._best_partial_answer or "")
+        finally:
+            self.iterations = engine.iterations_run
+            self.sub_calls = engine.broker.total if engine.broker else 0
+        if limit_warning:
+            self.warning = f"{self.warning}; {limit_warning}" if self.warning else limit_warning
+
+    def finish(self, store: SessionStore) -> RLMResult:
+        """Record the session (Parquet, then Postgres) and build the result."""
+        ended = now_utc()
+        elapsed = time.monotonic() - self.t0
+        trajectory = (
+            str(self.trajectory)
+            if self.trajectory is not None and self.trajectory.exists()
+            else None
+        )
+        result = RLMResult(
+            answer=self.answer,
+            status=self.status,
+            iterations=self.iterations,
+            total_sub_calls=self.sub_calls,
+            cost=self.spend.cost_usd,
+            prompt_tokens=self.spend.prompt_tokens,
+            completion_tokens=self.spend.completion_tokens,
+            warning=self.warning,
+            error=self.error,
+            session_id=self.session_id,
+            execution_time_s=round(elapsed, 3),
+            context_type=self.gathered.context_type,
+            context_chars=self.gathered.char_count,
+            context_items=self.gathered.item_count,
+            root_model=self.root_model,
+            sub_model=self.sub_model,
+            runtime=self.cfg.runtime,
+            runtime_used=self.runtime_used,
+            trajectory_path=trajectory,
+        )
+        row = {
+            "session_id": self.session_id,
+            "org_id": self.org_id,
+            "user_id": self.user_id,
+            "knowledge_base_id": self.knowledge_base_id,
+            "query": self.query,
+            "context_type": result.context_type,
+            "context_chars": result.context_chars,
+            "context_items": result.context_items,
+            "backend": self.backend,
+            "runtime": self.cfg.runtime,
+            "runtime_used": self.runtime_used,
+            "runtime_fallback_reason": self.fallback_reason,
+            "root_model": self.root_model,
+            "sub_model": self.sub_model,
+            "iterations": result.iterations,
+            "sub_calls": result.total_sub_calls,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "cost_usd": result.cost,
+            "execution_time_s": result.execution_time_s,
+            "status": result.status,
+            "warning": result.warning,
+            "error_message": result.error,
+            "answer_chars": len(result.answer),
+            "trajectory_path": trajectory,
+            "started_at": self.started_at,
+            "ended_at": ended,
+        }
+        try:
+            result.logged_to_postgres = store.record(row)
+        except Exception as exc:  # the lake itself failed: say so, still answer
+            log.error("rlm session %s: the session row was not written: %s", self.session_id, exc)
+            extra = f"session log not written: {exc}"
+            result.warning = f"{result.warning}; {extra}" if result.warning else extra
+        return result
+
+
+def rlm_extract(
+    org_id: str,
+    document: str | list[Any],
+    instructions: str,
+    schema: type[BaseModel],
+    *,
+    rlm_config: RLMConfig | dict[str, Any] | None = None,
+    settings: Settings | None = None,
+    llm: LLMClient | LLMResource | None = None,
+    sandbox: SandboxResource | SandboxBackend | None = None,
+    lake_dir: Path | str | None = None,
+    session_store: SessionStore | None = None,
+) -> tuple[BaseModel | None, RLMResult]:
+    """Structured output over a context too long for one call (e.g. phase 1 of enrichment).
+
+    The document is the `custom` context; the root model is told to end with `FINAL` of one
+    JSON object matching `schema`. Returns the validated object (None when the session did
+    not end with a valid one: then `result.error` says why) and the session's result.
+    """
+    query = (
+        f"{instructions}\n\nEnd with FINAL(json.dumps(result)) where `result` is one JSON object "
+        "(a dict) matching this JSON schema:\n"
+        + json.dumps(schema.model_json_schema(), separators=(",", ":"))
+    )
+    result = rlm_query(
+        org_id,
+        query,
+        "custom",
+        custom_context=document,
+        rlm_config=rlm_config,
+        settings=settings,
+        llm=llm,
+        sandbox=sandbox,
+        lake_dir=lake_dir,
+        session_store=session_store,
+    )
+    if result.status == "failed":
+        return None, result
+    try:
+        return parse_structured(result.answer, schema), result
+    except ValueError as exc:
+        result.error = f"the answer does not match {schema.__name__}: {exc}"
+        return None, result

@@ -1,0 +1,249 @@
+"""Gather the context of an RLM query from the lake, scoped to one org.
+
+Context types (the spec's `contextType`):
+
+- ``memories``: a user's memories (the most recent 1,000, oldest first), one string each;
+- ``documents``: the chunks of a knowledge base (up to 5,000, in document order), the enriched
+  (pronoun-resolved) text when present, else the chunk text; falls back to whole raw documents
+  when the knowledge base has not been chunked yet;
+- ``conversation``: a user's conversation sessions (the most recent 50), one string per session;
+- ``custom``: the string or list the caller gives.
+
+Every check (missing parameter, unknown org, user or knowledge base, empty context) raises
+:class:`ContextError` before anything else happens, so a bad request costs no LLM call.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from memcity_pipeline.lib.lake import check_id
+
+ContextType = Literal["memories", "documents", "conversation", "custom"]
+CONTEXT_TYPES: tuple[str, ...] = ("memories", "documents", "conversation", "custom")
+
+MAX_MEMORIES = 1_000
+MAX_CHUNKS = 5_000
+MAX_SESSIONS = 50
+
+# Lake tables whose `<table>/<org>/` folders make an org known.
+ORG_TABLES = ("memories", "conversations", "raw_documents", "chunks", "enriched_chunks")
+
+
+class ContextError(ValueError):
+    """The request cannot be served: a missing parameter or an unknown org, user or KB."""
+
+
+@dataclass
+class GatheredContext:
+    """The context payload for the sandbox and what is known about it."""
+
+    context_type: str
+    payload: str | list[Any]
+    source: str  # which lake table (or `custom`) it came from
+    truncated: bool = False  # True when a cap (1,000 / 5,000 / 50) cut the context
+    total_available: int = 0  # items there were before the cap
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def item_count(self) -> int:
+        """Items in a list context; 1 for a string."""
+        return len(self.payload) if isinstance(self.payload, list) else 1
+
+    @property
+    def char_count(self) -> int:
+        """Characters of the context (strings as they are, other items as compact JSON)."""
+        return context_chars(self.payload)
+
+
+def context_chars(value: Any) -> int:
+    """Characters of a context value (strings as is, anything else as compact JSON)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(context_chars(item) for item in value)
+    return len(json.dumps(value, ensure_ascii=False, default=str))
+
+
+def known_orgs(lake: Path) -> list[str]:
+    """Orgs that have any table in the lake."""
+    found: set[str] = set()
+    for table in ORG_TABLES:
+        folder = lake / table
+        if folder.is_dir():
+            found.update(p.name for p in folder.iterdir() if p.is_dir())
+    return sorted(found)
+
+
+def require_org(lake: Path, org_id: str) -> None:
+    """ContextError unless `org_id` is a valid id with data in the lake."""
+    _valid("org_id", org_id)
+    if not any((lake / table / org_id).is_dir() for table in ORG_TABLES):
+        orgs = known_orgs(lake)
+        hint = f"known orgs: {', '.join(orgs)}" if orgs else "the lake has no data yet"
+        raise ContextError(f"unknown org {org_id!r} ({hint}); ingest its data first")
+
+
+def _valid(kind: str, value: str | None) -> str:
+    if not value:
+        raise ContextError(f"{kind} is required")
+    try:
+        return check_id(kind, value)
+    except ValueError as exc:
+        raise ContextError(str(exc)) from exc
+
+
+def _users(lake: Path, org_id: str) -> list[str]:
+    names = {
+        p.stem
+        for table in ("memories", "conversations")
+        for p in (lake / table / org_id).glob("*.parquet")
+    }
+    return sorted(names)
+
+
+def _require_user(lake: Path, org_id: str, user_id: str | None, context_type: str) -> str:
+    if not user_id:
+        raise ContextError(f"context_type {context_type!r} needs user_id")
+    _valid("user_id", user_id)
+    users = _users(lake, org_id)
+    if user_id not in users:
+        hint = f"known users: {', '.join(users)}" if users else "the org has no users"
+        raise ContextError(f"unknown user {user_id!r} in org {org_id!r} ({hint})")
+    return user_id
+
+
+def gather_context(
+    lake: Path,
+    org_id: str,
+    context_type: str,
+    *,
+    user_id: str | None = None,
+    knowledge_base_id: str | None = None,
+    custom_context: str | list[Any] | None = None,
+) -> GatheredContext:
+    """The context of a query; ContextError for a wrong request (nothing else is touched)."""
+    if context_type not in CONTEXT_TYPES:
+        raise ContextError(
+            f"context_type must be one of {', '.join(CONTEXT_TYPES)}, not {context_type!r}"
+        )
+    if context_type == "custom":
+        _valid("org_id", org_id)
+        return custom(custom_context)
+    require_org(lake, org_id)
+    if context_type == "memories":
+        return memories(lake, org_id, _require_user(lake, org_id, user_id, context_type))
+    if context_type == "conversation":
+        return conversations(lake, org_id, _require_user(lake, org_id, user_id, context_type))
+    if not knowledge_base_id:
+        raise ContextError("context_type 'documents' needs knowledge_base_id")
+    _valid("knowledge_base_id", knowledge_base_id)
+    return documents(lake, org_id, knowledge_base_id)
+
+
+def custom(custom_context: str | list[Any] | None) -> GatheredContext:
+    """The caller's own context: a non-empty string or list (JSON-serialisable)."""
+    if custom_context is None:
+        raise ContextError("context_type 'custom' needs custom_context (a string or a list)")
+    if not isinstance(custom_context, str | list):
+        raise ContextError(
+            f"custom_context must be a string or a list, not {type(custom_context).__name__}"
+        )
+    if len(custom_context) == 0:
+        raise ContextError("custom_context is empty")
+    try:
+        json.dumps(custom_context)
+    except (TypeError, ValueError) as exc:
+        raise ContextError(f"custom_context is not JSON-serialisable: {exc}") from exc
+    return GatheredContext("custom", custom_context, "custom", total_available=len(custom_context))
+
+
+def _ts(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M") if value is not None else "undated"
+
+
+def memories(lake: Path, org_id: str, user_id: str) -> GatheredContext:
+    """A user's most recent memories (at most 1,000), oldest first, one string each."""
+    path = lake / "memories" / org_id / f"{user_id}.parquet"
+    frame = pl.read_parquet(path) if path.exists() else pl.DataFrame()
+    if frame.is_empty():
+        raise ContextError(f"user {user_id!r} of org {org_id!r} has no memories")
+    total = frame.height
+    frame = frame.sort("created_at", descending=True, nulls_last=True).head(MAX_MEMORIES)
+    frame = frame.sort("created_at", nulls_last=True)
+    items = [
+        f"[{row['memory_id']} | {_ts(row['created_at'])}] {row['text']}"
+        for row in frame.iter_rows(named=True)
+    ]
+    return GatheredContext(
+        "memories", items, f"memories/{org_id}/{user_id}", total > MAX_MEMORIES, total
+    )
+
+
+def conversations(lake: Path, org_id: str, user_id: str) -> GatheredContext:
+    """A user's most recent sessions (at most 50), oldest first, one transcript string each."""
+    path = lake / "conversations" / org_id / f"{user_id}.parquet"
+    frame = pl.read_parquet(path) if path.exists() else pl.DataFrame()
+    if frame.is_empty():
+        raise ContextError(f"user {user_id!r} of org {org_id!r} has no conversations")
+    starts = (
+        frame.group_by("session_id")
+        .agg(pl.col("created_at").min().alias("started"))
+        .sort(["started", "session_id"], descending=True, nulls_last=True)
+    )
+    total = starts.height
+    chosen = starts.head(MAX_SESSIONS).sort(["started", "session_id"], nulls_last=True)
+    items = []
+    for session_id, started in chosen.iter_rows():
+        turns = frame.filter(pl.col("session_id") == session_id).sort("turn")
+        lines = [f"Session {session_id} ({_ts(started)})"]
+        lines += [f"{r['role']}: {r['content']}" for r in turns.iter_rows(named=True)]
+        items.append("\n".join(lines))
+    return GatheredContext(
+        "conversation", items, f"conversations/{org_id}/{user_id}", total > MAX_SESSIONS, total
+    )
+
+
+def documents(lake: Path, org_id: str, kb_id: str) -> GatheredContext:
+    """A knowledge base's chunks (at most 5,000), enriched text when present, in order."""
+    candidates = [
+        ("enriched_chunks", lake / "enriched_chunks" / org_id / f"{kb_id}.parquet"),
+        ("chunks", lake / "chunks" / org_id / f"{kb_id}.parquet"),
+        ("raw_documents", lake / "raw_documents" / org_id / f"{kb_id}.parquet"),
+    ]
+    existing = [(table, path) for table, path in candidates if path.exists()]
+    if not existing:
+        kbs = sorted({p.stem for _, p in candidates for p in p.parent.glob("*.parquet")})
+        hint = f"known knowledge bases: {', '.join(kbs)}" if kbs else "the org has none"
+        raise ContextError(f"unknown knowledge base {kb_id!r} in org {org_id!r} ({hint})")
+    table, path = existing[0]
+    frame = pl.read_parquet(path)
+    if frame.is_empty():
+        raise ContextError(f"knowledge base {kb_id!r} of org {org_id!r} has no documents")
+    total = frame.height
+    if table == "raw_documents":
+        frame = frame.sort("document_id").head(MAX_CHUNKS)
+        items = [
+            f"[{row['document_id']} | {row['title'] or ''}]\n{row['text']}"
+            for row in frame.iter_rows(named=True)
+        ]
+    else:
+        frame = frame.sort(["document_id", "ordinal"]).head(MAX_CHUNKS)
+        items = [_chunk_text(row) for row in frame.iter_rows(named=True)]
+    return GatheredContext(
+        "documents", items, f"{table}/{org_id}/{kb_id}", total > MAX_CHUNKS, total
+    )
+
+
+def _chunk_text(row: dict[str, Any]) -> str:
+    """One chunk as `[document | section] text` (the resolved text when enriched)."""
+    text = row.get("resolved_text") or row["text"]
+    section = row.get("section_title") or ""
+    header = f"[{row['document_id']}#{row['ordinal']}" + (f" | {section}]" if section else "]")
+    terms = row.get("key_terms")
+    if terms:
+        return f"{header}\n{text}\nKey terms: {', '.join(terms)}"
+    return f"{header}\n{text}"

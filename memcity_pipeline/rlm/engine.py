@@ -1,0 +1,548 @@
+"""The RLM loop of `rlms`, with its REPL in our sandbox and its LLM calls through our client.
+
+- :class:`HostLM` is an `rlms` client (`BaseLM`) over our :class:`LLMClient`: usage and cost
+  land in `rlms`'s `LMHandler` (so `max_budget` works), and every call is bounded by the time
+  left (`Deadline`) and the budget left (`Spend`).
+- :class:`SandboxREPL` is an `rlms` environment whose `execute_code` runs in a persistent
+  session of the sandbox resource; `llm_query` calls made in the sandbox come back to the host
+  (the session's LLM handler) and are answered through the same `LMHandler` clients.
+- :class:`SandboxRLM` subclasses `rlms`'s `RLM` and overrides `_spawn_completion_context`
+  (its `get_environment` is a closed switch) and `_setup_prompt` (our prompts and metadata).
+
+`FINAL(value)` / `FINAL_VAR(name)` are defined by a prelude in the sandbox; they set
+`__final__`, which the REPL server reports and `SandboxREPL` turns into `final_answer`, the
+signal that ends `rlms`'s loop.
+"""
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlm import RLM
+from rlm.clients.base_lm import BaseLM
+from rlm.core.lm_handler import LMHandler
+from rlm.core.types import (
+    ModelUsageSummary,
+    REPLResult,
+    RLMChatCompletion,
+    RLMIteration,
+    UsageSummary,
+)
+from rlm.environments.base_env import IsolatedEnv
+from rlm.logger import RLMLogger
+from rlm.utils.exceptions import BudgetExceededError, TimeoutExceededError
+
+from memcity_pipeline.lib.llm_client import LLMClient
+from memcity_pipeline.resources.sandbox.base import SandboxError, SandboxSession
+from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages
+
+log = logging.getLogger(__name__)
+
+PRELUDE = '''
+def FINAL(answer):
+    """End the task: `answer` (a string, or anything str()-able) is the final answer."""
+    global __final__
+    __final__ = {"kind": "value", "value": str(answer)}
+    return answer
+
+
+def FINAL_VAR(name):
+    """End the task with the value of the REPL variable `name` as the final answer."""
+    global __final__
+    name = str(name).strip().strip("'\\"")
+    if name not in globals():
+        raise NameError(
+            f"FINAL_VAR: no variable {name!r}; create it first (see SHOW_VARS())"
+        )
+    __final__ = {"kind": "var", "name": name, "value": str(globals()[name])}
+    return globals()[name]
+'''
+
+# FINAL(...) / FINAL_VAR(...) written as plain text (outside a ```repl block) on its own line.
+_TEXT_FINAL = re.compile(r"^\s*FINAL\((?P<body>.*)\)\s*$", re.DOTALL | re.MULTILINE)
+_TEXT_FINAL_VAR = re.compile(r"^\s*FINAL_VAR\(\s*['\"]?(?P<name>\w+)['\"]?\s*\)\s*$", re.MULTILINE)
+
+
+class Deadline:
+    """The wall-clock end of a query (None: no limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.started = time.monotonic()
+        self.at = None if seconds is None else self.started + seconds
+
+    def remaining(self) -> float | None:
+        """Seconds left (may be negative), or None without a limit."""
+        return None if self.at is None else self.at - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def exceeded(self) -> bool:
+        left = self.remaining()
+        return left is not None and left <= 0
+
+    def error(self, what: str) -> TimeoutExceededError:
+        """The rlms timeout exception, for `what` (an LLM call, an execution)."""
+        elapsed = self.elapsed()
+        return TimeoutExceededError(
+            elapsed=elapsed,
+            timeout=self.seconds or 0.0,
+            message=f"max_timeout of {self.seconds:g} s reached during {what} "
+            f"({elapsed:.1f} s elapsed)",
+        )
+
+
+@dataclass
+class Spend:
+    """Tokens and cost of every LLM call of one query, shared by its clients (thread-safe)."""
+
+    max_budget: float | None = None
+    cost_usd: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    root_calls: int = 0
+    sub_calls: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(
+        self, prompt_tokens: int, completion_tokens: int, cost: float | None, sub: bool
+    ) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            if cost is not None:
+                self.cost_usd = (self.cost_usd or 0.0) + cost
+            if sub:
+                self.sub_calls += 1
+            else:
+                self.root_calls += 1
+
+    def over_budget(self) -> bool:
+        with self._lock:
+            return self.max_budget is not None and (self.cost_usd or 0.0) > self.max_budget
+
+
+class HostLM(BaseLM):
+    """An `rlms` client over our `LLMClient` for one model, bounded by deadline and budget.
+
+    Root calls (the loop's) and sub-calls (the sandbox's `llm_query`) share the same `Spend`;
+    `sub` says which kind this instance serves by default (`completion(..., sub=True)` too).
+    """
+
+    def __init__(
+        self,
+        client: LLMClient,
+        model_name: str,
+        *,
+        deadline: Deadline,
+        spend: Spend,
+        max_tokens: int | None = None,
+        max_workers: int = 16,
+    ) -> None:
+        super().__init__(model_name=model_name, timeout=client.timeout_s)
+        self.client = client
+        self.deadline = deadline
+        self.spend = spend
+        self.max_tokens = max_tokens
+        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"rlm-llm-{model_name}")
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._calls = 0
+        self._in = 0
+        self._out = 0
+        self._cost: float | None = None
+
+    def completion(self, prompt: str | list[dict[str, Any]], sub: bool = False) -> str:
+        """One chat completion; TimeoutExceededError when the query's time runs out first."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        what = "a sub-LLM call" if sub else "a root LLM call"
+        if self.spend.over_budget():
+            raise BudgetExceededError(
+                spent=self.spend.cost_usd or 0.0,
+                budget=self.spend.max_budget or 0.0,
+                message=f"max_budget of ${self.spend.max_budget} spent before {what}",
+            )
+        left = self.deadline.remaining()
+        if left is not None and left <= 0:
+            raise self.deadline.error(what)
+        future = self._pool.submit(
+            self.client.complete,
+            messages,
+            model=self.model_name,
+            max_tokens=self.max_tokens,
+            use_cache=False,
+        )
+        try:
+            result = future.result(timeout=left)
+        except FutureTimeout:
+            future.cancel()
+            raise self.deadline.error(what) from None
+        with self._lock:
+            self._calls += 1
+            self._in += result.prompt_tokens
+            self._out += result.completion_tokens
+            if result.cost_usd is not None:
+                self._cost = (self._cost or 0.0) + result.cost_usd
+        self.spend.add(result.prompt_tokens, result.completion_tokens, result.cost_usd, sub)
+        self._local.last = ModelUsageSummary(
+            1, result.prompt_tokens, result.completion_tokens, result.cost_usd
+        )
+        return result.text
+
+    async def acompletion(self, prompt: str | list[dict[str, Any]]) -> str:
+        return await asyncio.to_thread(self.completion, prompt, True)
+
+    def get_usage_summary(self) -> UsageSummary:
+        with self._lock:
+            if not self._calls:
+                return UsageSummary(model_usage_summaries={})
+            usage = ModelUsageSummary(self._calls, self._in, self._out, self._cost)
+        return UsageSummary(model_usage_summaries={self.model_name: usage})
+
+    def get_last_usage(self) -> ModelUsageSummary:
+        return getattr(self._local, "last", ModelUsageSummary(0, 0, 0, None))
+
+    def close(self) -> None:
+        """Stop waiting for calls still in flight (they end at the client's own timeout)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class SubCallBroker:
+    """The sandbox session's LLM handler: answers `llm_query` prompts on the host.
+
+    Prompts go to the `LMHandler`'s client for the requested model (the sub-model by default),
+    so usage and cost are tracked where `rlms` checks the budget. Each answered prompt is kept
+    as an `RLMChatCompletion` for the trajectory of the current execution.
+    """
+
+    def __init__(self, make_client: Callable[[str], HostLM]) -> None:
+        self.handler: LMHandler | None = None
+        self._make_client = make_client
+        self._lock = threading.Lock()
+        self._calls: list[RLMChatCompletion] = []
+        self.total = 0
+
+    def __call__(self, prompts: list[str], model: str | None) -> list[str]:
+        return [self._one(prompt, model) for prompt in prompts]
+
+    def _client(self, model: str | None) -> HostLM:
+        assert self.handler is not None, "the broker is not attached to an LMHandler"
+        with self._lock:
+            if model and model not in self.handler.clients:
+                self.handler.register_client(model, self._make_client(model))
+            client = self.handler.get_client(model, depth=1)
+        assert isinstance(client, HostLM)
+        return client
+
+    def _one(self, prompt: str, model: str | None) -> str:
+        client = self._client(model)
+        started = time.perf_counter()
+        try:
+            text = client.completion(prompt, sub=True)
+        except (TimeoutExceededError, BudgetExceededError) as exc:
+            raise RuntimeError(str(exc)) from None
+        usage = client.get_last_usage()
+        record = RLMChatCompletion(
+            root_model=client.model_name,
+            prompt=prompt,
+            response=text,
+            usage_summary=UsageSummary(model_usage_summaries={client.model_name: usage}),
+            execution_time=time.perf_counter() - started,
+        )
+        with self._lock:
+            self._calls.append(record)
+            self.total += 1
+        return text
+
+    def take(self) -> list[RLMChatCompletion]:
+        """The sub-calls answered since the last `take()`."""
+        with self._lock:
+            calls, self._calls = self._calls, []
+        return calls
+
+
+class SandboxREPL(IsolatedEnv):
+    """An `rlms` environment running code in one persistent session of our sandbox."""
+
+    def __init__(
+        self,
+        session: SandboxSession,
+        broker: SubCallBroker,
+        deadline: Deadline,
+        *,
+        context_payload: str | list | dict | None = None,
+        exec_timeout_s: float = 120.0,
+        depth: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(persistent=False, depth=depth, **kwargs)
+        self.session = session
+        self.broker = broker
+        self.deadline = deadline
+        self.exec_timeout_s = exec_timeout_s
+        self.executions = 0
+        self.errors = 0
+        self.setup()
+        if context_payload is not None:
+            self.load_context(context_payload)
+
+    def setup(self) -> None:
+        """Nothing to do: the session is opened (with the prelude) by the caller."""
+
+    def load_context(self, context_payload: dict | list | str) -> None:
+        """Send the context into the sandbox as `context`."""
+        self.session.load_context(context_payload)
+
+    def _timeout(self) -> float | None:
+        left = self.deadline.remaining()
+        if left is None:
+            return self.exec_timeout_s
+        return max(0.05, min(self.exec_timeout_s, left))
+
+    def execute_code(self, code: str) -> REPLResult:
+        """Run one code block in the sandbox; errors become stderr (the loop goes on)."""
+        started = time.perf_counter()
+        self.executions += 1
+        self.broker.take()
+        if self.deadline.exceeded():
+            raise self.deadline.error("code execution")
+        try:
+            result = self.session.execute(code, timeout_s=self._timeout())
+        except SandboxError as exc:
+            self.errors += 1
+            return REPLResult(
+                stdout="",
+                stderr=f"SandboxError: {exc}",
+                locals={},
+                execution_time=time.perf_counter() - started,
+                rlm_calls=self.broker.take(),
+            )
+        stderr = result.stderr
+        if result.error:
+            self.errors += 1
+            stderr = f"{stderr}\n{result.error}" if stderr else result.error
+        final = None
+        if result.final is not None:
+            final = str(result.final.get("value", ""))
+        return REPLResult(
+            stdout=result.stdout,
+            stderr=stderr,
+            locals={},
+            execution_time=result.duration_s,
+            rlm_calls=self.broker.take(),
+            final_answer=final,
+        )
+
+    def read_variable(self, name: str) -> str | None:
+        """`str()` of a sandbox variable, or None."""
+        try:
+            return self.session.get_variable(name)
+        except (KeyError, SandboxError):
+            return None
+
+    def cleanup(self) -> None:
+        """Close the sandbox session."""
+        self.session.close()
+
+
+@dataclass
+class EngineOutcome:
+    """How the loop ended, before it becomes an `RLMResult`."""
+
+    answer: str
+    final: bool  # True when FINAL/FINAL_VAR ended the loop
+    iterations: int
+    limit: str | None = None  # max_iterations | max_budget | max_errors | max_tokens | max_timeout
+    warning: str | None = None
+    error: str | None = None
+
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+class SandboxRLM(RLM):
+    """`rlms`'s RLM with the REPL in our sandbox and the LLM calls through our client.
+
+    `open_session(broker)` opens the sandbox session (with `PRELUDE`) whose LLM handler is the
+    broker. One instance serves one query.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: LLMClient,
+        open_session: Callable[[SubCallBroker], SandboxSession],
+        metadata: ContextMetadata,
+        query: str,
+        root_model: str,
+        sub_model: str,
+        deadline: Deadline,
+        spend: Spend,
+        max_iterations: int = 20,
+        max_depth: int = 1,
+        max_errors: int | None = None,
+        system_prompt: str,
+        exec_timeout_s: float = 120.0,
+        logger: RLMLogger | None = None,
+        progress: ProgressFn | None = None,
+        max_tokens_per_call: int | None = None,
+    ) -> None:
+        super().__init__(
+            backend="openai",
+            backend_kwargs={"model_name": root_model, "base_url": client.base_url},
+            environment="sandbox",  # type: ignore[arg-type]
+            environment_kwargs={"exec_timeout_s": exec_timeout_s},
+            max_depth=max_depth,
+            max_iterations=max_iterations,
+            max_budget=spend.max_budget,
+            max_timeout=deadline.seconds,
+            max_errors=max_errors,
+            custom_system_prompt=system_prompt,
+            other_backends=["openai"] if sub_model != root_model else None,
+            other_backend_kwargs=[{"model_name": sub_model}] if sub_model != root_model else None,
+            logger=logger,
+        )
+        self.client = client
+        self.open_session = open_session
+        self.metadata = metadata
+        self.query = query
+        self.root_model = root_model
+        self.sub_model = sub_model
+        self.deadline = deadline
+        self.spend = spend
+        self.exec_timeout_s = exec_timeout_s
+        self.progress = progress
+        self.max_tokens_per_call = max_tokens_per_call
+        self.iterations_run = 0
+        self.hit_iteration_cap = False
+        self.environment: SandboxREPL | None = None
+        self.broker: SubCallBroker | None = None
+        self._clients: list[HostLM] = []
+
+    def _host_client(self, model: str) -> HostLM:
+        client = HostLM(
+            self.client,
+            model,
+            deadline=self.deadline,
+            spend=self.spend,
+            max_tokens=self.max_tokens_per_call,
+        )
+        self._clients.append(client)
+        return client
+
+    def _notify(self, event: str, **data: Any) -> None:
+        if self.progress is not None:
+            try:
+                self.progress(event, data)
+            except Exception as exc:  # a progress display must never break a query
+                log.debug("progress callback failed: %s", exc)
+
+    @contextmanager
+    def _spawn_completion_context(
+        self, prompt: str | dict[str, Any]
+    ) -> Iterator[tuple[LMHandler, SandboxREPL]]:
+        """An LMHandler over our client(s) and a SandboxREPL with the context loaded."""
+        root = self._host_client(self.root_model)
+        sub = self._host_client(self.sub_model) if self.sub_model != self.root_model else None
+        handler = LMHandler(root, other_backend_client=sub)
+        if sub is not None:
+            handler.register_client(sub.model_name, sub)
+        broker = SubCallBroker(self._host_client)
+        broker.handler = handler
+        self.broker = broker
+        environment: SandboxREPL | None = None
+        try:
+            self._notify("sandbox_opening")
+            session = self.open_session(broker)
+            try:
+                environment = SandboxREPL(
+                    session,
+                    broker,
+                    self.deadline,
+                    context_payload=prompt,
+                    exec_timeout_s=self.exec_timeout_s,
+                    depth=self.depth + 1,
+                )
+            except BaseException:
+                session.close()
+                raise
+            self.environment = environment
+            self._notify("context_loaded")
+            yield handler, environment
+        finally:
+            if environment is not None:
+                environment.cleanup()
+            for client in self._clients:
+                client.close()
+
+    def _setup_prompt(
+        self, prompt: str | dict[str, Any], root_prompt: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Our system prompt and the metadata message (never the context itself)."""
+        return build_messages(self.system_prompt, self.metadata, root_prompt or self.query)
+
+    def _completion_turn(
+        self, prompt: str | dict[str, Any], lm_handler: LMHandler, environment: Any
+    ) -> RLMIteration:
+        """One iteration, plus FINAL(...) written as plain text outside a code block."""
+        self.iterations_run += 1
+        self._notify("iteration_start", iteration=self.iterations_run)
+        iteration = super()._completion_turn(prompt, lm_handler, environment)
+        if not iteration.code_blocks:
+            text_final = self._text_final(iteration)
+            if text_final is not None:
+                iteration.code_blocks.append(_text_final_block(text_final))
+        self._notify(
+            "iteration_done",
+            iteration=self.iterations_run,
+            seconds=iteration.iteration_time,
+            sub_calls=self.broker.total if self.broker else 0,
+            errors=sum(1 for b in iteration.code_blocks if b.result.stderr),
+        )
+        return iteration
+
+    def _text_final(self, iteration: RLMIteration) -> str | None:
+        """The answer of a `FINAL(...)`/`FINAL_VAR(...)` line outside code blocks, if any."""
+        text = re.sub(r"```.*?```", "", iteration.response or "", flags=re.DOTALL)
+        match = _TEXT_FINAL_VAR.search(text)
+        if match and self.environment is not None:
+            return self.environment.read_variable(match.group("name"))
+        match = _TEXT_FINAL.search(text)
+        if match:
+            body = match.group("body").strip()
+            if len(body) >= 2 and body[0] == body[-1] and body[0] in "'\"":
+                body = body[1:-1]
+            return body or None
+        return None
+
+    def _check_iteration_limits(
+        self, iteration: RLMIteration, iteration_num: int, lm_handler: LMHandler
+    ) -> None:
+        """rlms's checks, after keeping this iteration's reply as the best answer so far."""
+        if iteration.response and iteration.response.strip():
+            self._best_partial_answer = iteration.response
+        super()._check_iteration_limits(iteration, iteration_num, lm_handler)
+
+    def _default_answer(self, message_history: list[dict[str, Any]], lm_handler: LMHandler) -> str:
+        """Out of iterations: ask the root model for its best answer (rlms's behaviour)."""
+        self.hit_iteration_cap = True
+        return super()._default_answer(message_history, lm_handler)
+
+
+def _text_final_block(answer: str) -> Any:
+    """A code-block record carrying a plain-text FINAL answer (so the loop stops on it)."""
+    from rlm.core.types import CodeBlock
+
+    return CodeBlock(
+        code="# FINAL(...) given as text",
+        result=REPLResult(stdout="", stderr="", locals={}, execution_time=0.0, final_answer=answer),
+    )

@@ -1,0 +1,142 @@
+"""The prompts of the RLM query engine: our system prompt and the context metadata message.
+
+The root LLM never sees the context itself: only its type, size in characters, item count,
+length statistics and one short sample (at most `SAMPLE_CHARS` characters).
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+SAMPLE_CHARS = 300
+
+SYSTEM_PROMPT = """\
+You answer a query about a large context that lives in a Python REPL, not in this conversation.
+You see only a description of the context. You explore it by writing Python code; the REPL runs
+your code and shows you what it printed. The REPL keeps its variables from turn to turn.
+
+To run code, write it in a fenced block whose language is `repl`:
+```repl
+print(len(context))
+print(context[0][:500])
+```
+
+Available in the REPL:
+- `context`: the data (a `str`, or a `list` of items, usually strings).
+- `llm_query(prompt) -> str`: ask a sub-LLM one question; give it the text it needs, since it
+  cannot see the REPL. It reads about 100,000 characters well.
+- `llm_query_batched(prompts) -> list[str]`: ask many sub-LLM questions at once (they run
+  concurrently); answers come back in order. Prefer it to a loop of `llm_query`.
+- `SHOW_VARS()`: returns the variables you created so far.
+- `print(...)`: the only way to see a value; long output is cut, so print samples and counts.
+- `FINAL(answer)`: ends the task with `answer` (a string) as the final answer.
+- `FINAL_VAR("name")`: ends the task with the value of the REPL variable `name`.
+
+How to work:
+1. Probe the context first (type, length, a few items). Do not answer on turn 1.
+2. Filter with Python where keywords or structure suffice; hand chunks of text to
+   `llm_query_batched` when the question needs reading or judgement (a few large prompts,
+   not hundreds of tiny ones). Keep intermediate results in variables.
+3. Combine the results in code, check them, then call `FINAL(...)` or `FINAL_VAR(...)` inside
+   a ```repl block. The answer must address the query directly and be self-contained.
+Write one ```repl block per turn and keep your prose short."""
+
+
+@dataclass(frozen=True)
+class ContextMetadata:
+    """What the root LLM may know about the context."""
+
+    context_type: str  # memories | documents | conversation | custom
+    value_type: str  # str | list
+    chars: int
+    items: int
+    item_min_chars: int
+    item_max_chars: int
+    sample: str
+    truncated: bool = False
+    total_available: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict form (for the session log)."""
+        return dict(self.__dict__)
+
+
+def _item_chars(item: Any) -> int:
+    return len(item) if isinstance(item, str) else len(json.dumps(item, default=str))
+
+
+def _short(text: str, limit: int = SAMPLE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
+
+
+def describe_context(
+    context_type: str, payload: str | list[Any], *, truncated: bool = False, total: int = 0
+) -> ContextMetadata:
+    """Metadata of a context: type, sizes and a short sample, never the whole of it."""
+    if isinstance(payload, str):
+        return ContextMetadata(
+            context_type,
+            "str",
+            len(payload),
+            1,
+            len(payload),
+            len(payload),
+            _short(payload),
+            truncated,
+            total or 1,
+        )
+    sizes = [_item_chars(item) for item in payload] or [0]
+    first = payload[0] if payload else ""
+    sample = first if isinstance(first, str) else json.dumps(first, default=str)
+    return ContextMetadata(
+        context_type,
+        "list",
+        sum(sizes),
+        len(payload),
+        min(sizes),
+        max(sizes),
+        _short(sample),
+        truncated,
+        total or len(payload),
+    )
+
+
+CONTEXT_KINDS = {
+    "memories": "a user's memories, one string per memory: `[memory id | date] text`",
+    "documents": "the chunks of a knowledge base, one string per chunk: "
+    "`[document id#chunk number | section]` then the text",
+    "conversation": "a user's conversation sessions, one transcript string per session",
+    "custom": "data supplied with the query",
+}
+
+
+def metadata_message(meta: ContextMetadata, query: str) -> str:
+    """The first user message: the query and the description of the context."""
+    if meta.value_type == "str":
+        shape = f"a string of {meta.chars:,} characters"
+    else:
+        shape = (
+            f"a list of {meta.items:,} items, {meta.chars:,} characters in total "
+            f"(items of {meta.item_min_chars:,} to {meta.item_max_chars:,} characters)"
+        )
+    lines = [
+        f"Query: {query}",
+        "",
+        f"The REPL variable `context` holds {CONTEXT_KINDS.get(meta.context_type, 'data')}.",
+        f"It is {shape}.",
+    ]
+    if meta.truncated:
+        lines.append(
+            f"Only the first {meta.items:,} of {meta.total_available:,} items were loaded."
+        )
+    label = "Start of the context" if meta.value_type == "str" else "First item"
+    lines += ["", f"{label} (a sample, not the whole):", meta.sample]
+    return "\n".join(lines)
+
+
+def build_messages(system_prompt: str, meta: ContextMetadata, query: str) -> list[dict[str, str]]:
+    """The opening messages of the root LLM's conversation."""
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": metadata_message(meta, query)},
+    ]

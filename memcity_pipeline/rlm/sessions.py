@@ -1,0 +1,262 @@
+"""The session log of RLM queries (the spec's `rlmSessions`): Parquet in the lake + Postgres.
+
+Every query, whatever its end, is one row:
+
+- in the lake, one Parquet file per session, `rlm_sessions/date=<YYYY-MM-DD>/<session_id>.parquet`,
+  written atomically (so appending never rewrites or races with other writers);
+- in Postgres (`MEMCITY_POSTGRES_URL`), table `rlm_sessions` (created if missing, with indexes
+  on org and time), inserted in a transaction with `ON CONFLICT (session_id) DO NOTHING`.
+
+Parquet is written first. If Postgres is down, the error is logged and the row waits in the
+lake; `sync_sessions_to_postgres()` copies every row Postgres lacks (nothing lost, nothing
+duplicated). The trajectory of each session (rlms logger format, JSONL) lies beside it in
+`rlm_trajectories/<session_id>.jsonl`.
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from memcity_pipeline.lib.lake import write_parquet_atomic
+
+log = logging.getLogger(__name__)
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+SESSIONS_TABLE = "rlm_sessions"
+SESSIONS_DIR = "rlm_sessions"
+TRAJECTORIES_DIR = "rlm_trajectories"
+
+RLM_SESSIONS = pa.schema(
+    [
+        ("session_id", pa.string()),
+        ("org_id", pa.string()),
+        ("user_id", pa.string()),
+        ("knowledge_base_id", pa.string()),
+        ("query", pa.large_string()),
+        ("context_type", pa.string()),  # memories | documents | conversation | custom
+        ("context_chars", pa.int64()),
+        ("context_items", pa.int64()),
+        ("backend", pa.string()),  # sandbox backend: local | daytona
+        ("runtime", pa.string()),  # requested: python | bun
+        ("runtime_used", pa.string()),  # what ran (python), null when nothing ran
+        ("runtime_fallback_reason", pa.string()),
+        ("root_model", pa.string()),
+        ("sub_model", pa.string()),
+        ("iterations", pa.int64()),
+        ("sub_calls", pa.int64()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("cost_usd", pa.float64()),  # null when the provider reports no cost
+        ("execution_time_s", pa.float64()),
+        ("status", pa.string()),  # completed | partial | failed | timeout
+        ("warning", pa.string()),
+        ("error_message", pa.string()),
+        ("answer_chars", pa.int64()),
+        ("trajectory_path", pa.string()),
+        ("started_at", UTC_TS),
+        ("ended_at", UTC_TS),
+    ]
+)
+
+_PG_TYPES = {
+    pa.string(): "TEXT",
+    pa.large_string(): "TEXT",
+    pa.int64(): "BIGINT",
+    pa.float64(): "DOUBLE PRECISION",
+    UTC_TS: "TIMESTAMPTZ",
+}
+COLUMNS: list[str] = RLM_SESSIONS.names
+
+
+def sessions_dir(lake: Path) -> Path:
+    return lake / SESSIONS_DIR
+
+
+def trajectory_path(lake: Path, session_id: str) -> Path:
+    return lake / TRAJECTORIES_DIR / f"{session_id}.jsonl"
+
+
+def session_parquet_path(lake: Path, session_id: str, started_at: datetime) -> Path:
+    day = started_at.astimezone(UTC).strftime("%Y-%m-%d")
+    return sessions_dir(lake) / f"date={day}" / f"{session_id}.parquet"
+
+
+def write_session_parquet(lake: Path, row: dict[str, Any]) -> Path:
+    """Write one session row as its own Parquet file (atomic); returns the path."""
+    missing = [name for name in ("session_id", "started_at") if not row.get(name)]
+    if missing:
+        raise ValueError(f"a session row needs {', '.join(missing)}")
+    full = {name: row.get(name) for name in COLUMNS}
+    frame = pl.from_arrow(pa.Table.from_pylist([full], schema=RLM_SESSIONS))
+    path = session_parquet_path(lake, row["session_id"], row["started_at"])
+    write_parquet_atomic(frame, path, RLM_SESSIONS)  # type: ignore[arg-type]
+    return path
+
+
+def read_sessions(lake: Path, *, org_id: str | None = None) -> pl.DataFrame:
+    """Every session row of the lake (optionally one org's), newest first."""
+    files = sorted(sessions_dir(lake).glob("date=*/*.parquet"))
+    if not files:
+        return pl.from_arrow(RLM_SESSIONS.empty_table())  # type: ignore[return-value]
+    frame = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+    if org_id is not None:
+        frame = frame.filter(pl.col("org_id") == org_id)
+    return frame.sort("started_at", descending=True)
+
+
+# -- Postgres ---------------------------------------------------------------------------------
+
+
+def _ddl(table: str) -> list[Any]:
+    from psycopg import sql
+
+    columns = [
+        sql.SQL("{} {}{}").format(
+            sql.Identifier(f.name),
+            sql.SQL(_PG_TYPES[f.type]),
+            sql.SQL(" PRIMARY KEY" if f.name == "session_id" else ""),
+        )
+        for f in RLM_SESSIONS
+    ]
+    create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
+        sql.Identifier(table), sql.SQL(", ").join(columns)
+    )
+    org_index = sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (org_id, started_at DESC)").format(
+        sql.Identifier(f"{table}_org_started_idx"), sql.Identifier(table)
+    )
+    time_index = sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (started_at DESC)").format(
+        sql.Identifier(f"{table}_started_idx"), sql.Identifier(table)
+    )
+    return [create, org_index, time_index]
+
+
+def _insert(table: str) -> Any:
+    from psycopg import sql
+
+    return sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (session_id) DO NOTHING").format(
+        sql.Identifier(table),
+        sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS),
+        sql.SQL(", ").join(sql.Placeholder() for _ in COLUMNS),
+    )
+
+
+def _connect(url: str, connect_timeout_s: int) -> Any:
+    import psycopg
+
+    return psycopg.connect(url, connect_timeout=connect_timeout_s)
+
+
+def ensure_table(url: str, table: str = SESSIONS_TABLE, *, connect_timeout_s: int = 5) -> None:
+    """Create the sessions table and its indexes if missing."""
+    with _connect(url, connect_timeout_s) as conn, conn.transaction():
+        for statement in _ddl(table):
+            conn.execute(statement)
+
+
+def insert_rows(
+    url: str,
+    rows: list[dict[str, Any]],
+    table: str = SESSIONS_TABLE,
+    *,
+    connect_timeout_s: int = 5,
+) -> int:
+    """Insert rows in one transaction (table created if missing); returns rows inserted."""
+    if not rows:
+        return 0
+    inserted = 0
+    with _connect(url, connect_timeout_s) as conn, conn.transaction():
+        for statement in _ddl(table):
+            conn.execute(statement)
+        query = _insert(table)
+        for row in rows:
+            cursor = conn.execute(query, [row.get(c) for c in COLUMNS])
+            inserted += max(cursor.rowcount, 0)
+    return inserted
+
+
+def postgres_session_ids(
+    url: str, table: str = SESSIONS_TABLE, *, connect_timeout_s: int = 5
+) -> set[str]:
+    """The session ids Postgres has (table created if missing)."""
+    from psycopg import sql
+
+    ensure_table(url, table, connect_timeout_s=connect_timeout_s)
+    with _connect(url, connect_timeout_s) as conn:
+        cursor = conn.execute(sql.SQL("SELECT session_id FROM {}").format(sql.Identifier(table)))
+        return {r[0] for r in cursor.fetchall()}
+
+
+@dataclass
+class SessionStore:
+    """Where session rows go: the lake (always) and Postgres (when a URL is set)."""
+
+    lake: Path
+    postgres_url: str | None = None
+    table: str = SESSIONS_TABLE
+    connect_timeout_s: int = 5
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Write a row to Parquet, then Postgres; True when Postgres has it too.
+
+        A Postgres failure is logged, not raised: the row waits in the lake for
+        `sync_to_postgres()`.
+        """
+        write_session_parquet(self.lake, row)
+        if not self.postgres_url:
+            return False
+        try:
+            insert_rows(
+                self.postgres_url, [row], self.table, connect_timeout_s=self.connect_timeout_s
+            )
+        except Exception as exc:
+            log.error(
+                "rlm session %s: not written to Postgres (%s: %s); it is kept in the lake and "
+                "a later sync_sessions_to_postgres() will copy it",
+                row.get("session_id"),
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        return True
+
+    def sync_to_postgres(self) -> int:
+        """Copy the lake's rows that Postgres lacks; returns how many were inserted."""
+        if not self.postgres_url:
+            raise ValueError("no Postgres URL configured (MEMCITY_POSTGRES_URL)")
+        frame = read_sessions(self.lake)
+        if frame.is_empty():
+            return 0
+        have = postgres_session_ids(
+            self.postgres_url, self.table, connect_timeout_s=self.connect_timeout_s
+        )
+        missing = frame.filter(~pl.col("session_id").is_in(sorted(have)))
+        if missing.is_empty():
+            return 0
+        return insert_rows(
+            self.postgres_url,
+            missing.to_dicts(),
+            self.table,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+
+
+def sync_sessions_to_postgres(
+    lake: Path | None = None, postgres_url: str | None = None, table: str = SESSIONS_TABLE
+) -> int:
+    """Copy session rows from the lake to Postgres where missing (settings by default)."""
+    from memcity_pipeline.settings import get_settings
+
+    settings = get_settings()
+    store = SessionStore(
+        lake or settings.lake_dir, postgres_url or settings.postgres_url, table=table
+    )
+    return store.sync_to_postgres()
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
