@@ -47,10 +47,6 @@ def _drop_bm25(directory: Path) -> None:
     (directory.parent / f"{directory.name}.source").unlink(missing_ok=True)
 
 
-def _scopes(lake: Path, table: str) -> list[tuple[str, str]]:
-    return kb_partitions(lake, table)
-
-
 @dg.asset(group_name="indexing", kinds={"parquet", "pytorch"}, deps=[enriched_chunks])
 def chunk_embeddings(
     context: dg.AssetExecutionContext, lake: LakeResource, embeddings: EmbeddingsResource
@@ -60,8 +56,8 @@ def chunk_embeddings(
     dimension. Only new or changed chunks are embedded again; a model change re-embeds everything.
     """
     embedder = embeddings.get_embedder()
-    wanted = set(_scopes(lake.lake, "enriched_chunks"))
-    for org, kb in sorted(set(_scopes(lake.lake, "chunk_embeddings")) - wanted):
+    wanted = set(kb_partitions(lake.lake, "enriched_chunks"))
+    for org, kb in sorted(set(kb_partitions(lake.lake, "chunk_embeddings")) - wanted):
         delete_table(kb_table_path(lake.lake, "chunk_embeddings", org, kb))
     totals = {"chunks": 0, "embedded": 0, "reused": 0}
     changed_models: set[str] = set()
@@ -110,7 +106,7 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     """A BM25 index (bm25s, English stopwords, Snowball stemming) per knowledge base over the
     same enriched text as the embeddings, saved in the lake under `indexes/chunks_bm25/<org>/<kb>/`
     and loaded by searches without rebuilding. Rebuilt only when a chunk's text changed."""
-    wanted = set(_scopes(lake.lake, "enriched_chunks"))
+    wanted = set(kb_partitions(lake.lake, "enriched_chunks"))
     root = lake.lake / "indexes" / "chunks_bm25"
     for org_dir in root.glob("*") if root.exists() else []:
         for kb_dir in org_dir.iterdir():
@@ -149,8 +145,8 @@ def memory_index(
     """Vectors and a BM25 index of each user's memories, for searching memories the way
     `get_context` searches documents. Incremental like `chunk_embeddings`."""
     embedder = embeddings.get_embedder()
-    wanted = set(_scopes(lake.lake, "memories"))
-    for org, user in sorted(set(_scopes(lake.lake, "memory_embeddings")) - wanted):
+    wanted = set(kb_partitions(lake.lake, "memories"))
+    for org, user in sorted(set(kb_partitions(lake.lake, "memory_embeddings")) - wanted):
         delete_table(kb_table_path(lake.lake, "memory_embeddings", org, user))
         _drop_bm25(bm25_dir(lake.lake, "memories", org, user))
     totals = {"memories": 0, "embedded": 0, "reused": 0, "bm25_rebuilt": 0}
@@ -190,7 +186,7 @@ def memory_index(
 @dg.asset_check(asset=chunk_embeddings, description="Every enriched chunk has exactly one vector.")
 def every_chunk_embedded(lake: LakeResource) -> dg.AssetCheckResult:
     missing = extra = 0
-    for org, kb in _scopes(lake.lake, "enriched_chunks"):
+    for org, kb in kb_partitions(lake.lake, "enriched_chunks"):
         chunk_ids = set(
             pl.read_parquet(
                 kb_table_path(lake.lake, "enriched_chunks", org, kb), columns=["chunk_id"]
