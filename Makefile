@@ -3,11 +3,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MEMCITY_HOME ?= $(CURDIR)/.memcity
 
-.PHONY: install demo ingest test lint format bench ui clean
+.PHONY: install demo ingest test lint format bench ui screenshots clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml package-lock.json scripts/install.sh
 	bash scripts/install.sh
 
 demo: install            ## install, copy the sample corpus to the landing folder, run every stage
@@ -34,6 +34,9 @@ ui: install              ## the Dagster UI on http://127.0.0.1:3000 (embedded in
 	mkdir -p $(MEMCITY_HOME)/dagster_home
 	MEMCITY_HOME=$(MEMCITY_HOME) DAGSTER_HOME=$${DAGSTER_HOME:-$(MEMCITY_HOME)/dagster_home} \
 	  $(BIN)/dagster dev -w workspace.yaml
+
+screenshots: install     ## refresh the README's screenshots (drives the UI in Chromium)
+	$(BIN)/python -m tests.ui_driver --screenshots docs/images
 
 clean:
 	rm -rf $(MEMCITY_HOME)

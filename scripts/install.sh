@@ -5,14 +5,28 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
-# bubblewrap isolates the local sandbox (Debian package); install it when we can.
-if ! command -v bwrap >/dev/null 2>&1; then
+# Debian packages: bubblewrap isolates the local sandbox; chromium runs the UI tests.
+missing=()
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing bubblewrap (sandbox isolation)"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null
+    echo "installing ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "WARNING: bwrap not found and not root: the local sandbox will run without namespaces" >&2
+    echo "WARNING: not root: ${missing[*]} not installed (bwrap: the local sandbox runs" \
+      "without namespaces; chromium: the UI tests cannot run)" >&2
   fi
+fi
+
+# Bun, the JavaScript runtime of RLM sandboxes, from the npm registry (package-lock.json).
+# Its postinstall only links the platform binary of @oven/bun-*; Node.js is the fallback.
+if command -v npm >/dev/null 2>&1; then
+  npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+  (cd node_modules/bun && node install.js >/dev/null)
+else
+  echo "WARNING: npm not found: the bun runtime needs Node.js or Bun on PATH" >&2
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
