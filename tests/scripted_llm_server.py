@@ -125,18 +125,20 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "scripted_error", "code": status}}
 
 
-def random_fault(rng: random.Random) -> Fault:
-    """One of the transient faults a real provider produces."""
-    return rng.choice(
-        [
-            Fault(500),
-            Fault(502),
-            Fault(503),
-            Fault(429, headers={"Retry-After": "0"}),
-            Fault(200, body="{not json", headers={"Content-Type": "application/json"}),
-            Fault(200, truncate=True),
-        ]
-    )
+def random_fault(rng: random.Random, hang_s: float = 0.0) -> Fault:
+    """One of the transient faults a real provider produces; with `hang_s`, also an answer
+    that comes only after `hang_s` seconds (longer than the client's timeout: a timeout)."""
+    faults = [
+        Fault(500),
+        Fault(502),
+        Fault(503),
+        Fault(429, headers={"Retry-After": "0"}),
+        Fault(200, body="{not json", headers={"Content-Type": "application/json"}),
+        Fault(200, truncate=True),
+    ]
+    if hang_s > 0:
+        faults.append(Fault(200, delay_s=hang_s))
+    return rng.choice(faults)
 
 
 class ScriptedLLMServer:
@@ -152,11 +154,13 @@ class ScriptedLLMServer:
         cost: float | None = None,
         fail_rate: float = 0.0,
         seed: int | None = None,
+        hang_s: float = 0.0,
         model: str = DEFAULT_MODEL,
     ) -> None:
         self.responder = responder
         self.cost = cost
         self.fail_rate = fail_rate
+        self.hang_s = hang_s
         self.model = model
         self.requests: list[RecordedRequest] = []
         self.max_in_flight = 0
@@ -251,7 +255,7 @@ class ScriptedLLMServer:
     def _next_reply(self, request: dict[str, Any]) -> Reply:
         with self._lock:
             if self.fail_rate and self._rng.random() < self.fail_rate:
-                return random_fault(self._rng)
+                return random_fault(self._rng, self.hang_s)
             if self._queue:
                 return self._queue.popleft()
         if self.responder is not None:

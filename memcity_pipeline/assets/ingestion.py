@@ -22,14 +22,15 @@ PREVIEW_COLUMNS: dict[SourceKind, list[str]] = {
 def _sync(
     context: dg.AssetExecutionContext, lake: LakeResource, kind: SourceKind
 ) -> dg.MaterializeResult:
-    report = sync_sources(
-        kind,
-        lake.landing,
-        lake.lake,
-        lake.limits,
-        on_progress=context.log.debug,
-        include_layout_problems=(kind == "documents"),
-    )
+    with lake.writing(context, SOURCE_TABLES[kind]):
+        report = sync_sources(
+            kind,
+            lake.landing,
+            lake.lake,
+            lake.limits,
+            on_progress=context.log.debug,
+            include_layout_problems=(kind == "documents"),
+        )
     for err in report.new_errors:
         where = f"{err['path']}:{err['line']}" if err["line"] else err["path"]
         context.log.warning(f"{kind}: {where}: {err['reason']}")

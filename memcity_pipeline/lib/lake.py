@@ -1,16 +1,25 @@
 """The Parquet lake: atomic writes and reads of Polars frames under one root folder.
 
 Every table file is written to a temporary file beside it and moved into place with
-`os.replace`, so a reader (or a crash) never sees half a file.
+`os.replace`, so a reader (or a crash) never sees half a file. Writers of one table take its
+lock (`table_lock`) for their whole read-compute-write, so two runs never interleave on it.
 """
 
+import logging
 import os
 import re
+import socket
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -58,3 +67,65 @@ def delete_table(path: Path) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+class LakeBusyError(RuntimeError):
+    """Another run kept a lake table locked for longer than we were willing to wait."""
+
+
+@contextmanager
+def table_lock(
+    lake: Path,
+    table: str,
+    *,
+    timeout_s: float,
+    holder: str = "",
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold the exclusive write lock of `table` (an OS file lock, freed when the process dies).
+
+    Waits up to `timeout_s` for another holder (telling `on_wait` who it is), then raises
+    LakeBusyError. `holder` (e.g. a run id) is shown to whoever waits.
+    """
+    folder = lake / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / f"{table}.lock")
+    who = folder / f"{table}.holder"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        current = _holder(who)
+        if on_wait is not None:
+            on_wait(f"lake table {table!r} is being written by {current}; waiting")
+        try:
+            lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise LakeBusyError(
+                f"lake table {table!r} is still being written by {_holder(who)} after "
+                f"{timeout_s:g} s; try again when that run ends (MEMCITY_LAKE_LOCK_TIMEOUT_S "
+                "sets the wait)"
+            ) from None
+    try:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        who.write_text(
+            f"{holder or 'a run'} (pid {os.getpid()} on {socket.gethostname()}, since {stamp})"
+        )
+        _remove_stale_temporaries(lake / table)
+        yield
+    finally:
+        who.unlink(missing_ok=True)
+        lock.release()
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporary files of writes that a crash interrupted (safe: we hold the table's lock)."""
+    for tmp in folder.rglob(".*.tmp") if folder.is_dir() else []:
+        log.info("removing %s, left by an interrupted write", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another run"
+    except OSError:
+        return "another run"

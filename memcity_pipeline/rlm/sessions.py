@@ -8,8 +8,9 @@ Every query, whatever its end, is one row:
   on org and time), inserted in a transaction with `ON CONFLICT (session_id) DO NOTHING`.
 
 Parquet is written first. If Postgres is down, the error is logged and the row waits in the
-lake; `sync_sessions_to_postgres()` copies every row Postgres lacks (nothing lost, nothing
-duplicated). The trajectory of each session (rlms logger format, JSONL) lies beside it in
+lake, marked pending (`rlm_sessions/_pending/<session_id>`); the next session that reaches
+Postgres copies every pending row (catch-up), and `sync_sessions_to_postgres()` (or
+`memcity sessions --sync`) copies every row Postgres lacks. Nothing is lost, nothing duplicated. The trajectory of each session (rlms logger format, JSONL) lies beside it in
 `rlm_trajectories/<session_id>.jsonl`.
 """
 
@@ -75,6 +76,11 @@ COLUMNS: list[str] = RLM_SESSIONS.names
 
 def sessions_dir(lake: Path) -> Path:
     return lake / SESSIONS_DIR
+
+
+def pending_dir(lake: Path) -> Path:
+    """Markers of session rows that are in the lake but not yet in Postgres."""
+    return sessions_dir(lake) / "_pending"
 
 
 def trajectory_path(lake: Path, session_id: str) -> Path:
@@ -214,15 +220,31 @@ class SessionStore:
                 self.postgres_url, [row], self.table, connect_timeout_s=self.connect_timeout_s
             )
         except Exception as exc:
+            marker = pending_dir(self.lake) / str(row["session_id"])
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
             log.error(
                 "rlm session %s: not written to Postgres (%s: %s); it is kept in the lake and "
-                "a later sync_sessions_to_postgres() will copy it",
+                "the next session that reaches Postgres copies it",
                 row.get("session_id"),
                 type(exc).__name__,
                 exc,
             )
             return False
+        self._catch_up()
         return True
+
+    def _catch_up(self) -> None:
+        """Copy the rows marked pending (Postgres was down when they were recorded)."""
+        markers = list(pending_dir(self.lake).glob("*")) if self.postgres_url else []
+        if not markers:
+            return
+        try:
+            copied = self.sync_to_postgres()
+        except Exception as exc:
+            log.warning("catch-up of %d pending session rows failed: %s", len(markers), exc)
+            return
+        log.info("copied %d session rows that Postgres had missed", copied)
 
     def sync_to_postgres(self) -> int:
         """Copy the lake's rows that Postgres lacks; returns how many were inserted."""
@@ -235,14 +257,19 @@ class SessionStore:
             self.postgres_url, self.table, connect_timeout_s=self.connect_timeout_s
         )
         missing = frame.filter(~pl.col("session_id").is_in(sorted(have)))
-        if missing.is_empty():
-            return 0
-        return insert_rows(
-            self.postgres_url,
-            missing.to_dicts(),
-            self.table,
-            connect_timeout_s=self.connect_timeout_s,
-        )
+        copied = 0
+        if not missing.is_empty():
+            copied = insert_rows(
+                self.postgres_url,
+                missing.to_dicts(),
+                self.table,
+                connect_timeout_s=self.connect_timeout_s,
+            )
+        stored = have | set(missing["session_id"].to_list())
+        for marker in pending_dir(self.lake).glob("*"):
+            if marker.name in stored:
+                marker.unlink(missing_ok=True)
+        return copied
 
 
 def sync_sessions_to_postgres(
