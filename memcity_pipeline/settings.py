@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     # Ingestion limits
     max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     max_document_chars: int = Field(default=2_000_000, gt=0)
+    lake_lock_timeout_s: float = Field(default=1800.0, ge=0)
 
     # LLMs (OpenAI-compatible)
     llm_base_url: str | None = None
@@ -45,6 +46,11 @@ class Settings(BaseSettings):
 
     # Pipeline behaviour
     enrichment: Literal["llm", "off"] = "llm"
+    long_documents: Literal["rlm", "windowed"] = Field(
+        default="rlm",
+        description="Phase 1 of a document over the LLM's window: `rlm` (the RLM engine reads "
+        "it whole in a sandbox; windows if that fails) or `windowed`.",
+    )
     chunk_tokens: int = Field(default=512, gt=16)
     chunk_overlap_tokens: int = Field(default=64, ge=0)
     embeddings: str = Field(

@@ -15,6 +15,7 @@ from memcity_pipeline.assets.ingestion import raw_documents
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
+from memcity_pipeline.resources.sandbox import SandboxResource
 from memcity_pipeline.runner import sample_corpus_dir
 from memcity_pipeline.settings import get_settings
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -123,12 +124,17 @@ def _write(landing: Path, rel: str, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _resources(server: ScriptedLLMServer, mode: str = "llm", **llm: Any) -> dict[str, Any]:
+def _resources(
+    server: ScriptedLLMServer, mode: str = "llm", long_documents: str = "rlm", **llm: Any
+) -> dict[str, Any]:
     settings = get_settings()
     return {
         "lake": LakeResource.from_settings(settings),
         "llm": LLMResource(base_url=server.base_url, model="scripted-model", **llm),
-        "enrichment": EnrichmentResource(mode=mode, chunk_tokens=64, chunk_overlap_tokens=8),
+        "enrichment": EnrichmentResource(
+            mode=mode, chunk_tokens=64, chunk_overlap_tokens=8, long_documents=long_documents
+        ),
+        "sandbox": SandboxResource(),
     }
 
 
@@ -229,16 +235,100 @@ def test_enrichment_off_calls_no_llm_and_chunks_by_headings(
     assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"off"}
 
 
-def test_a_long_document_is_read_in_windows_and_merged(scripted_llm: ScriptedLLMServer) -> None:
-    scripted_llm.responder = smart_responder
-    landing = get_settings().landing_dir
-    long_doc = "\n\n".join(
-        f"## Part {i}\n\n" + " ".join(f"The Widget sentence {i}.{j} is here." for j in range(60))
-        for i in range(8)
-    )
-    _write(landing, f"{KB}/long.md", "# Long\n\n" + long_doc)
+LONG_DOC = "# Long\n\n" + "\n\n".join(
+    f"## Part {i}\n\n" + " ".join(f"The Widget sentence {i}.{j} is here." for j in range(60))
+    for i in range(8)
+)
+
+# The root LLM's program for a long document: split at headings, one batched sub-call per part,
+# merge in code, FINAL of the JSON (what a capable model writes for `long_document_task`).
+RLM_STRUCTURE_PROGRAM = """```repl
+import json, re
+starts = [m.start() for m in re.finditer(r"^#+ ", context, flags=re.M)]
+parts = [context[a:b] for a, b in zip(starts, starts[1:] + [len(context)])]
+answers = llm_query_batched(["Summarise this part as JSON:\\n" + p for p in parts])
+sections = []
+for p in parts:
+    title = p.splitlines()[0].lstrip("# ").strip()
+    first = p.splitlines()[0]
+    if first in context:
+        sections.append({"title": title, "starts_with": first})
+result = {
+    "summary": " ".join(json.loads(a)["summary"] for a in answers[:2]),
+    "entities": [{"name": "Acme Widget", "type": "product", "aliases": ["Widget"]}],
+    "relationships": [],
+    "sections": sections,
+}
+print(len(parts), "parts")
+FINAL(json.dumps(result))
+```"""
+
+
+def rlm_structure_responder(program: str) -> Any:
+    """Answers RLM root turns with `program`, sub-calls with a part summary, else smart_responder."""
+
+    def respond(request: dict[str, Any]) -> str:
+        system = request["messages"][0]["content"]
+        if system.startswith("You answer a query about a large context"):
+            return program
+        if _user_text(request).startswith("Summarise this part"):
+            part = _user_text(request).split("\n", 2)[1]
+            return json.dumps({"summary": f"About {part.lstrip('# ')}."})
+        return smart_responder(request)
+
+    return respond
+
+
+def _sessions() -> pl.DataFrame:
+    files = sorted((get_settings().lake_dir / "rlm_sessions").rglob("*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+
+
+def test_a_long_document_is_read_whole_by_the_rlm_engine(scripted_llm: ScriptedLLMServer) -> None:
+    scripted_llm.responder = rlm_structure_responder(RLM_STRUCTURE_PROGRAM)
+    _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
     result = dg.materialize(ASSETS, resources=_resources(scripted_llm, context_window=1200))
     assert result.success
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["status"] == "ok" and structure["method"] == "llm-rlm"
+    titles = [s["title"] for s in structure["sections"]]
+    assert titles == ["Long", *[f"Part {i}" for i in range(8)]]
+    starts = [s["start"] for s in structure["sections"]]
+    assert all(LONG_DOC[x:].startswith(("# Long", "## Part")) for x in starts)
+    assert structure["summary"] == "About Long. About Part 0."  # from the sandbox's sub-calls
+    # 1 root turn + 9 sub-calls, none of them a windowed phase-1 call
+    assert structure["llm_calls"] == 10
+    systems = [r.body["messages"][0]["content"] for r in scripted_llm.chat_requests]
+    assert not any(x.startswith("You analyse one document") for x in systems)
+    session = _sessions().row(0, named=True)
+    assert session["status"] == "completed" and session["context_type"] == "custom"
+    assert session["org_id"] == "acme" and session["context_chars"] == len(LONG_DOC)
+    assert session["sub_calls"] == 9
+    assert set(_table("chunks")["section_title"].to_list()) >= {f"Part {i}" for i in range(8)}
+
+
+def test_a_long_document_falls_back_to_windows_when_the_rlm_answer_is_invalid(
+    scripted_llm: ScriptedLLMServer,
+) -> None:
+    scripted_llm.responder = rlm_structure_responder("```repl\nFINAL('no structure here')\n```")
+    _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, context_window=1200))
+    assert result.success
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["status"] == "ok" and structure["method"] == "llm-windowed"
+    assert structure["summary"] == "Combined summary of all parts."
+    assert _sessions().row(0, named=True)["status"] == "completed"  # recorded, answer rejected
+    # the windows' calls come on top of the session's root turn
+    assert structure["llm_calls"] > 2 + 1
+
+
+def test_a_long_document_is_read_in_windows_and_merged(scripted_llm: ScriptedLLMServer) -> None:
+    scripted_llm.responder = smart_responder
+    _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
+    result = dg.materialize(
+        ASSETS, resources=_resources(scripted_llm, long_documents="windowed", context_window=1200)
+    )
+    assert result.success and _sessions().height == 0
     structure = _table("document_structure").row(0, named=True)
     assert structure["method"] == "llm-windowed" and structure["llm_calls"] > 2
     assert structure["summary"] == "Combined summary of all parts."
@@ -287,6 +377,7 @@ def test_phases_one_to_three_with_the_real_local_model(local_llm_server: Any) ->
         "enrichment": EnrichmentResource(
             mode="llm", chunk_tokens=256, chunk_overlap_tokens=32, chunks_per_call=2
         ),
+        "sandbox": SandboxResource(),
     }
     result = dg.materialize(ASSETS, resources=resources)
     assert result.success

@@ -30,11 +30,19 @@ from memcity_pipeline.lib.stages import (
     build_enriched_chunks,
     unchanged,
 )
-from memcity_pipeline.lib.structure import structure_document
+from memcity_pipeline.lib.structure import (
+    DocumentStructureOut,
+    LongRead,
+    LongReader,
+    long_document_task,
+    structure_document,
+)
 from memcity_pipeline.lib.tokens import count_tokens
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
+from memcity_pipeline.resources.sandbox import SandboxResource
+from memcity_pipeline.rlm.api import rlm_extract
 
 StructuredCall = Callable[
     [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
@@ -59,24 +67,30 @@ def _sync_tables(
     key: str,
     build: Callable[[str, str], tuple[pl.DataFrame, StageStats]],
 ) -> tuple[StageStats, list[str]]:
-    """Run `build(org, kb)` for every knowledge base of raw_documents; write what changed."""
-    total = StageStats()
-    written: list[str] = []
-    upstream = set(kb_partitions(lake.lake, "raw_documents"))
-    for org, kb in sorted(set(kb_partitions(lake.lake, table)) - upstream):
-        delete_table(kb_table_path(lake.lake, table, org, kb))
-        written.append(f"{org}/{kb} (removed)")
-    for org, kb in sorted(upstream):
-        path = kb_table_path(lake.lake, table, org, kb)
-        old = read_parquet(path, schema)
-        new, stats = build(org, kb)
-        total.merge(stats)
-        if unchanged(new, old, stats, key) and path.exists():
-            continue
-        write_parquet_atomic(new, path, schema)
-        written.append(f"{org}/{kb}")
-        context.log.info(f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused")
-    return total, written
+    """Run `build(org, kb)` for every knowledge base of raw_documents; write what changed.
+
+    The table's write lock is held throughout, so a concurrent run waits for this one.
+    """
+    with lake.writing(context, table):
+        total = StageStats()
+        written: list[str] = []
+        upstream = set(kb_partitions(lake.lake, "raw_documents"))
+        for org, kb in sorted(set(kb_partitions(lake.lake, table)) - upstream):
+            delete_table(kb_table_path(lake.lake, table, org, kb))
+            written.append(f"{org}/{kb} (removed)")
+        for org, kb in sorted(upstream):
+            path = kb_table_path(lake.lake, table, org, kb)
+            old = read_parquet(path, schema)
+            new, stats = build(org, kb)
+            total.merge(stats)
+            if unchanged(new, old, stats, key) and path.exists():
+                continue
+            write_parquet_atomic(new, path, schema)
+            written.append(f"{org}/{kb}")
+            context.log.info(
+                f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
+            )
+        return total, written
 
 
 def _llm_metadata(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -103,17 +117,68 @@ _NO_LLM = {
 }
 
 
+def _rlm_reader(
+    context: dg.AssetExecutionContext,
+    org: str,
+    client: Any,
+    sandbox: SandboxResource,
+    lake: LakeResource,
+    enrichment: EnrichmentResource,
+) -> LongReader:
+    """Phase 1 of a long document by the RLM engine: the document is the sandbox's `context`."""
+
+    def read(title: str, text: str) -> LongRead:
+        parsed, result = rlm_extract(
+            org,
+            text,
+            long_document_task(title, len(text)),
+            DocumentStructureOut,
+            rlm_config={
+                "model": client.model,
+                "sub_model": client.sub_model,
+                "max_iterations": enrichment.rlm_max_iterations,
+                "max_timeout": enrichment.rlm_max_timeout_s,
+            },
+            llm=client,
+            sandbox=sandbox,
+            lake_dir=lake.lake,
+        )
+        outcome = (
+            f"{result.status}, {result.iterations} iterations, {result.total_sub_calls} sub-calls"
+        )
+        if parsed is None:
+            why = result.error or result.warning or "no structured answer"
+            note = f"RLM session {result.session_id} ({outcome}) failed: {why}; read in windows"
+            context.log.warning(f"document_structure: {title}: {note}")
+        else:
+            note = f"read whole by RLM session {result.session_id} ({outcome})"
+            context.log.info(f"document_structure: {title}: {note}")
+        return LongRead(
+            parsed=parsed if isinstance(parsed, DocumentStructureOut) else None,
+            note=note,
+            llm_calls=result.iterations + result.total_sub_calls,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cost_usd=result.cost,
+        )
+
+    return read
+
+
 @dg.asset(group_name="enrichment", kinds={"parquet", "openai"}, deps=[raw_documents])
 def document_structure(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
     llm: LLMResource,
     enrichment: EnrichmentResource,
+    sandbox: SandboxResource,
 ) -> dg.MaterializeResult:
     """Phase 1: each whole document read by an LLM for a summary (<= 2,000 chars), entities
     (name, type, aliases, description), relationships and section boundaries (character offsets).
 
-    Documents longer than the model's window are read in windows whose results are merged.
+    A document longer than the model's window is read whole by the RLM engine in a sandbox
+    session (`MEMCITY_LONG_DOCUMENTS=rlm`, method `llm-rlm`), else (or when that session ends
+    without a valid answer) in windows whose results are merged (`llm-windowed`).
     With `MEMCITY_ENRICHMENT=off` sections come from headings and no LLM is called. A document
     whose LLM answer is unusable gets `status=failed`, heading sections, and is retried next run.
     """
@@ -121,15 +186,25 @@ def document_structure(
     before = client.stats.snapshot() if client else dict(_NO_LLM)
     window = max(512, client.context_window // 2 - 512) if client else 0
 
-    def structurer(title: str, text: str) -> Any:
+    def structurer_for(org: str) -> Callable[[str, str], Any]:
         assert client is not None
-        return structure_document(
-            title,
-            text,
-            _structured_call(client, 1000),
-            window_tokens=window,
-            count_tokens=count_tokens,
+        reader = (
+            _rlm_reader(context, org, client, sandbox, lake, enrichment)
+            if enrichment.rlm_for_long_documents
+            else None
         )
+
+        def structurer(title: str, text: str) -> Any:
+            return structure_document(
+                title,
+                text,
+                _structured_call(client, 1000),
+                window_tokens=window,
+                count_tokens=count_tokens,
+                long_reader=reader,
+            )
+
+        return structurer
 
     def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
         docs = _read(lake, "raw_documents", org, kb)
@@ -139,7 +214,7 @@ def document_structure(
             old,
             enrichment=enrichment.mode,
             model=client.model if client else None,
-            structurer=structurer if client else None,
+            structurer=structurer_for(org) if client else None,
             max_workers=enrichment.max_workers,
         )
 

@@ -135,7 +135,7 @@ DOCUMENT_STRUCTURE = pa.schema(
         ("entities", pa.list_(ENTITY)),
         ("relationships", pa.list_(RELATIONSHIP)),
         ("sections", pa.list_(SECTION)),  # tile the text: [start, end) character offsets
-        ("method", pa.string()),  # llm | llm-windowed | headings
+        ("method", pa.string()),  # llm | llm-rlm | llm-windowed | headings
         ("status", pa.string()),  # ok | failed (sections then come from headings)
         ("error", pa.string()),
         ("model", pa.string()),

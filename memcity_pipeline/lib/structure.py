@@ -2,8 +2,10 @@
 
 The LLM names each section by its title and the first words of its text; offsets are found in
 the document here (LLMs are poor at counting characters). A document longer than the model's
-window is processed in windows whose results are merged: entities de-duplicated by name and
-alias, sections shifted to document offsets, window summaries combined by one more call.
+window is read by a `LongReader` when one is given (the RLM engine: the document is the
+`context` of a sandbox session), and otherwise, or when that read fails, in windows whose results
+are merged: entities de-duplicated by name and alias, sections shifted to document offsets,
+window summaries combined by one more call.
 """
 
 import re
@@ -61,7 +63,7 @@ class DocumentStructure:
     entities: list[EntityOut]
     relationships: list[RelationshipOut]
     sections: list[Section]
-    method: str  # llm | llm-windowed | headings
+    method: str  # llm | llm-rlm | llm-windowed | headings
     llm_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -87,6 +89,38 @@ MERGE_SUMMARY_SYSTEM = (
 StructuredCall = Callable[
     [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
 ]
+
+
+@dataclass
+class LongRead:
+    """What a `LongReader` made of a whole long document (`parsed` None: it failed, see `note`)."""
+
+    parsed: DocumentStructureOut | None
+    note: str
+    llm_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+
+
+# (title, text) -> LongRead; reads a document longer than the window in one piece.
+LongReader = Callable[[str, str], LongRead]
+
+
+def long_document_task(title: str, chars: int) -> str:
+    """The task given to the RLM engine for a document longer than the model's window."""
+    return (
+        f"`context` is the whole text of one document titled {title!r} ({chars:,} characters), "
+        "too long to read in one call. Build its structure for a search index: summary (at most "
+        "5 sentences on what the whole document says); entities (people, organisations, "
+        "products, places, dates and other named things: name, type, aliases used in the text, "
+        "a short description); relationships (facts linking two entities: source, relation, "
+        "target); sections (the document's logical sections in order: a short title, and "
+        "starts_with = the first 5-12 words of the section copied exactly from the text; keep "
+        "only those for which `starts_with in context` is true). Split the document into parts "
+        "(at headings where it has them), ask llm_query_batched for each part's summary, "
+        "entities and relationships as JSON, and merge the answers in code."
+    )
 
 
 def _norm(s: str) -> str:
@@ -184,8 +218,13 @@ def structure_document(
     *,
     window_tokens: int,
     count_tokens: Callable[[str], int],
+    long_reader: LongReader | None = None,
 ) -> DocumentStructure:
-    """Phase 1 for one document. Raises what `call` raises when the LLM fails for good."""
+    """Phase 1 for one document. Raises what `call` raises when the LLM fails for good.
+
+    Over `window_tokens`, `long_reader` (if any) reads the whole document first; windows are
+    the fallback when it returns nothing usable (its note and spend are kept either way).
+    """
     windows = (
         chunk_document(
             text,
@@ -201,9 +240,30 @@ def structure_document(
         parsed, pt, ct, cost = call(_messages(title, text), DocumentStructureOut)
         assert isinstance(parsed, DocumentStructureOut)
         return _finish(text, [parsed], [0], [text], "llm", 1, pt, ct, cost, None)
-    results: list[DocumentStructureOut] = []
     totals = [0, 0, 0]
     costs: list[float | None] = []
+    notes: list[str] = []
+    if long_reader is not None:
+        read = long_reader(title, text)
+        notes.append(read.note)
+        if read.parsed is not None:
+            done = _finish(
+                text,
+                [read.parsed],
+                [0],
+                [text],
+                "llm-rlm",
+                read.llm_calls,
+                read.prompt_tokens,
+                read.completion_tokens,
+                read.cost_usd,
+                None,
+            )
+            done.notes[:0] = notes
+            return done
+        totals = [read.llm_calls, read.prompt_tokens, read.completion_tokens]
+        costs.append(read.cost_usd)
+    results: list[DocumentStructureOut] = []
     for i, win in enumerate(windows, start=1):
         parsed, pt, ct, cost = call(
             _messages(title, win.text, f" (part {i} of {len(windows)})"), DocumentStructureOut
@@ -219,7 +279,7 @@ def structure_document(
     )
     assert isinstance(merged, SummaryOut)
     costs.append(cost)
-    return _finish(
+    windowed = _finish(
         text,
         results,
         [w.start for w in windows],
@@ -231,6 +291,8 @@ def structure_document(
         _sum_costs(costs),
         merged.summary,
     )
+    windowed.notes[:0] = notes
+    return windowed
 
 
 def _sum_costs(costs: Sequence[float | None]) -> float | None:
