@@ -22,7 +22,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """Definitions wired to `settings` (the environment's by default)."""
     s = settings or get_settings()
     return dg.Definitions(
-        assets=dg.load_assets_from_modules(STAGE_MODULES),
+        # Modules are not searched for AssetSpecs: `rlm_sessions` (reported by rlm_query) is added.
+        assets=[*dg.load_assets_from_modules(STAGE_MODULES), rlm_query.rlm_sessions],
         asset_checks=dg.load_asset_checks_from_modules(STAGE_MODULES),
         jobs=[ingest_job, rlm_query.rlm_query_job],
         schedules=[daily_ingest_schedule],

@@ -10,8 +10,8 @@ backend and the snapshot builder do:
   logs and command input.
 
 Each sandbox has its own temporary directory that stands for its filesystem: absolute paths in
-file requests map below it, and in commands the prefixes ``/home/daytona`` and ``/opt/memcity``
-are rewritten to it. Commands really run (``bash -c``) as local processes with only the
+file requests map below it, and in commands the prefixes ``/home/daytona``, ``/opt/memcity``
+and ``/usr/local/bin`` (the tools a snapshot installs) are rewritten to it. Commands really run (``bash -c``) as local processes with only the
 sandbox's environment (never the host's), so a REPL server started through a session command
 speaks its protocol end to end: stdin comes from command input, stdout and stderr are served as
 logs. Like the real daemon, input is echoed into the logs unless ``suppressInputEcho`` is set.
@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 API_KEY = "test-daytona-key"
-COMMAND_PATH_PREFIXES = ("/home/daytona", "/opt/memcity")
+COMMAND_PATH_PREFIXES = ("/home/daytona", "/opt/memcity", "/usr/local/bin")
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -137,7 +137,7 @@ class FakeDaytona:
         self.calls: list[Call] = []
         self.sandboxes: dict[str, FakeSandbox] = {}
         self.snapshots: dict[str, dict[str, Any]] = {}
-        self.snapshot_files: dict[str, dict[str, bytes]] = {}
+        self.snapshot_files: dict[str, dict[str, bytes | Path]] = {}
         self.injections: list[Injection] = []
         self.create_state = "started"
         self.create_delay_s = 0.0
@@ -190,8 +190,11 @@ class FakeDaytona:
         """
         self.injections.append(Injection(re.compile(pattern), status, times, delay_s))
 
-    def add_snapshot_files(self, snapshot: str, files: dict[str, bytes]) -> None:
-        """Files that sandboxes created from ``snapshot`` start with (as if baked into it)."""
+    def add_snapshot_files(self, snapshot: str, files: dict[str, bytes | Path]) -> None:
+        """Files that sandboxes created from ``snapshot`` start with (as if baked into it).
+
+        A ``Path`` value becomes a symlink to that host file (e.g. an interpreter binary).
+        """
         self.snapshot_files[snapshot] = files
 
     def set_state(self, sandbox_id: str, state: str) -> None:
@@ -386,7 +389,10 @@ class FakeDaytona:
         for remote, content in self.snapshot_files.get(body.get("snapshot") or "", {}).items():
             target = root / remote.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content)
+            if isinstance(content, Path):
+                target.symlink_to(content)
+            else:
+                target.write_bytes(content)
         sandbox = FakeSandbox(
             id=sandbox_id,
             create_body=body,

@@ -53,7 +53,9 @@ class RLMQueryConfig(dg.Config):
     runtime: str = Field(default="python", description="python | bun")
     runtime_fallback_to_python: bool = True
     max_iterations: int = 20
-    max_depth: int = 1
+    max_depth: int = Field(
+        default=1, description="1: llm_query is a plain LLM call; 2-3: a child RLM"
+    )
     model: str = Field(default="", description="Root model (default: the LLM resource's).")
     sub_model: str = Field(default="", description="Sub-call model (default: model).")
     custom_system_prompt: str = ""

@@ -5,8 +5,15 @@ A wrong request (missing parameter, unknown org/user/knowledge base, bad config)
 `RLMResult` and one session row, never an exception: a limit (iterations, budget, errors,
 timeout) gives the best answer so far with a `warning` and status `partial` or `timeout`;
 a failure (the LLM or the sandbox unavailable) gives status `failed` and an `error`.
+
+Runtime ``bun`` runs the generated code as JavaScript (``repl_server.js`` under Bun or Node.js).
+When that runtime fails (no interpreter, the server dies or breaks the protocol), the whole query
+runs again on ``python`` if ``runtime_fallback_to_python`` (the default); the session row keeps
+the requested runtime, the one used and the reason. Cost, tokens and the time limit cover both
+attempts.
 """
 
+import itertools
 import json
 import logging
 import re
@@ -26,27 +33,32 @@ from rlm.utils.exceptions import (
     TokenLimitExceededError,
 )
 
-from memcity_pipeline.lib.llm_client import LLMClient, parse_structured
+from memcity_pipeline.lib.llm_client import LLMClient, LLMError, parse_structured
 from memcity_pipeline.resources.llm import LLMResource
-from memcity_pipeline.resources.sandbox.base import SandboxBackend, SandboxSession
+from memcity_pipeline.resources.sandbox.base import (
+    ExecResult,
+    SandboxBackend,
+    SandboxError,
+    SandboxSession,
+)
 from memcity_pipeline.resources.sandbox.resource import SandboxResource
 from memcity_pipeline.rlm.context import ContextError, GatheredContext, gather_context
 from memcity_pipeline.rlm.engine import (
-    PRELUDE,
+    PRELUDES,
     Deadline,
     ProgressFn,
     SandboxRLM,
     Spend,
     SubCallBroker,
 )
-from memcity_pipeline.rlm.prompts import SYSTEM_PROMPT, describe_context
+from memcity_pipeline.rlm.prompts import SYSTEM_PROMPTS, describe_context
 from memcity_pipeline.rlm.sessions import SessionStore, now_utc, trajectory_path
 from memcity_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 Status = Literal["completed", "partial", "failed", "timeout"]
-AVAILABLE_RUNTIMES = ("python",)
+AVAILABLE_RUNTIMES = ("python", "bun")
 
 # Sandbox options of the spec -> fields of SandboxResource.
 SANDBOX_OPTION_FIELDS = {
@@ -74,11 +86,14 @@ class RLMConfig(BaseModel):
         default="python", description="Runtime of the REPL in the sandbox."
     )
     runtime_fallback_to_python: bool = Field(
-        default=True, description="Run on python when the requested runtime is unavailable."
+        default=True, description="Run on python again when the requested runtime fails."
     )
     max_iterations: int = Field(default=20, ge=1, le=200, description="Root LLM turns at most.")
     max_depth: int = Field(
-        default=1, ge=1, le=3, description="Recursion depth; sub-calls are plain LLM calls at 1."
+        default=1,
+        ge=1,
+        le=3,
+        description="Recursion depth: at 1 llm_query is a plain LLM call; above, a child RLM.",
     )
     model: str | None = Field(default=None, description="Root model (default: the LLM's model).")
     sub_model: str | None = Field(
@@ -180,6 +195,35 @@ def _resolve_sandbox(
     return sandbox, sandbox.backend_name(), None
 
 
+class RuntimeFailure(Exception):
+    """The REPL of a non-python runtime failed (no interpreter, died, broke the protocol)."""
+
+
+class _FailFastSession(SandboxSession):
+    """A session whose sandbox failures end the query (to retry it on python) instead of
+    becoming error text for the root LLM."""
+
+    def __init__(self, session: SandboxSession) -> None:
+        self.session = session
+        self.session_id = session.session_id
+        self.org_id = session.org_id
+
+    def load_context(self, context: str | list | dict) -> None:
+        self.session.load_context(context)
+
+    def execute(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        try:
+            return self.session.execute(code, timeout_s)
+        except SandboxError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    def get_variable(self, name: str) -> str:
+        return self.session.get_variable(name)
+
+    def close(self) -> None:
+        self.session.close()
+
+
 def _strip_code(text: str) -> str:
     """A root LLM reply without its code blocks (prose only), or the reply if that is empty."""
     prose = re.sub(r"```.*?```", "", text or "", flags=re.DOTALL).strip()
@@ -277,47 +321,62 @@ class _Run:
         self.status = "failed"
         self.error = message
 
-    def _runtime(self) -> bool:
-        """Decide the runtime; False when the query cannot run."""
-        if self.cfg.runtime in AVAILABLE_RUNTIMES:
-            self.runtime_used = self.cfg.runtime
-            return True
-        reason = f"runtime {self.cfg.runtime!r} is not available in this deployment"
-        if self.cfg.runtime_fallback_to_python:
-            self.runtime_used = "python"
-            self.fallback_reason = f"{reason}; ran on python"
-            self.warning = self.fallback_reason
-            return True
-        self.fail(f"{reason} and runtime_fallback_to_python is false")
-        return False
-
     def execute(
         self,
         llm: LLMClient | LLMResource | None,
         sandbox: SandboxResource | SandboxBackend | None,
         progress: ProgressFn | None,
     ) -> None:
-        if not self._runtime():
+        if self.cfg.runtime not in AVAILABLE_RUNTIMES:
+            self.fail(f"runtime {self.cfg.runtime!r} is not available")
             return
         client, owned_llm = _resolve_client(llm)
         opener, self.backend, owned_sandbox = _resolve_sandbox(
             sandbox, self.cfg.sandbox_overrides()
         )
         try:
-            self._loop(client, opener, progress)
+            runtime = self.cfg.runtime
+            if runtime != "python":
+                try:
+                    self._loop(client, opener, progress, runtime)
+                    return
+                except RuntimeFailure as exc:
+                    reason = f"runtime {runtime!r} failed: {exc}"
+                if not self.cfg.runtime_fallback_to_python:
+                    self.fail(f"{reason} (runtime_fallback_to_python is false)")
+                    return
+                log.warning(
+                    "rlm session %s: %s; running it again on python", self.session_id, reason
+                )
+                self.fallback_reason = f"{reason}; ran on python"
+                self.warning = self.fallback_reason
+                self._reset_attempt()
+            self._loop(client, opener, progress, "python")
         finally:
             if owned_sandbox is not None:
                 owned_sandbox.close()
             if owned_llm is not None:
                 owned_llm.close()
 
+    def _reset_attempt(self) -> None:
+        """Forget the outcome of a failed attempt (spend and time keep counting)."""
+        self.answer = ""
+        self.status = "failed"
+        self.error = None
+        self.iterations = 0
+        self.sub_calls = 0
+
     def _loop(
         self,
         client: LLMClient,
         opener: SandboxResource | SandboxBackend,
         progress: ProgressFn | None,
+        runtime: str,
     ) -> None:
+        """One attempt on `runtime`; RuntimeFailure when a non-python runtime fails."""
         cfg = self.cfg
+        self.runtime_used = runtime
+        fail_fast = runtime != "python"
         self.root_model = cfg.model or client.model
         self.sub_model = cfg.sub_model or cfg.model or client.sub_model
         self.trajectory = trajectory_path(self.lake, self.session_id)
@@ -327,10 +386,19 @@ class _Run:
             getattr(opener, "exec_timeout_s", None) or 120.0
         )
 
+        opened = itertools.count()
+
         def open_session(broker: SubCallBroker) -> SandboxSession:
-            return opener.open_session(
-                self.org_id, broker, prelude=PRELUDE, session_id=self.session_id[:32]
+            """The query's sandbox session; child RLMs (max_depth > 1) get one each."""
+            n = next(opened)
+            session = opener.open_session(
+                self.org_id,
+                broker,
+                prelude=PRELUDES[runtime],
+                session_id=self.session_id[:32] if n == 0 else f"{self.session_id[:24]}-c{n}",
+                runtime=runtime,
             )
+            return _FailFastSession(session) if fail_fast else session
 
         meta = describe_context(
             self.gathered.context_type,
@@ -350,7 +418,7 @@ class _Run:
             max_iterations=cfg.max_iterations,
             max_depth=cfg.max_depth,
             max_errors=cfg.max_errors,
-            system_prompt=cfg.custom_system_prompt or SYSTEM_PROMPT,
+            system_prompt=cfg.custom_system_prompt or SYSTEM_PROMPTS[runtime],
             exec_timeout_s=exec_timeout,
             logger=logger,
             progress=progress,
@@ -382,10 +450,19 @@ class _Run:
             self.answer = _strip_code(exc.partial_answer or "")
             limit_warning = str(exc)
         except Exception as exc:
-            self.fail(f"{type(exc).__name__}: {exc}")
-            self.answer = _strip_code(engine._best_partial_answer or "")
+            if fail_fast and isinstance(exc, SandboxError | RuntimeFailure):
+                raise RuntimeFailure(str(exc)) from exc
+            best = _strip_code(engine._best_partial_answer or "")
+            if isinstance(exc, LLMError) and best:
+                # the LLM gave up for good mid-query (after its retries): keep what we have
+                self.status = "partial"
+                self.answer = best
+                limit_warning = f"the LLM failed ({exc}); the answer is the best one so far"
+            else:
+                self.fail(f"{type(exc).__name__}: {exc}")
+                self.answer = best
         finally:
-            self.iterations = engine.iterations_run
+            self.iterations = engine.iterations_run + engine.children_iterations
             self.sub_calls = engine.broker.total if engine.broker else 0
         if limit_warning:
             self.warning = f"{self.warning}; {limit_warning}" if self.warning else limit_warning
@@ -477,9 +554,14 @@ def rlm_extract(
     JSON object matching `schema`. Returns the validated object (None when the session did
     not end with a valid one: then `result.error` says why) and the session's result.
     """
+    dump = (
+        "JSON.stringify(result)"
+        if parse_config(rlm_config).runtime == "bun"
+        else "json.dumps(result)"
+    )
     query = (
-        f"{instructions}\n\nEnd with FINAL(json.dumps(result)) where `result` is one JSON object "
-        "(a dict) matching this JSON schema:\n"
+        f"{instructions}\n\nEnd with FINAL({dump}) where `result` is one JSON object "
+        "matching this JSON schema:\n"
         + json.dumps(schema.model_json_schema(), separators=(",", ":"))
     )
     result = rlm_query(

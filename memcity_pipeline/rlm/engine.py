@@ -9,9 +9,9 @@
 - :class:`SandboxRLM` subclasses `rlms`'s `RLM` and overrides `_spawn_completion_context`
   (its `get_environment` is a closed switch) and `_setup_prompt` (our prompts and metadata).
 
-`FINAL(value)` / `FINAL_VAR(name)` are defined by a prelude in the sandbox; they set
-`__final__`, which the REPL server reports and `SandboxREPL` turns into `final_answer`, the
-signal that ends `rlms`'s loop.
+`FINAL(value)` / `FINAL_VAR(name)` are defined by a prelude in the sandbox (`PRELUDE` for the
+python runtime, `JS_PRELUDE` for the bun runtime); they set `__final__`, which the REPL server
+reports and `SandboxREPL` turns into `final_answer`, the signal that ends `rlms`'s loop.
 """
 
 import asyncio
@@ -42,7 +42,7 @@ from rlm.utils.exceptions import BudgetExceededError, TimeoutExceededError
 
 from memcity_pipeline.lib.llm_client import LLMClient
 from memcity_pipeline.resources.sandbox.base import SandboxError, SandboxSession
-from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages
+from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages, describe_context
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,41 @@ def FINAL_VAR(name):
     __final__ = {"kind": "var", "name": name, "value": str(globals()[name])}
     return globals()[name]
 '''
+
+JS_PRELUDE = r"""
+function __final_text(value) {
+  if (typeof value === "string") return value;
+  if (value !== null && typeof value === "object" && !(value instanceof Error)) {
+    try {
+      const json = JSON.stringify(value);
+      if (typeof json === "string") return json;
+    } catch (e) {}
+  }
+  return String(value);
+}
+
+function FINAL(answer) {
+  __final__ = { kind: "value", value: __final_text(answer) };
+  return answer;
+}
+
+function FINAL_VAR(name) {
+  name = String(name).trim().replace(/^['"]|['"]$/g, "");
+  if (!(name in globalThis)) {
+    throw new ReferenceError(
+      `FINAL_VAR: no variable '${name}'; create it first (see SHOW_VARS())`);
+  }
+  __final__ = { kind: "var", name, value: __final_text(globalThis[name]) };
+  return globalThis[name];
+}
+"""
+"""FINAL / FINAL_VAR for the bun runtime (objects and arrays become JSON text)."""
+PRELUDES = {"python": PRELUDE, "bun": JS_PRELUDE}
+
+CHILD_QUERY = (
+    "`context` is a request that a program sent to you (an `llm_query` call). Do what it asks, "
+    "reading `context` with code, and end with FINAL(answer)."
+)
 
 # FINAL(...) / FINAL_VAR(...) written as plain text (outside a ```repl block) on its own line.
 _TEXT_FINAL = re.compile(r"^\s*FINAL\((?P<body>.*)\)\s*$", re.DOTALL | re.MULTILINE)
@@ -216,17 +251,23 @@ class HostLM(BaseLM):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# (prompt, model or None) -> the answer of a child RLM whose `context` is the prompt
+ChildRLM = Callable[[str, str | None], str]
+
+
 class SubCallBroker:
     """The sandbox session's LLM handler: answers `llm_query` prompts on the host.
 
     Prompts go to the `LMHandler`'s client for the requested model (the sub-model by default),
-    so usage and cost are tracked where `rlms` checks the budget. Each answered prompt is kept
-    as an `RLMChatCompletion` for the trajectory of the current execution.
+    so usage and cost are tracked where `rlms` checks the budget; with `child` (when the depth
+    allows recursion) each prompt is answered by a child RLM instead. Each answered prompt is
+    kept as an `RLMChatCompletion` for the trajectory of the current execution.
     """
 
-    def __init__(self, make_client: Callable[[str], HostLM]) -> None:
+    def __init__(self, make_client: Callable[[str], HostLM], child: ChildRLM | None = None) -> None:
         self.handler: LMHandler | None = None
         self._make_client = make_client
+        self._child = child
         self._lock = threading.Lock()
         self._calls: list[RLMChatCompletion] = []
         self.total = 0
@@ -244,6 +285,8 @@ class SubCallBroker:
         return client
 
     def _one(self, prompt: str, model: str | None) -> str:
+        if self._child is not None:
+            return self._one_child(prompt, model)
         client = self._client(model)
         started = time.perf_counter()
         try:
@@ -258,10 +301,28 @@ class SubCallBroker:
             usage_summary=UsageSummary(model_usage_summaries={client.model_name: usage}),
             execution_time=time.perf_counter() - started,
         )
+        self._keep(record)
+        return text
+
+    def _one_child(self, prompt: str, model: str | None) -> str:
+        assert self._child is not None
+        started = time.perf_counter()
+        text = self._child(prompt, model)
+        self._keep(
+            RLMChatCompletion(
+                root_model=model or "child-rlm",
+                prompt=prompt,
+                response=text,
+                usage_summary=UsageSummary(model_usage_summaries={}),
+                execution_time=time.perf_counter() - started,
+            )
+        )
+        return text
+
+    def _keep(self, record: RLMChatCompletion) -> None:
         with self._lock:
             self._calls.append(record)
             self.total += 1
-        return text
 
     def take(self) -> list[RLMChatCompletion]:
         """The sub-calls answered since the last `take()`."""
@@ -373,7 +434,9 @@ class SandboxRLM(RLM):
     """`rlms`'s RLM with the REPL in our sandbox and the LLM calls through our client.
 
     `open_session(broker)` opens the sandbox session (with `PRELUDE`) whose LLM handler is the
-    broker. One instance serves one query.
+    broker. One instance serves one query. With `max_depth > 1`, an `llm_query` made at a depth
+    below it is answered by a child `SandboxRLM` (its own sandbox session, the prompt as its
+    `context`), which shares this query's deadline, budget and LLM client (as `rlms` does).
     """
 
     def __init__(
@@ -395,12 +458,14 @@ class SandboxRLM(RLM):
         logger: RLMLogger | None = None,
         progress: ProgressFn | None = None,
         max_tokens_per_call: int | None = None,
+        depth: int = 0,
     ) -> None:
         super().__init__(
             backend="openai",
             backend_kwargs={"model_name": root_model, "base_url": client.base_url},
             environment="sandbox",  # type: ignore[arg-type]
             environment_kwargs={"exec_timeout_s": exec_timeout_s},
+            depth=depth,
             max_depth=max_depth,
             max_iterations=max_iterations,
             max_budget=spend.max_budget,
@@ -423,6 +488,7 @@ class SandboxRLM(RLM):
         self.progress = progress
         self.max_tokens_per_call = max_tokens_per_call
         self.iterations_run = 0
+        self.children_iterations = 0
         self.hit_iteration_cap = False
         self.environment: SandboxREPL | None = None
         self.broker: SubCallBroker | None = None
@@ -456,7 +522,8 @@ class SandboxRLM(RLM):
         handler = LMHandler(root, other_backend_client=sub)
         if sub is not None:
             handler.register_client(sub.model_name, sub)
-        broker = SubCallBroker(self._host_client)
+        recursive = self.depth + 1 < self.max_depth
+        broker = SubCallBroker(self._host_client, self._child_answer if recursive else None)
         broker.handler = handler
         self.broker = broker
         environment: SandboxREPL | None = None
@@ -483,6 +550,34 @@ class SandboxRLM(RLM):
                 environment.cleanup()
             for client in self._clients:
                 client.close()
+
+    def _child_answer(self, prompt: str, model: str | None) -> str:
+        """An `llm_query` answered by a child RLM one level deeper (rlms's recursion)."""
+        child = SandboxRLM(
+            client=self.client,
+            open_session=self.open_session,
+            metadata=describe_context("custom", prompt),
+            query=CHILD_QUERY,
+            root_model=model or self.root_model,
+            sub_model=self.sub_model,
+            deadline=self.deadline,
+            spend=self.spend,
+            max_iterations=self.max_iterations,
+            max_depth=self.max_depth,
+            max_errors=self.max_errors,
+            system_prompt=self.system_prompt,
+            exec_timeout_s=self.exec_timeout_s,
+            max_tokens_per_call=self.max_tokens_per_call,
+            depth=self.depth + 1,
+        )
+        self._notify("child_start", depth=child.depth)
+        try:
+            completion = child.completion(prompt, root_prompt=CHILD_QUERY)
+        except (TimeoutExceededError, BudgetExceededError) as exc:
+            raise RuntimeError(str(exc)) from None
+        finally:
+            self.children_iterations += child.iterations_run
+        return completion.response or ""
 
     def _setup_prompt(
         self, prompt: str | dict[str, Any], root_prompt: str | None = None

@@ -42,6 +42,44 @@ How to work:
 Write one ```repl block per turn and keep your prose short."""
 
 
+JS_SYSTEM_PROMPT = """\
+You answer a query about a large context that lives in a JavaScript REPL, not in this
+conversation. You see only a description of the context. You explore it by writing JavaScript
+code; the REPL runs your code and shows you what it printed. The REPL keeps its variables from
+turn to turn (top-level `const`, `let`, `var`, functions and classes all persist, and a later
+turn may declare the same name again).
+
+To run code, write it in a fenced block whose language is `repl`:
+```repl
+console.log(context.length);
+console.log(context[0].slice(0, 500));
+```
+
+Available in the REPL (top-level `await` works):
+- `context`: the data (a string, or an array of items, usually strings).
+- `await llm_query(prompt)` -> string: ask a sub-LLM one question; give it the text it needs,
+  since it cannot see the REPL. It reads about 100,000 characters well.
+- `await llm_query_batched(prompts)` -> array of strings: ask many sub-LLM questions at once
+  (they run concurrently); answers come back in order. Prefer it to a loop of `llm_query`.
+- `SHOW_VARS()`: returns the variables you created so far.
+- `console.log(...)`: the only way to see a value; long output is cut, so print samples and
+  counts.
+- `FINAL(answer)`: ends the task with `answer` (a string) as the final answer.
+- `FINAL_VAR("name")`: ends the task with the value of the REPL variable `name`.
+There are no modules (`require`, `import`), no files, no network and no timers: plain
+JavaScript (strings, arrays, Map, Set, JSON, RegExp, Math) and the functions above.
+
+How to work:
+1. Probe the context first (type, length, a few items). Do not answer on turn 1.
+2. Filter with JavaScript where keywords or structure suffice; hand chunks of text to
+   `llm_query_batched` when the question needs reading or judgement (a few large prompts,
+   not hundreds of tiny ones). Keep intermediate results in variables.
+3. Combine the results in code, check them, then call `FINAL(...)` or `FINAL_VAR(...)` inside
+   a ```repl block. The answer must address the query directly and be self-contained.
+Write one ```repl block per turn and keep your prose short."""
+SYSTEM_PROMPTS = {"python": SYSTEM_PROMPT, "bun": JS_SYSTEM_PROMPT}
+
+
 @dataclass(frozen=True)
 class ContextMetadata:
     """What the root LLM may know about the context."""

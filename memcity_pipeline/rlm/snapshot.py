@@ -1,7 +1,9 @@
 """Build the Daytona snapshot that RLM sandboxes start from (`memcity daytona create-snapshot`).
 
-The image is Debian slim with Python 3.12, numpy, pandas and scipy, and our REPL server written
-to :data:`BAKED_SERVER_PATH`. The server's source travels inside the Dockerfile (base64 in a
+The image is Debian slim with Python 3.12, numpy, pandas and scipy, Bun (:data:`BUN_VERSION`,
+installed with npm from Debian's Node.js, which stays as the fallback interpreter) for the
+``bun`` runtime, and our REPL servers written to :data:`BAKED_SERVER_PATH` and
+:data:`BAKED_JS_SERVER_PATH`. The servers' sources travel inside the Dockerfile (base64 in a
 ``RUN`` line) rather than as a build-context upload, so the build needs nothing but the
 Dockerfile. Nothing secret goes into the image: no API key, no environment variable.
 Sandboxes created from a snapshot take their CPU, memory and disk from it, so these are set here.
@@ -17,35 +19,48 @@ from daytona import CreateSnapshotParams, Daytona, DaytonaError, Image, Resource
 DEFAULT_SNAPSHOT = "memcity-rlm-v1"
 PYTHON_VERSION = "3.12"
 PACKAGES = ("numpy", "pandas", "scipy")
+BUN_VERSION = "1.4.5"
 BAKED_SERVER_PATH = "/opt/memcity/repl_server.py"
+BAKED_JS_SERVER_PATH = "/opt/memcity/repl_server.js"
 SERVER_SOURCE = Path(__file__).with_name("repl_server.py")
+JS_SERVER_SOURCE = Path(__file__).with_name("repl_server.js")
+BAKED_PATHS = {"python": BAKED_SERVER_PATH, "bun": BAKED_JS_SERVER_PATH}
 # One Dockerfile line must stay well below Linux's 128 KiB limit for a single argument.
 _MAX_INLINE_BYTES = 90_000
 
 
-def server_source() -> bytes:
-    """The REPL server's source, as the host has it."""
-    return SERVER_SOURCE.read_bytes()
+def server_source(runtime: str = "python") -> bytes:
+    """The REPL server's source of `runtime` (python or bun), as the host has it."""
+    return (JS_SERVER_SOURCE if runtime == "bun" else SERVER_SOURCE).read_bytes()
 
 
-def server_digest(source: bytes | None = None) -> str:
-    """SHA-256 (hex) of the REPL server's source: tells whether a baked copy is current."""
-    return hashlib.sha256(server_source() if source is None else source).hexdigest()
+def server_digest(source: bytes | None = None, runtime: str = "python") -> str:
+    """SHA-256 (hex) of a REPL server's source: tells whether a baked copy is current."""
+    return hashlib.sha256(server_source(runtime) if source is None else source).hexdigest()
 
 
-def snapshot_image(source: bytes | None = None) -> Image:
-    """The declarative image: Python 3.12 slim + packages + the REPL server at a fixed path."""
-    code = server_source() if source is None else source
+def _write_file_command(code: bytes, path: str) -> str:
+    """A shell command that writes `code` to `path` (base64 inline, mode 0644)."""
     encoded = base64.b64encode(code).decode("ascii")
     if len(encoded) > _MAX_INLINE_BYTES:
         raise ValueError(f"REPL server source is too large to inline ({len(code)} bytes)")
-    directory = BAKED_SERVER_PATH.rsplit("/", 1)[0]
+    directory = path.rsplit("/", 1)[0]
+    return f"mkdir -p {directory} && echo {encoded} | base64 -d > {path} && chmod 0644 {path}"
+
+
+def snapshot_image(source: bytes | None = None, js_source: bytes | None = None) -> Image:
+    """The declarative image: Python 3.12 slim + packages + Bun + the REPL servers."""
+    code = server_source() if source is None else source
+    js_code = server_source("bun") if js_source is None else js_source
     return (
         Image.debian_slim(PYTHON_VERSION)
         .pip_install(list(PACKAGES))
         .run_commands(
-            f"mkdir -p {directory} && echo {encoded} | base64 -d > {BAKED_SERVER_PATH}"
-            f" && chmod 0644 {BAKED_SERVER_PATH}"
+            "apt-get update && apt-get install -y --no-install-recommends nodejs npm"
+            f" && npm install -g bun@{BUN_VERSION} && npm cache clean --force"
+            " && rm -rf /var/lib/apt/lists/* && bun --version",
+            _write_file_command(code, BAKED_SERVER_PATH),
+            _write_file_command(js_code, BAKED_JS_SERVER_PATH),
         )
         .workdir("/home/daytona")
     )

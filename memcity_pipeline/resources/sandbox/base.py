@@ -1,8 +1,9 @@
 """The sandbox interface, and the host side of the REPL protocol that every backend reuses.
 
 A :class:`SandboxBackend` hands out :class:`SandboxSession` objects: one persistent REPL session
-per RLM query. Code runs in a REPL server (``memcity_pipeline/rlm/repl_server.py``, protocol in
-``REPL_PROTOCOL.md``) inside the sandbox; :class:`ReplClient` drives that server over any pair of
+per RLM query. Code runs in a REPL server inside the sandbox: ``memcity_pipeline/rlm/repl_server.py``
+for the ``python`` runtime, ``repl_server.js`` (Bun, else Node.js) for the ``bun`` runtime; both
+speak the protocol of ``REPL_PROTOCOL.md``. :class:`ReplClient` drives that server over any pair of
 line transports (a local process's pipes, a Daytona session's input and logs) and answers the
 server's ``llm_request`` messages on the host with an :data:`LLMHandler`, so no secret ever
 enters the sandbox. :class:`ReplSession` is a complete session on top of a client; backends add
@@ -34,6 +35,9 @@ LLMHandler = Callable[[list[str], str | None], list[str]]
 """Host-side LLM access: ``(prompts, model) -> answers`` (one answer per prompt)."""
 
 REPL_SERVER_PATH = Path(__file__).resolve().parents[2] / "rlm" / "repl_server.py"
+JS_REPL_SERVER_PATH = REPL_SERVER_PATH.with_name("repl_server.js")
+RUNTIMES = ("python", "bun")
+"""REPL runtimes: ``python`` (repl_server.py) and ``bun`` (repl_server.js under Bun or Node.js)."""
 SERVER_MESSAGE_TYPES = frozenset({"ready", "result", "var", "llm_request", "error", "bye"})
 DEFAULT_MAX_OUTPUT_CHARS = 100_000
 _EOF = object()
@@ -53,6 +57,13 @@ class ExecResult:
 
 class SandboxError(Exception):
     """The sandbox died or the protocol broke; the message says why."""
+
+
+def check_runtime(runtime: str) -> str:
+    """`runtime` if it is one of :data:`RUNTIMES`, else ValueError."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    return runtime
 
 
 class SandboxSession(ABC):
@@ -95,8 +106,12 @@ class SandboxBackend(ABC):
         *,
         prelude: str | None = None,
         session_id: str | None = None,
+        runtime: str = "python",
     ) -> SandboxSession:
-        """Start a REPL session for `org_id`; `prelude` runs once and defines scaffold names."""
+        """Start a REPL session for `org_id`; `prelude` runs once and defines scaffold names.
+
+        `runtime` is ``python`` or ``bun`` (JavaScript); the prelude is code of that runtime.
+        """
 
     @abstractmethod
     def close(self) -> None:

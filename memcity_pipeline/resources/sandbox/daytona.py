@@ -7,7 +7,9 @@ deleted again when its creation or its first use fails, so a failure never leave
 sandbox that nobody will reuse.
 
 Each REPL session runs in its own directory ``/home/daytona/sessions/<session_id>`` as its own
-process: the REPL server started as an asynchronous Daytona session command. The host writes
+process: the REPL server started as an asynchronous Daytona session command (``python3`` on
+``repl_server.py``; for the ``bun`` runtime ``bun`` on ``repl_server.js``, or ``node`` when the
+image has no Bun). The host writes
 protocol lines with ``send_session_command_input`` and reads the server's lines by polling the
 command's logs. ``llm_query`` requests are answered on the host, so no secret enters the
 sandbox: the sandbox gets no environment variables, and the command line carries only paths.
@@ -30,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from daytona import (
@@ -51,9 +53,10 @@ from memcity_pipeline.resources.sandbox.base import (
     ReplSession,
     SandboxBackend,
     SandboxError,
+    check_runtime,
 )
 from memcity_pipeline.rlm.snapshot import (
-    BAKED_SERVER_PATH,
+    BAKED_PATHS,
     DEFAULT_SNAPSHOT,
     create_snapshot,
     server_digest,
@@ -324,7 +327,7 @@ class _SandboxEntry:
 
     sandbox: Sandbox
     fresh: bool
-    server_path: str | None = None
+    server_paths: dict[str, str] = field(default_factory=dict)  # runtime -> server in the sandbox
     active_sessions: int = 0
 
 
@@ -512,15 +515,26 @@ def _check_session_id(session_id: str) -> str:
     return session_id
 
 
-def repl_command(server_path: str, directory: str) -> str:
+def repl_command(server_path: str, directory: str, runtime: str = "python") -> str:
     """The shell command that runs the REPL server in ``directory`` with a scrubbed environment.
 
-    ``env -i`` drops whatever the sandbox daemon's shell has; only PATH and HOME are set, and
-    the only arguments are paths (no secret ever goes on a command line).
+    ``env -i`` drops whatever the sandbox daemon's shell has; only PATH and HOME are set (and,
+    for Bun, switches of its own), and the only arguments are paths (no secret ever goes on a
+    command line). The ``bun`` runtime runs ``bun`` when the image has it, else ``node``.
     """
-    return (
+    prefix = (
         f"cd {shlex.quote(directory)} && exec env -i PATH={SANDBOX_PATH} "
-        f"HOME={shlex.quote(directory)} python3 -I -u {shlex.quote(server_path)}"
+        f"HOME={shlex.quote(directory)}"
+    )
+    if runtime != "bun":
+        return f"{prefix} python3 -I -u {shlex.quote(server_path)}"
+    choose = (
+        'if command -v bun >/dev/null 2>&1; then exec bun --no-env-file --no-install "$0"; '
+        'else exec node "$0"; fi'
+    )
+    return (
+        f"{prefix} BUN_RUNTIME_TRANSPILER_CACHE_PATH=0 NO_COLOR=1 "
+        f"sh -c {shlex.quote(choose)} {shlex.quote(server_path)}"
     )
 
 
@@ -698,14 +712,16 @@ class DaytonaBackend(SandboxBackend):
         *,
         prelude: str | None = None,
         session_id: str | None = None,
+        runtime: str = "python",
     ) -> DaytonaSession:
         """Start a REPL session for ``org_id`` in its sandbox (created or started as needed)."""
         session_id = _check_session_id(session_id or uuid.uuid4().hex)
+        check_runtime(runtime)
         entry = self.sandboxes.acquire(org_id)
         directory = f"{SESSIONS_ROOT}/{session_id}"
         channel: SessionCommandChannel | None = None
         try:
-            server_path = self._server_path(entry)
+            server_path = self._server_path(entry, runtime)
             call_with_retries(
                 lambda: entry.sandbox.fs.create_folder(directory, "700"),
                 "create the session directory",
@@ -714,7 +730,7 @@ class DaytonaBackend(SandboxBackend):
             channel = SessionCommandChannel(
                 entry.sandbox,
                 f"memcity-{session_id}",
-                repl_command(server_path, directory),
+                repl_command(server_path, directory, runtime),
                 retry=self.retry,
                 poll_min_s=self.poll_min_s,
                 poll_max_s=self.poll_max_s,
@@ -726,7 +742,7 @@ class DaytonaBackend(SandboxBackend):
                 max_llm_concurrency=self.max_llm_concurrency,
                 kill=channel.kill,
                 death_reason=channel.describe_end,
-                name=f"daytona:{session_id}",
+                name=f"daytona:{session_id}" + ("" if runtime == "python" else f" ({runtime})"),
             )
             client.wait_ready(self.ready_timeout_s)
             session = DaytonaSession(
@@ -754,24 +770,27 @@ class DaytonaBackend(SandboxBackend):
             raise
         return session
 
-    def _server_path(self, entry: _SandboxEntry) -> str:
-        """Where the REPL server is in this sandbox: the snapshot's copy if current, else upload."""
+    def _server_path(self, entry: _SandboxEntry, runtime: str = "python") -> str:
+        """Where the runtime's REPL server is in this sandbox: the snapshot's copy if current,
+        else an upload."""
         with self._server_lock:
-            if entry.server_path is not None:
-                return entry.server_path
+            if runtime in entry.server_paths:
+                return entry.server_paths[runtime]
             sandbox = entry.sandbox
-            digest = server_digest()
+            digest = server_digest(runtime=runtime)
+            baked_path = BAKED_PATHS[runtime]
             check = call_with_retries(
-                lambda: sandbox.process.exec(f"sha256sum {BAKED_SERVER_PATH}", timeout=30),
+                lambda: sandbox.process.exec(f"sha256sum {baked_path}", timeout=30),
                 "check the REPL server in the sandbox",
                 self.retry,
             )
             baked = (check.result or "").split(" ", 1)[0].strip()
             if check.exit_code == 0 and baked == digest:
-                entry.server_path = BAKED_SERVER_PATH
-                return entry.server_path
-            path = f"{UPLOADED_SERVER_DIR}/repl_server-{digest[:16]}.py"
-            source = server_source()
+                entry.server_paths[runtime] = baked_path
+                return baked_path
+            suffix = ".js" if runtime == "bun" else ".py"
+            path = f"{UPLOADED_SERVER_DIR}/repl_server-{digest[:16]}{suffix}"
+            source = server_source(runtime)
             call_with_retries(
                 lambda: sandbox.fs.create_folder(UPLOADED_SERVER_DIR, "755"),
                 "create the REPL server directory",
@@ -780,7 +799,7 @@ class DaytonaBackend(SandboxBackend):
             call_with_retries(
                 lambda: sandbox.fs.upload_file(source, path), "upload the REPL server", self.retry
             )
-            entry.server_path = path
+            entry.server_paths[runtime] = path
             return path
 
     def remove_quietly(self, sandbox: Sandbox, path: str, *, recursive: bool) -> None:

@@ -1,6 +1,9 @@
 """The local sandbox: one isolated OS process per session, started with bubblewrap (`bwrap`).
 
-Each session runs the REPL server (``rlm/repl_server.py``) in its own process:
+Each session runs a REPL server in its own process: ``rlm/repl_server.py`` under the host's
+Python for the ``python`` runtime, ``rlm/repl_server.js`` for the ``bun`` runtime under a
+JavaScript interpreter (:func:`find_js_interpreter`: the configured one, else ``bun`` on PATH,
+else the project's ``node_modules`` Bun, else ``node`` >= 20 on PATH). Either way:
 
 - **Filesystem.** A fresh root with only ``/usr``, ``/lib``, ``/lib64``, ``/bin`` and the Python
   runtime's prefix bound read-only, the server script read-only at ``/opt/memcity``, private
@@ -14,7 +17,9 @@ Each session runs the REPL server (``rlm/repl_server.py``) in its own process:
   is left.
 - **Environment.** Cleared; only ``PATH``, ``HOME``, ``LANG`` and ``MALLOC_ARENA_MAX``. No key.
 - **Limits.** ``setrlimit`` on CPU seconds, address space, open files, process count, file
-  size, no core dumps; its own session and process group; a wall-clock timeout per execution
+  size, no core dumps (JavaScript engines reserve virtual memory up front, so their address
+  space limit is ``memory_mb`` plus :data:`JS_ADDRESS_SPACE_HEADROOM_MB`; Node.js's heap is
+  also capped at ``memory_mb`` with ``--max-old-space-size``); its own session and process group; a wall-clock timeout per execution
   (soft in the server, then a hard kill of the process group and the session uid's processes).
 
 Where ``bwrap`` cannot run (no user namespaces, a seccomp profile that forbids them), the same
@@ -41,17 +46,20 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from memcity_pipeline.resources.sandbox.base import (
     DEFAULT_MAX_OUTPUT_CHARS,
+    JS_REPL_SERVER_PATH,
     REPL_SERVER_PATH,
     LLMHandler,
     ReplClient,
     ReplSession,
     SandboxBackend,
     SandboxError,
+    check_runtime,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,15 @@ log = logging.getLogger(__name__)
 Isolation = Literal["auto", "bwrap", "none"]
 SANDBOX_HOME = "/home/sandbox"
 SANDBOX_SERVER = "/opt/memcity/repl_server.py"
+SANDBOX_JS_SERVER = "/opt/memcity/repl_server.js"
+SANDBOX_BIN = "/opt/memcity/bin"
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+PROJECT_BUNS = (
+    PROJECT_ROOT / "node_modules" / ".bin" / "bun",
+    PROJECT_ROOT / "node_modules" / "@oven" / "bun-linux-x64" / "bin" / "bun",
+)
+MIN_NODE_MAJOR = 20
+JS_ADDRESS_SPACE_HEADROOM_MB = 1024
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 UID_BASE = 200_000
@@ -160,6 +177,80 @@ def _python_is_recent(python: str) -> bool:
     return done.stdout.strip() == "True"
 
 
+@dataclass(frozen=True)
+class JsInterpreter:
+    """A JavaScript interpreter for the ``bun`` runtime: Bun, or Node.js >= 20."""
+
+    path: Path  # the real binary (symlinks resolved)
+    kind: Literal["bun", "node"]
+    version: str
+
+    def arguments(self, memory_mb: int) -> list[str]:
+        """Interpreter options placed before the server script."""
+        if self.kind == "node":
+            return [f"--max-old-space-size={memory_mb}", "--disallow-code-generation-from-strings"]
+        return ["--no-env-file", "--no-install"]
+
+    def environment(self) -> dict[str, str]:
+        """Variables added to the sandbox environment (none carries host data)."""
+        if self.kind == "bun":
+            return {"BUN_RUNTIME_TRANSPILER_CACHE_PATH": "0", "NO_COLOR": "1"}
+        return {"NO_COLOR": "1"}
+
+
+@functools.cache
+def _identify_js(path: str) -> JsInterpreter | str:
+    """The interpreter at `path`, or why it cannot serve (`--version` fails, Node.js too old)."""
+    try:
+        done = subprocess.run(
+            [path, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={"PATH": SANDBOX_PATH},
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{path} does not run: {exc}"
+    version = done.stdout.strip()
+    if done.returncode != 0 or not version:
+        return f"{path} --version failed: {(done.stderr or done.stdout).strip()[-300:]}"
+    real = Path(os.path.realpath(path))
+    if version.startswith("v"):
+        major = version[1:].split(".", 1)[0]
+        if not major.isdigit() or int(major) < MIN_NODE_MAJOR:
+            return f"{path} is Node.js {version}; the bun runtime needs Node.js >= {MIN_NODE_MAJOR}"
+        return JsInterpreter(real, "node", version[1:])
+    return JsInterpreter(real, "bun", version)
+
+
+def find_js_interpreter(configured: str | None = None) -> JsInterpreter:
+    """The interpreter of the ``bun`` runtime; SandboxError when there is none.
+
+    Order: `configured` (only it, when given), ``bun`` on PATH, the project's
+    ``node_modules`` Bun (``scripts/install.sh``), ``node`` on PATH.
+    """
+    if configured:
+        found = shutil.which(configured) or configured
+        identified = _identify_js(found) if Path(found).exists() else f"{configured} not found"
+        if isinstance(identified, str):
+            raise SandboxError(f"the configured JavaScript interpreter is unusable: {identified}")
+        return identified
+    candidates = [shutil.which("bun"), *(str(p) for p in PROJECT_BUNS), shutil.which("node")]
+    problems = []
+    for candidate in candidates:
+        if candidate is None or not Path(candidate).exists():
+            continue
+        identified = _identify_js(candidate)
+        if isinstance(identified, JsInterpreter):
+            return identified
+        problems.append(identified)
+    detail = f" ({'; '.join(problems)})" if problems else ""
+    raise SandboxError(
+        "no JavaScript interpreter for the bun runtime: install Bun (scripts/install.sh puts it "
+        f"in node_modules) or Node.js >= {MIN_NODE_MAJOR}, or set the sandbox's bun option" + detail
+    )
+
+
 @functools.cache
 def _bwrap_supports_size(bwrap: str) -> bool:
     try:
@@ -208,11 +299,15 @@ def bwrap_argv(
     uid: int | None,
     tmp_bytes: int,
     server: Path | None = None,
+    js: JsInterpreter | None = None,
+    memory_mb: int = 2048,
 ) -> list[str]:
     """The full bwrap command line that runs `python -I -u <server>` in a sandbox.
 
     `uid` (root hosts only): the unprivileged uid the code runs as, via ``setpriv``.
     Without `server`, the caller appends the interpreter's arguments (the trial does).
+    With `js`, the sandbox runs that interpreter (bound read-only at ``/opt/memcity/bin``) on
+    the JavaScript `server` instead, and no Python is bound.
     """
     argv = [bwrap]
     if uid is None:
@@ -224,18 +319,25 @@ def bwrap_argv(
     argv += ["--ro-bind", "/usr", "/usr"]
     for extra in ("/lib", "/lib64", "/bin"):
         argv += ["--ro-bind-try", extra, extra]
-    runtime = _runtime_root(python)
+    runtime = None if js is not None else _runtime_root(python)
     if runtime is not None:
         argv += [*_parent_dirs(runtime), "--ro-bind", str(runtime), str(runtime)]
+    sandbox_server = SANDBOX_SERVER if js is None else SANDBOX_JS_SERVER
     if server is not None:
-        argv += [*_parent_dirs(Path(SANDBOX_SERVER)), "--ro-bind", str(server), SANDBOX_SERVER]
+        argv += [*_parent_dirs(Path(sandbox_server)), "--ro-bind", str(server), sandbox_server]
+    if js is not None:
+        binary = f"{SANDBOX_BIN}/{js.kind}"
+        argv += [*_parent_dirs(Path(binary)), "--ro-bind", str(js.path), binary]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     if _bwrap_supports_size(bwrap):
         argv += ["--size", str(tmp_bytes)]
     argv += ["--tmpfs", "/tmp"]
     argv += _parent_dirs(Path(SANDBOX_HOME))
     argv += ["--bind", str(workdir), SANDBOX_HOME, "--chdir", SANDBOX_HOME]
-    for key, value in sandbox_env(SANDBOX_HOME).items():
+    env = sandbox_env(SANDBOX_HOME)
+    if js is not None:
+        env.update(js.environment())
+    for key, value in env.items():
         argv += ["--setenv", key, value]
     if uid is not None:
         argv += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--"]
@@ -243,6 +345,8 @@ def bwrap_argv(
         argv += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]
     else:
         argv += ["--"]
+    if js is not None:
+        return [*argv, f"{SANDBOX_BIN}/{js.kind}", *js.arguments(memory_mb), SANDBOX_JS_SERVER]
     argv += [str(python), "-I", "-u"]
     if server is not None:
         argv.append(SANDBOX_SERVER)
@@ -412,7 +516,8 @@ class LocalSandboxBackend(SandboxBackend):
     """Sessions as local processes: isolated with bwrap, or (fallback) limits only.
 
     `isolation`: ``auto`` (bwrap if a trial run works, else fallback with a warning),
-    ``bwrap`` (fail if it cannot run) or ``none`` (never use bwrap).
+    ``bwrap`` (fail if it cannot run) or ``none`` (never use bwrap). `js_interpreter`: the
+    binary of the ``bun`` runtime (default: :func:`find_js_interpreter`'s search).
     """
 
     def __init__(
@@ -432,6 +537,7 @@ class LocalSandboxBackend(SandboxBackend):
         isolation: Isolation = "auto",
         bwrap: str = "/usr/bin/bwrap",
         python: str | None = None,
+        js_interpreter: str | None = None,
         start_timeout_s: float = 30.0,
     ) -> None:
         if isolation not in ("auto", "bwrap", "none"):
@@ -450,6 +556,7 @@ class LocalSandboxBackend(SandboxBackend):
         self.isolation = isolation
         self.bwrap = bwrap
         self.python = Path(python) if python else default_python()
+        self.js_interpreter = js_interpreter
         self.start_timeout_s = start_timeout_s
         self.fallback_reason: str | None = None
         self._isolated: bool | None = None
@@ -490,11 +597,14 @@ class LocalSandboxBackend(SandboxBackend):
         *,
         prelude: str | None = None,
         session_id: str | None = None,
+        runtime: str = "python",
     ) -> LocalSandboxSession:
-        """Start one sandbox process for a new REPL session."""
+        """Start one sandbox process for a new REPL session (`runtime` python or bun)."""
         session_id = session_id or uuid.uuid4().hex[:16]
         if not SESSION_ID_RE.match(session_id):
             raise ValueError(f"session_id must match {SESSION_ID_RE.pattern}: {session_id!r}")
+        check_runtime(runtime)
+        js = find_js_interpreter(self.js_interpreter) if runtime == "bun" else None
         isolated = self.isolated
         self.sessions_root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.sessions_root, 0o700)
@@ -505,7 +615,7 @@ class LocalSandboxBackend(SandboxBackend):
             raise ValueError(f"sandbox session {session_id!r} already exists") from None
         uid = _reserve_uid() if _running_as_root() else None
         try:
-            session = self._start(org_id, session_id, workdir, uid, isolated, llm_handler)
+            session = self._start(org_id, session_id, workdir, uid, isolated, llm_handler, js)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             _release_uid(uid)
@@ -520,20 +630,25 @@ class LocalSandboxBackend(SandboxBackend):
             self._sessions[session_id] = session
         return session
 
-    def _limits(self, uid: int | None) -> dict[int, int]:
+    def _limits(self, uid: int | None, js: JsInterpreter | None = None) -> dict[int, int]:
         nproc = self.max_processes
         if uid is None:  # the limit counts every task of our own uid, not only the sandbox's
             nproc += _tasks_of_uid(os.getuid())
+        memory_mb = self.memory_mb
+        if js is not None:  # V8 and JSC reserve virtual memory far beyond what they use
+            memory_mb += JS_ADDRESS_SPACE_HEADROOM_MB
         return {
             resource.RLIMIT_CPU: self.cpu_seconds,
-            resource.RLIMIT_AS: self.memory_mb << 20,
+            resource.RLIMIT_AS: memory_mb << 20,
             resource.RLIMIT_NOFILE: self.max_open_files,
             resource.RLIMIT_NPROC: nproc,
             resource.RLIMIT_FSIZE: self.max_file_mb << 20,
             resource.RLIMIT_CORE: 0,
         }
 
-    def _command(self, workdir: Path, uid: int | None, isolated: bool) -> dict[str, Any]:
+    def _command(
+        self, workdir: Path, uid: int | None, isolated: bool, js: JsInterpreter | None = None
+    ) -> dict[str, Any]:
         """argv and Popen options for one session."""
         if isolated:
             argv = bwrap_argv(
@@ -542,9 +657,13 @@ class LocalSandboxBackend(SandboxBackend):
                 workdir,
                 uid=uid,
                 tmp_bytes=self.tmp_mb << 20,
-                server=REPL_SERVER_PATH,
+                server=REPL_SERVER_PATH if js is None else JS_REPL_SERVER_PATH,
+                js=js,
+                memory_mb=self.memory_mb,
             )
             return {"args": argv, "env": {}, "cwd": str(workdir)}
+        if js is not None:
+            return self._js_command(workdir, uid, js)
         python = self.python
         if uid is not None:
             os.chown(workdir, uid, uid)
@@ -567,6 +686,27 @@ class LocalSandboxBackend(SandboxBackend):
             options.update(user=uid, group=uid, extra_groups=[])
         return options
 
+    def _js_command(self, workdir: Path, uid: int | None, js: JsInterpreter) -> dict[str, Any]:
+        """argv and Popen options of a JavaScript session without bwrap."""
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+            server_readable = _readable_by_anyone(JS_REPL_SERVER_PATH.parent) and bool(
+                os.stat(JS_REPL_SERVER_PATH).st_mode & stat.S_IROTH
+            )
+            if not (_readable_by_anyone(js.path) and server_readable):
+                raise SandboxError(
+                    f"{js.path} or {JS_REPL_SERVER_PATH} is not reachable by an unprivileged "
+                    "user; install Bun or Node.js system-wide or set the sandbox bun option"
+                )
+        options: dict[str, Any] = {
+            "args": [str(js.path), *js.arguments(self.memory_mb), str(JS_REPL_SERVER_PATH)],
+            "env": {**sandbox_env(str(workdir)), **js.environment()},
+            "cwd": str(workdir),
+        }
+        if uid is not None:
+            options.update(user=uid, group=uid, extra_groups=[])
+        return options
+
     def _start(
         self,
         org_id: str,
@@ -575,10 +715,11 @@ class LocalSandboxBackend(SandboxBackend):
         uid: int | None,
         isolated: bool,
         llm_handler: LLMHandler,
+        js: JsInterpreter | None = None,
     ) -> LocalSandboxSession:
         if isolated and uid is not None:
             os.chown(workdir, uid, uid)
-        options = self._command(workdir, uid, isolated)
+        options = self._command(workdir, uid, isolated, js)
         process = _spawn(
             options.pop("args"),
             stdin=subprocess.PIPE,
@@ -589,7 +730,7 @@ class LocalSandboxBackend(SandboxBackend):
             errors="replace",
             bufsize=1,
             start_new_session=True,
-            preexec_fn=_limits_setter(self._limits(uid)),
+            preexec_fn=_limits_setter(self._limits(uid, js)),
             **options,
         )
         tail: deque[str] = deque(maxlen=50)
@@ -612,7 +753,7 @@ class LocalSandboxBackend(SandboxBackend):
             max_llm_concurrency=self.max_llm_concurrency,
             kill=lambda: kill_process_tree(process, uid),
             death_reason=lambda: _exit_reason(process, tail),
-            name=f"sandbox {session_id}",
+            name=f"sandbox {session_id}" + ("" if js is None else f" ({js.kind})"),
         )
         session = LocalSandboxSession(
             client,

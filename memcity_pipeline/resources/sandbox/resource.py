@@ -44,6 +44,11 @@ class SandboxResource(dg.ConfigurableResource):
     python: str | None = Field(
         default=None, description="Interpreter of local sessions; default the host's base one."
     )
+    bun: str | None = Field(
+        default=None,
+        description="JavaScript interpreter (Bun or Node.js >= 20) of local `bun` runtime "
+        "sessions; default `bun` on PATH, then node_modules' Bun, then `node` on PATH.",
+    )
     # Daytona backend
     api_key: str | None = Field(default=None, description="Daytona API key (use dg.EnvVar).")
     api_url: str | None = Field(default=None, description="Daytona API URL.")
@@ -100,6 +105,7 @@ class SandboxResource(dg.ConfigurableResource):
             max_llm_concurrency=self.max_llm_concurrency,
             isolation=self.isolation,  # type: ignore[arg-type]
             python=self.python,
+            js_interpreter=self.bun,
         )
 
     def resolved_daytona_options(self) -> SimpleNamespace:
@@ -120,10 +126,11 @@ class SandboxResource(dg.ConfigurableResource):
         *,
         prelude: str | None = None,
         session_id: str | None = None,
+        runtime: str = "python",
     ) -> SandboxSession:
         """Open a persistent REPL session for `org_id` (see `SandboxBackend.open_session`)."""
         return self.get_backend().open_session(
-            org_id, llm_handler, prelude=prelude, session_id=session_id
+            org_id, llm_handler, prelude=prelude, session_id=session_id, runtime=runtime
         )
 
     def close(self) -> None:
