@@ -14,16 +14,17 @@ over `max_document_chars` is a `Problem`.
 """
 
 import io
+import itertools
 import json
 import logging
 import re
 import stat
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SUPPORTED_DOCUMENT_SUFFIXES: frozenset[str] = frozenset(
     {".txt", ".md", ".markdown", ".html", ".htm", ".pdf", ".json", ".jsonl"}
@@ -55,6 +56,8 @@ _STRAY_CONTROLS = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 _MAX_CONTROL_RATIO = 0.01
 _ENV_MAX_FILE_BYTES = "MEMCITY_MAX_FILE_BYTES"
 _ENV_MAX_DOCUMENT_CHARS = "MEMCITY_MAX_DOCUMENT_CHARS"
+
+T = TypeVar("T")  # a parsed record
 
 
 @dataclass(frozen=True)
@@ -629,30 +632,38 @@ def _parse_json_documents(
     return docs, problems
 
 
-def _parse_jsonl_documents(
-    text: str, stem: str, limit: int
-) -> tuple[list[ParsedDocument], list[Problem]]:
-    docs: list[ParsedDocument] = []
+def _jsonl_records(
+    text: str, build: Callable[[dict[str, Any], int, int], T]
+) -> tuple[list[T], list[Problem]]:
+    """Every JSONL line as `build(object, line, ordinal)`, and the problems of the others.
+
+    `ordinal` counts non-blank lines from 0. A line that is not JSON, not an object, or that
+    `build` rejects with ValueError is a `Problem` with its line; the other lines are kept.
+    """
+    records: list[T] = []
     problems: list[Problem] = []
     for ordinal, (line, value) in enumerate(_json_lines(text)):
         if isinstance(value, Problem):
             problems.append(value)
             continue
         try:
-            docs.append(
-                _document_record(
-                    value,
-                    stem=stem,
-                    fmt="jsonl",
-                    ordinal=ordinal,
-                    line=line,
-                    limit=limit,
-                    many=True,
-                )
-            )
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a JSON object, got {_type_name(value)}")
+            records.append(build(value, line, ordinal))
         except ValueError as exc:
             problems.append(Problem(str(exc), line))
-    return docs, problems
+    return records, problems
+
+
+def _parse_jsonl_documents(
+    text: str, stem: str, limit: int
+) -> tuple[list[ParsedDocument], list[Problem]]:
+    def document(record: dict[str, Any], line: int, ordinal: int) -> ParsedDocument:
+        return _document_record(
+            record, stem=stem, fmt="jsonl", ordinal=ordinal, line=line, limit=limit, many=True
+        )
+
+    return _jsonl_records(text, document)
 
 
 # --------------------------------------------------------------------------- public parsers
@@ -719,28 +730,17 @@ def parse_memories_file(
     `id` and `text` are required; `created_at` is ISO 8601 when given. A wrong row is a
     `Problem` with its line; the other rows are returned.
     """
-    text = _decode_json_file(path, max_file_bytes)
-    memories: list[MemoryRecord] = []
-    problems: list[Problem] = []
-    for line, value in _json_lines(text):
-        if isinstance(value, Problem):
-            problems.append(value)
-            continue
-        try:
-            if not isinstance(value, dict):
-                raise ValueError(f"expected a JSON object, got {_type_name(value)}")
-            memories.append(
-                MemoryRecord(
-                    id=str(_record_id(value, "id", required=True)),
-                    text=_record_text(value, "text", max_document_chars, "memory text"),
-                    created_at=parse_timestamp(value.get("created_at")),
-                    metadata=_record_metadata(value),
-                    line=line,
-                )
-            )
-        except ValueError as exc:
-            problems.append(Problem(str(exc), line))
-    return memories, problems
+
+    def memory(record: dict[str, Any], line: int, _ordinal: int) -> MemoryRecord:
+        return MemoryRecord(
+            id=str(_record_id(record, "id", required=True)),
+            text=_record_text(record, "text", max_document_chars, "memory text"),
+            created_at=parse_timestamp(record.get("created_at")),
+            metadata=_record_metadata(record),
+            line=line,
+        )
+
+    return _jsonl_records(_decode_json_file(path, max_file_bytes), memory)
 
 
 def parse_conversation_file(
@@ -751,34 +751,23 @@ def parse_conversation_file(
     `role` is one of user, assistant, system, tool. Turns are numbered 1, 2, ... over the valid
     messages in file order. A wrong row is a `Problem` with its line.
     """
-    text = _decode_json_file(path, max_file_bytes)
-    messages: list[ConversationMessage] = []
-    problems: list[Problem] = []
-    for line, value in _json_lines(text):
-        if isinstance(value, Problem):
-            problems.append(value)
-            continue
-        try:
-            if not isinstance(value, dict):
-                raise ValueError(f"expected a JSON object, got {_type_name(value)}")
-            role = value.get("role")
-            if role is None:
-                raise ValueError("missing 'role'")
-            if not isinstance(role, str) or role.strip().lower() not in CONVERSATION_ROLES:
-                allowed = ", ".join(sorted(CONVERSATION_ROLES))
-                raise ValueError(f"'role' must be one of {allowed}, got {role!r}")
-            content = _record_text(value, "content", max_document_chars, "message content")
-            created_at = parse_timestamp(value.get("created_at"))
-        except ValueError as exc:
-            problems.append(Problem(str(exc), line))
-            continue
-        messages.append(
-            ConversationMessage(
-                turn=len(messages) + 1,
-                role=role.strip().lower(),
-                content=content,
-                created_at=created_at,
-                line=line,
-            )
+    turns = itertools.count(1)  # numbers only the messages that pass
+
+    def message(record: dict[str, Any], line: int, _ordinal: int) -> ConversationMessage:
+        role = record.get("role")
+        if role is None:
+            raise ValueError("missing 'role'")
+        if not isinstance(role, str) or role.strip().lower() not in CONVERSATION_ROLES:
+            allowed = ", ".join(sorted(CONVERSATION_ROLES))
+            raise ValueError(f"'role' must be one of {allowed}, got {role!r}")
+        content = _record_text(record, "content", max_document_chars, "message content")
+        created_at = parse_timestamp(record.get("created_at"))
+        return ConversationMessage(
+            turn=next(turns),
+            role=role.strip().lower(),
+            content=content,
+            created_at=created_at,
+            line=line,
         )
-    return messages, problems
+
+    return _jsonl_records(_decode_json_file(path, max_file_bytes), message)
