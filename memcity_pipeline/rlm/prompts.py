@@ -10,6 +10,17 @@ from typing import Any
 
 SAMPLE_CHARS = 300
 
+# How to work, in either language.
+_HOW_TO_WORK = """
+How to work:
+1. Probe the context first (type, length, a few items). Do not answer on turn 1.
+2. Filter with {language} where keywords or structure suffice; hand chunks of text to
+   `llm_query_batched` when the question needs reading or judgement (a few large prompts,
+   not hundreds of tiny ones). Keep intermediate results in variables.
+3. Combine the results in code, check them, then call `FINAL(...)` or `FINAL_VAR(...)` inside
+   a ```repl block. The answer must address the query directly and be self-contained.
+Write one ```repl block per turn and keep your prose short."""
+
 SYSTEM_PROMPT = """\
 You answer a query about a large context that lives in a Python REPL, not in this conversation.
 You see only a description of the context. You explore it by writing Python code; the REPL runs
@@ -31,15 +42,7 @@ Available in the REPL:
 - `print(...)`: the only way to see a value; long output is cut, so print samples and counts.
 - `FINAL(answer)`: ends the task with `answer` (a string) as the final answer.
 - `FINAL_VAR("name")`: ends the task with the value of the REPL variable `name`.
-
-How to work:
-1. Probe the context first (type, length, a few items). Do not answer on turn 1.
-2. Filter with Python where keywords or structure suffice; hand chunks of text to
-   `llm_query_batched` when the question needs reading or judgement (a few large prompts,
-   not hundreds of tiny ones). Keep intermediate results in variables.
-3. Combine the results in code, check them, then call `FINAL(...)` or `FINAL_VAR(...)` inside
-   a ```repl block. The answer must address the query directly and be self-contained.
-Write one ```repl block per turn and keep your prose short."""
+""" + _HOW_TO_WORK.format(language="Python")
 
 
 JS_SYSTEM_PROMPT = """\
@@ -68,15 +71,7 @@ Available in the REPL (top-level `await` works):
 - `FINAL_VAR("name")`: ends the task with the value of the REPL variable `name`.
 There are no modules (`require`, `import`), no files, no network and no timers: plain
 JavaScript (strings, arrays, Map, Set, JSON, RegExp, Math) and the functions above.
-
-How to work:
-1. Probe the context first (type, length, a few items). Do not answer on turn 1.
-2. Filter with JavaScript where keywords or structure suffice; hand chunks of text to
-   `llm_query_batched` when the question needs reading or judgement (a few large prompts,
-   not hundreds of tiny ones). Keep intermediate results in variables.
-3. Combine the results in code, check them, then call `FINAL(...)` or `FINAL_VAR(...)` inside
-   a ```repl block. The answer must address the query directly and be self-contained.
-Write one ```repl block per turn and keep your prose short."""
+""" + _HOW_TO_WORK.format(language="JavaScript")
 SYSTEM_PROMPTS = {"python": SYSTEM_PROMPT, "bun": JS_SYSTEM_PROMPT}
 
 
