@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from filelock import FileLock
 
 from memcity_pipeline.settings import Settings
 
@@ -34,15 +35,24 @@ def ensure_dagster_home(settings: Settings) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     if not config.exists():
-        config.write_text(EMBEDDED_DAGSTER_YAML)
+        partial = config.with_name(f".dagster.yaml.{os.getpid()}.tmp")
+        partial.write_text(EMBEDDED_DAGSTER_YAML)
+        os.replace(partial, config)  # another process never reads half a file
     os.environ["DAGSTER_HOME"] = str(path)
     return path
 
 
 def get_instance(settings: Settings) -> dg.DagsterInstance:
-    """The Dagster instance the UI uses too."""
-    ensure_dagster_home(settings)
-    return dg.DagsterInstance.get()
+    """The Dagster instance the UI uses too.
+
+    A new SQLite instance creates its tables when it is first opened; two commands started at
+    once on a new home would both try, so opening it is serialized by a lock file in the home.
+    """
+    home = ensure_dagster_home(settings)
+    if not os.access(home, os.W_OK):
+        return dg.DagsterInstance.get()
+    with FileLock(home / ".instance.lock"):
+        return dg.DagsterInstance.get()
 
 
 def sample_corpus_dir() -> Path:

@@ -5,13 +5,20 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
+from filelock import FileLock
 
-from memcity_pipeline.runner import copy_sample_corpus, ensure_dagster_home, ingest_job_def
+from memcity_pipeline.runner import (
+    copy_sample_corpus,
+    ensure_dagster_home,
+    get_instance,
+    ingest_job_def,
+)
 from memcity_pipeline.settings import get_settings
 from tests.conftest import POSTGRES_TEST_URL
 
@@ -34,6 +41,27 @@ def test_definitions_validate_with_the_dagster_cli(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_new_instance_is_opened_by_one_command_at_a_time() -> None:
+    # Two commands started at once on a new home would both create the SQLite tables; the
+    # second one waits on the home's lock file until the first has opened the instance.
+    settings = get_settings()
+    home = ensure_dagster_home(settings)
+    opened = threading.Event()
+
+    def open_instance() -> None:
+        get_instance(settings).dispose()
+        opened.set()
+
+    with FileLock(home / ".instance.lock"):
+        opener = threading.Thread(target=open_instance)
+        opener.start()
+        assert not opened.wait(1.0), "the instance opened while another process held the lock"
+    assert opened.wait(60), "the instance did not open once the lock was free"
+    opener.join()
+    assert (home / "history" / "runs.db").is_file()
+    assert not list(home.glob(".dagster.yaml.*.tmp"))
 
 
 def test_definitions_hold_every_ingestion_piece() -> None:

@@ -453,6 +453,27 @@ def test_without_bwrap_the_js_session_keeps_the_limits(
         assert SECRET not in environ
 
 
+def test_without_bwrap_an_interpreter_the_sandbox_user_cannot_reach_gives_way_to_node(
+    tmp_path: Path,
+    sandbox_backend_factory: Callable[..., LocalSandboxBackend],
+    recording_llm: RecordingLLM,
+) -> None:
+    # Bun inside a checkout private to root: the sandbox user cannot execute it.
+    if os.geteuid() != 0:
+        pytest.skip("only a root host drops sessions to an unprivileged user")
+    node = shutil.which("node")
+    assert node is not None
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    wrapper = private / "js"
+    wrapper.write_text(f'#!/bin/sh\nexec {node} "$@"\n')
+    wrapper.chmod(0o755)
+    backend = sandbox_backend_factory(isolation="none", js_interpreter=str(wrapper))
+    with backend.open_session("org_a", recording_llm, runtime="bun") as s:
+        assert s.execute("console.log(6 * 7)").stdout == "42\n"
+        assert os.path.realpath(f"/proc/{s.process.pid}/exe") == os.path.realpath(node)
+
+
 # -- rlm_query on the bun runtime ----------------------------------------------------------------
 
 

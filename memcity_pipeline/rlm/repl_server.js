@@ -2,7 +2,8 @@
 //
 // The JavaScript twin of repl_server.py: same messages, same fields, same semantics (full text:
 // REPL_PROTOCOL.md beside this file). Standalone, no npm dependency; runs under Bun (preferred)
-// or Node.js >= 20 inside a sandbox as `bun repl_server.js` / `node repl_server.js`.
+// or Node.js >= 20 inside a sandbox as `bun repl_server.js` / `node repl_server.js`, or with its
+// source given to `-e` (the local backend without bwrap, like `python -c` for repl_server.py).
 //
 // User code runs in one `node:vm` context that lives as long as the process:
 //
@@ -990,7 +991,7 @@ function seconds(started) {
   return Math.round(Number(process.hrtime.bigint() - started) / 1000) / 1e6;
 }
 
-if (require.main === module) {
+if (require.main === module || module.id === "[eval]") {
   new Server().serve();
 }
 

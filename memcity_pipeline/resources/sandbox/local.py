@@ -251,6 +251,24 @@ def find_js_interpreter(configured: str | None = None) -> JsInterpreter:
     )
 
 
+def _system_node(unreachable: JsInterpreter) -> JsInterpreter:
+    """Node.js on the sandbox's PATH, for an interpreter the sandbox user cannot reach."""
+    found = shutil.which("node", path=SANDBOX_PATH)
+    node = _identify_js(found) if found else "no node on " + SANDBOX_PATH
+    if isinstance(node, str) or not _readable_by_anyone(node.path):
+        why = node if isinstance(node, str) else f"{node.path} is not reachable either"
+        raise SandboxError(
+            f"{unreachable.path} is not reachable by an unprivileged user ({why}); install Bun "
+            "or Node.js system-wide or set the sandbox bun option"
+        )
+    log.warning(
+        "%s is not reachable by the sandbox user; the bun runtime runs on Node.js %s",
+        unreachable.path,
+        node.version,
+    )
+    return node
+
+
 @functools.cache
 def _bwrap_supports_size(bwrap: str) -> bool:
     try:
@@ -687,19 +705,16 @@ class LocalSandboxBackend(SandboxBackend):
         return options
 
     def _js_command(self, workdir: Path, uid: int | None, js: JsInterpreter) -> dict[str, Any]:
-        """argv and Popen options of a JavaScript session without bwrap."""
+        """argv and Popen options of a JavaScript session without bwrap.
+
+        The server's source is passed with `-e`, so the checkout need not be readable by the
+        sandbox user (`_start` has swapped an interpreter that user cannot reach).
+        """
         if uid is not None:
             os.chown(workdir, uid, uid)
-            server_readable = _readable_by_anyone(JS_REPL_SERVER_PATH.parent) and bool(
-                os.stat(JS_REPL_SERVER_PATH).st_mode & stat.S_IROTH
-            )
-            if not (_readable_by_anyone(js.path) and server_readable):
-                raise SandboxError(
-                    f"{js.path} or {JS_REPL_SERVER_PATH} is not reachable by an unprivileged "
-                    "user; install Bun or Node.js system-wide or set the sandbox bun option"
-                )
+        source = JS_REPL_SERVER_PATH.read_text(encoding="utf-8")
         options: dict[str, Any] = {
-            "args": [str(js.path), *js.arguments(self.memory_mb), str(JS_REPL_SERVER_PATH)],
+            "args": [str(js.path), *js.arguments(self.memory_mb), "-e", source],
             "env": {**sandbox_env(str(workdir)), **js.environment()},
             "cwd": str(workdir),
         }
@@ -719,6 +734,8 @@ class LocalSandboxBackend(SandboxBackend):
     ) -> LocalSandboxSession:
         if isolated and uid is not None:
             os.chown(workdir, uid, uid)
+        if js is not None and not isolated and uid is not None and not _readable_by_anyone(js.path):
+            js = _system_node(js)  # e.g. Bun inside a checkout private to root
         options = self._command(workdir, uid, isolated, js)
         process = _spawn(
             options.pop("args"),
