@@ -331,6 +331,13 @@ def test_max_depth_2_answers_llm_query_with_a_child_rlm(
     assert "a request that a program sent" in child_opening
     assert "count: a b c d" in child_opening  # the prompt is the child's context (a sample)
     assert result.total_sub_calls == 1 and result.iterations == 2
+    # The parent's trajectory holds the child's, inside the sub-call it answered (as rlms does).
+    assert result.trajectory_path is not None
+    lines = Path(result.trajectory_path).read_text().splitlines()
+    (call,) = json.loads(lines[1])["code_blocks"][0]["result"]["rlm_calls"]
+    assert call["prompt"] == "count: a b c d" and call["response"] == "5"
+    child_iterations = call["metadata"]["iterations"]
+    assert [i["code_blocks"][0]["code"] for i in child_iterations] == [child]
 
     script = Script(repl(parent))
     scripted_llm.responder = script

@@ -251,8 +251,8 @@ class HostLM(BaseLM):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-# (prompt, model or None) -> the answer of a child RLM whose `context` is the prompt
-ChildRLM = Callable[[str, str | None], str]
+# (prompt, model or None) -> the completion of a child RLM whose `context` is the prompt
+ChildRLM = Callable[[str, str | None], RLMChatCompletion]
 
 
 class SubCallBroker:
@@ -261,7 +261,8 @@ class SubCallBroker:
     Prompts go to the `LMHandler`'s client for the requested model (the sub-model by default),
     so usage and cost are tracked where `rlms` checks the budget; with `child` (when the depth
     allows recursion) each prompt is answered by a child RLM instead. Each answered prompt is
-    kept as an `RLMChatCompletion` for the trajectory of the current execution.
+    kept as an `RLMChatCompletion` for the trajectory of the current execution (a child's carries
+    the child's own trajectory as its metadata, as in `rlms`).
     """
 
     def __init__(self, make_client: Callable[[str], HostLM], child: ChildRLM | None = None) -> None:
@@ -306,18 +307,9 @@ class SubCallBroker:
 
     def _one_child(self, prompt: str, model: str | None) -> str:
         assert self._child is not None
-        started = time.perf_counter()
-        text = self._child(prompt, model)
-        self._keep(
-            RLMChatCompletion(
-                root_model=model or "child-rlm",
-                prompt=prompt,
-                response=text,
-                usage_summary=UsageSummary(model_usage_summaries={}),
-                execution_time=time.perf_counter() - started,
-            )
-        )
-        return text
+        completion = self._child(prompt, model)
+        self._keep(completion)
+        return completion.response or ""
 
     def _keep(self, record: RLMChatCompletion) -> None:
         with self._lock:
@@ -551,8 +543,12 @@ class SandboxRLM(RLM):
             for client in self._clients:
                 client.close()
 
-    def _child_answer(self, prompt: str, model: str | None) -> str:
-        """An `llm_query` answered by a child RLM one level deeper (rlms's recursion)."""
+    def _child_answer(self, prompt: str, model: str | None) -> RLMChatCompletion:
+        """An `llm_query` answered by a child RLM one level deeper (rlms's recursion).
+
+        The child logs in memory when we log: its trajectory comes back as the completion's
+        metadata and lands in our trajectory file inside this iteration's sub-calls.
+        """
         child = SandboxRLM(
             client=self.client,
             open_session=self.open_session,
@@ -569,6 +565,7 @@ class SandboxRLM(RLM):
             exec_timeout_s=self.exec_timeout_s,
             max_tokens_per_call=self.max_tokens_per_call,
             depth=self.depth + 1,
+            logger=RLMLogger() if self.logger else None,
         )
         self._notify("child_start", depth=child.depth)
         try:
@@ -577,7 +574,7 @@ class SandboxRLM(RLM):
             raise RuntimeError(str(exc)) from None
         finally:
             self.children_iterations += child.iterations_run
-        return completion.response or ""
+        return completion
 
     def _setup_prompt(
         self, prompt: str | dict[str, Any], root_prompt: str | None = None
