@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from memcity_pipeline.lib.llm_client import LLMClient
 from memcity_pipeline.resources.sandbox import LocalSandboxBackend, SandboxError, SandboxResource
 from memcity_pipeline.resources.sandbox.base import JS_REPL_SERVER_PATH
 from memcity_pipeline.resources.sandbox.daytona import DaytonaBackend, RetryPolicy
@@ -30,10 +29,9 @@ from memcity_pipeline.settings import get_settings
 from tests.fake_daytona import API_KEY, FakeDaytona
 from tests.fixtures_sandbox import BWRAP, RecordingLLM
 from tests.scripted_llm_server import Fault, ScriptedLLMServer
+from tests.test_rlm import ROOT, make_client
 
 SECRET = "sk-or-v1-js-secret-must-not-leak-0123456789"
-ROOT = "root-model"
-SUB = "sub-model"
 
 
 def _bun() -> str | None:
@@ -500,22 +498,13 @@ class Script:
 
 
 def ask(server: ScriptedLLMServer, sandbox: SandboxResource, **config: Any) -> RLMResult:
-    client = LLMClient(
-        base_url=server.base_url,
-        api_key=None,
-        model=ROOT,
-        sub_model=SUB,
-        cache_dir=None,
-        max_concurrency=8,
-        max_retries=0,
-    )
     return rlm_query(
         "acme",
         "What do the notes say?",
         "custom",
         custom_context=["red fox", "blue owl", "green frog", "grey wolf"],
         rlm_config={"runtime": "bun", **config},
-        llm=client,
+        llm=make_client(server),
         sandbox=sandbox,
     )
 
