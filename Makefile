@@ -36,7 +36,7 @@ ui: install              ## the Dagster UI on http://127.0.0.1:3000 (embedded in
 	  $(BIN)/dagster dev -w workspace.yaml
 
 screenshots: install     ## refresh the README's screenshots (drives the UI in Chromium)
-	$(BIN)/python -m tests.ui_driver --screenshots docs/images
+	$(BIN)/python -m tests.ui.driver --screenshots docs/images
 
 clean:
 	rm -rf $(MEMCITY_HOME)

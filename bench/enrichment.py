@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memcity_pipeline.runner import run_job, sample_corpus_dir
+from memcity_pipeline.cli.runner import run_job, sample_corpus_dir
 from memcity_pipeline.settings import get_settings
 
 

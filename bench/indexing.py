@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memcity_pipeline.lib.bm25 import BM25Index
-from memcity_pipeline.lib.chunking import chunk_document
-from memcity_pipeline.lib.embeddings import LocalMiniLMEmbedder, l2_normalise
-from memcity_pipeline.lib.search import HybridIndex
-from memcity_pipeline.lib.tokens import count_tokens
+from memcity_pipeline.enrichment.chunking import chunk_document
+from memcity_pipeline.enrichment.tokens import count_tokens
+from memcity_pipeline.search.bm25 import BM25Index
+from memcity_pipeline.search.embeddings import LocalMiniLMEmbedder, l2_normalise
+from memcity_pipeline.search.fusion import HybridIndex
 
 VOCAB = [
     "account",

@@ -20,9 +20,9 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memcity_pipeline.lib.retrieval import _load
-from memcity_pipeline.lib.search import vector_top_k
-from memcity_pipeline.runner import copy_sample_corpus, run_job, sample_corpus_dir
+from memcity_pipeline.cli.runner import copy_sample_corpus, run_job, sample_corpus_dir
+from memcity_pipeline.search.fusion import vector_top_k
+from memcity_pipeline.search.retrieval import _load
 from memcity_pipeline.settings import get_settings
 
 
@@ -50,9 +50,9 @@ def evaluate(mode: str, home: Path) -> dict[str, dict[str, float]]:
         raise SystemExit(f"ingestion failed ({mode}): {outcome.failure}")
     print(f"  ingest ({mode}) took {time.perf_counter() - started:.1f} s", flush=True)
 
-    from memcity_pipeline.resources.embeddings import EmbeddingsResource
+    from memcity_pipeline.settings import build_resources
 
-    embedder = EmbeddingsResource.from_settings(settings).get_embedder()
+    embedder = build_resources(settings)["embeddings"].get_embedder()
     lake = settings.lake_dir
     results: dict[str, list[int | None]] = {"bm25": [], "vector": [], "hybrid": []}
     for q in _questions():

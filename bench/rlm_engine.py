@@ -27,12 +27,12 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memcity_pipeline.lib.lake import write_parquet_atomic
-from memcity_pipeline.lib.llm_client import LLMClient
-from memcity_pipeline.lib.schemas import ENRICHED_CHUNKS
-from memcity_pipeline.resources.sandbox import SandboxResource
-from memcity_pipeline.rlm.api import rlm_query
+from memcity_pipeline.lake.io import write_parquet_atomic
+from memcity_pipeline.lake.tables import ENRICHED_CHUNKS
+from memcity_pipeline.llm.client import LLMClient
+from memcity_pipeline.resources.sandbox import LocalSandboxResource, SandboxResource
 from memcity_pipeline.rlm.context import gather_context
+from memcity_pipeline.rlm.query import rlm_query
 from memcity_pipeline.rlm.sessions import SessionStore
 from tests.scripted_llm_server import Fault, ScriptedLLMServer
 
@@ -95,7 +95,7 @@ def ours(server: ScriptedLLMServer, sandbox: SandboxResource, lake: Path, iterat
         "documents",
         knowledge_base_id="kb",
         llm=client,
-        sandbox=sandbox,
+        sandbox=sandbox.get_backend(),
         lake_dir=lake,
         session_store=SessionStore(lake),
         rlm_config={"max_iterations": iterations},
@@ -148,7 +148,7 @@ def batched(sandbox: SandboxResource, lake: Path) -> float:
             "custom",
             custom_context="x",
             llm=client,
-            sandbox=sandbox,
+            sandbox=sandbox.get_backend(),
             lake_dir=lake,
             session_store=SessionStore(lake),
         )
@@ -165,8 +165,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rlm-") as tmp:
         lake = Path(tmp) / "lake"
         write_chunks(lake, args.chunks)
-        sandbox = SandboxResource(
-            backend="local",
+        sandbox = LocalSandboxResource(
             sessions_root=str(Path(tmp) / "sandboxes"),
             isolation=args.isolation,
             max_llm_concurrency=16,

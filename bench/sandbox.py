@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from memcity_pipeline.resources.sandbox.local import LocalSandboxBackend
+from memcity_pipeline.sandbox.local import LocalSandboxBackend
 
 STATEMENT = "x = 1"
 

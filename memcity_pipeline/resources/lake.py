@@ -1,35 +1,26 @@
-"""The lake resource: where the Parquet lake and the landing folder are, and ingestion limits."""
+"""The lake resource: where the lake and the landing folder are, and ingestion limits."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
+from pydantic import Field
 
-from memcity_pipeline.lib.ingest import Limits
-from memcity_pipeline.lib.lake import table_lock
-from memcity_pipeline.settings import Settings, get_settings
+from memcity_pipeline.ingestion.sync import Limits
+from memcity_pipeline.lake.io import table_lock
 
 
 class LakeResource(dg.ConfigurableResource):
-    """The Parquet lake under `lake_dir`, fed from the landing folder `landing_dir`."""
+    """The lake under `lake_dir`, fed from the landing folder `landing_dir`."""
 
-    lake_dir: str
-    landing_dir: str
-    max_file_bytes: int = 50 * 1024 * 1024
-    max_document_chars: int = 2_000_000
-    lock_timeout_s: float = 1800.0
-
-    @classmethod
-    def from_settings(cls, settings: Settings | None = None) -> "LakeResource":
-        s = settings or get_settings()
-        return cls(
-            lake_dir=str(s.lake_dir),
-            landing_dir=str(s.landing_dir),
-            max_file_bytes=s.max_file_bytes,
-            max_document_chars=s.max_document_chars,
-            lock_timeout_s=s.lake_lock_timeout_s,
-        )
+    lake_dir: str = Field(description="Root folder of the lake.")
+    landing_dir: str = Field(description="Where sources arrive.")
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0, description="Larger: refused.")
+    max_document_chars: int = Field(default=2_000_000, gt=0, description="Longer: refused.")
+    lock_timeout_s: float = Field(
+        default=1800.0, ge=0, description="Wait for another run writing the same table."
+    )
 
     @property
     def lake(self) -> Path:

@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 import polars as pl
 
-from memcity_pipeline.lib.lake import check_id
+from memcity_pipeline.lake.io import check_id
+from memcity_pipeline.lake.tables import (
+    ScopeKind,
+    UnknownScopeError,
+    kb_table_path,
+    require_scope,
+)
 
 ContextType = Literal["memories", "documents", "conversation", "custom"]
 CONTEXT_TYPES: tuple[str, ...] = ("memories", "documents", "conversation", "custom")
@@ -28,9 +34,6 @@ CONTEXT_TYPES: tuple[str, ...] = ("memories", "documents", "conversation", "cust
 MAX_MEMORIES = 1_000
 MAX_CHUNKS = 5_000
 MAX_SESSIONS = 50
-
-# Lake tables whose `<table>/<org>/` folders make an org known.
-ORG_TABLES = ("memories", "conversations", "raw_documents", "chunks", "enriched_chunks")
 
 
 class ContextError(ValueError):
@@ -68,25 +71,6 @@ def context_chars(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, default=str))
 
 
-def known_orgs(lake: Path) -> list[str]:
-    """Orgs that have any table in the lake."""
-    found: set[str] = set()
-    for table in ORG_TABLES:
-        folder = lake / table
-        if folder.is_dir():
-            found.update(p.name for p in folder.iterdir() if p.is_dir())
-    return sorted(found)
-
-
-def require_org(lake: Path, org_id: str) -> None:
-    """ContextError unless `org_id` is a valid id with data in the lake."""
-    _valid("org_id", org_id)
-    if not any((lake / table / org_id).is_dir() for table in ORG_TABLES):
-        orgs = known_orgs(lake)
-        hint = f"known orgs: {', '.join(orgs)}" if orgs else "the lake has no data yet"
-        raise ContextError(f"unknown org {org_id!r} ({hint}); ingest its data first")
-
-
 def _valid(kind: str, value: str | None) -> str:
     if not value:
         raise ContextError(f"{kind} is required")
@@ -96,23 +80,23 @@ def _valid(kind: str, value: str | None) -> str:
         raise ContextError(str(exc)) from exc
 
 
-def _users(lake: Path, org_id: str) -> list[str]:
-    names = {
-        p.stem
-        for table in ("memories", "conversations")
-        for p in (lake / table / org_id).glob("*.parquet")
-    }
-    return sorted(names)
+def _require(
+    lake: Path, org_id: str, scope: ScopeKind | None = None, scope_id: str | None = None
+) -> None:
+    """ContextError unless the lake knows the org (and its knowledge base or user)."""
+    _valid("org_id", org_id)
+    if scope is not None:
+        _valid("knowledge_base_id" if scope == "knowledge_base" else "user_id", scope_id)
+    try:
+        require_scope(lake, org_id, scope, scope_id)
+    except UnknownScopeError as exc:
+        raise ContextError(str(exc)) from None
 
 
 def _require_user(lake: Path, org_id: str, user_id: str | None, context_type: str) -> str:
     if not user_id:
         raise ContextError(f"context_type {context_type!r} needs user_id")
-    _valid("user_id", user_id)
-    users = _users(lake, org_id)
-    if user_id not in users:
-        hint = f"known users: {', '.join(users)}" if users else "the org has no users"
-        raise ContextError(f"unknown user {user_id!r} in org {org_id!r} ({hint})")
+    _require(lake, org_id, "user", user_id)
     return user_id
 
 
@@ -133,14 +117,14 @@ def gather_context(
     if context_type == "custom":
         _valid("org_id", org_id)
         return custom(custom_context)
-    require_org(lake, org_id)
+    _require(lake, org_id)
     if context_type == "memories":
         return memories(lake, org_id, _require_user(lake, org_id, user_id, context_type))
     if context_type == "conversation":
         return conversations(lake, org_id, _require_user(lake, org_id, user_id, context_type))
     if not knowledge_base_id:
         raise ContextError("context_type 'documents' needs knowledge_base_id")
-    _valid("knowledge_base_id", knowledge_base_id)
+    _require(lake, org_id, "knowledge_base", knowledge_base_id)
     return documents(lake, org_id, knowledge_base_id)
 
 
@@ -167,7 +151,7 @@ def _ts(value: Any) -> str:
 
 def memories(lake: Path, org_id: str, user_id: str) -> GatheredContext:
     """A user's most recent memories (at most 1,000), oldest first, one string each."""
-    path = lake / "memories" / org_id / f"{user_id}.parquet"
+    path = kb_table_path(lake, "memories", org_id, user_id)
     frame = pl.read_parquet(path) if path.exists() else pl.DataFrame()
     if frame.is_empty():
         raise ContextError(f"user {user_id!r} of org {org_id!r} has no memories")
@@ -185,7 +169,7 @@ def memories(lake: Path, org_id: str, user_id: str) -> GatheredContext:
 
 def conversations(lake: Path, org_id: str, user_id: str) -> GatheredContext:
     """A user's most recent sessions (at most 50), oldest first, one transcript string each."""
-    path = lake / "conversations" / org_id / f"{user_id}.parquet"
+    path = kb_table_path(lake, "conversations", org_id, user_id)
     frame = pl.read_parquet(path) if path.exists() else pl.DataFrame()
     if frame.is_empty():
         raise ContextError(f"user {user_id!r} of org {org_id!r} has no conversations")
@@ -210,15 +194,12 @@ def conversations(lake: Path, org_id: str, user_id: str) -> GatheredContext:
 def documents(lake: Path, org_id: str, kb_id: str) -> GatheredContext:
     """A knowledge base's chunks (at most 5,000), enriched text when present, in order."""
     candidates = [
-        ("enriched_chunks", lake / "enriched_chunks" / org_id / f"{kb_id}.parquet"),
-        ("chunks", lake / "chunks" / org_id / f"{kb_id}.parquet"),
-        ("raw_documents", lake / "raw_documents" / org_id / f"{kb_id}.parquet"),
+        (table, kb_table_path(lake, table, org_id, kb_id))
+        for table in ("enriched_chunks", "chunks", "raw_documents")
     ]
     existing = [(table, path) for table, path in candidates if path.exists()]
     if not existing:
-        kbs = sorted({p.stem for _, p in candidates for p in p.parent.glob("*.parquet")})
-        hint = f"known knowledge bases: {', '.join(kbs)}" if kbs else "the org has none"
-        raise ContextError(f"unknown knowledge base {kb_id!r} in org {org_id!r} ({hint})")
+        raise ContextError(f"knowledge base {kb_id!r} of org {org_id!r} has no documents")
     table, path = existing[0]
     frame = pl.read_parquet(path)
     if frame.is_empty():

@@ -40,9 +40,9 @@ from rlm.environments.base_env import IsolatedEnv
 from rlm.logger import RLMLogger
 from rlm.utils.exceptions import BudgetExceededError, TimeoutExceededError
 
-from memcity_pipeline.lib.llm_client import LLMClient
-from memcity_pipeline.resources.sandbox.base import SandboxError, SandboxSession
+from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages, describe_context
+from memcity_pipeline.sandbox.base import SandboxError, SandboxSession
 
 log = logging.getLogger(__name__)
 

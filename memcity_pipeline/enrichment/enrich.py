@@ -1,0 +1,216 @@
+"""Phase 3 of enrichment: each chunk resolved with document-wide context.
+
+For every chunk the LLM names the pronouns and vague references it contains and what each refers
+to (using the document's summary and entity list), plus key terms, a one-sentence summary and the
+entities it mentions. The resolved text is made here, by annotating every such phrase with its
+referent (`It (HiveScale S2) weighs...`): the original wording is kept, a model cannot rewrite
+facts, and the answer is a few dozen tokens instead of a copy of the chunk. Several chunks go in
+one call (fewer repeated document contexts, so fewer prompt tokens); when a batch's answer is
+unusable its chunks are retried one by one, and a chunk that still fails keeps its original text
+with the reason.
+"""
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydantic import BaseModel, Field
+
+from memcity_pipeline.enrichment.structure import EntityOut, StructuredCall
+
+MAX_KEY_TERMS = 12
+
+
+class ReferenceOut(BaseModel):
+    phrase: str = Field(description="a pronoun or vague phrase exactly as written in the chunk")
+    refers_to: str = Field(description="the name it refers to")
+
+
+class ChunkEnrichmentOut(BaseModel):
+    index: int = Field(description="the chunk's number as given")
+    references: list[ReferenceOut] = Field(default_factory=list)
+    key_terms: list[str] = Field(default_factory=list)
+    summary: str = Field(description="one sentence")
+    entities: list[str] = Field(default_factory=list)
+
+
+class ChunkBatchOut(BaseModel):
+    chunks: list[ChunkEnrichmentOut]
+
+
+@dataclass
+class ChunkEnrichment:
+    """The outcome for one chunk: enriched fields, or a failure reason."""
+
+    status: str  # enriched | failed
+    resolved_text: str | None = None
+    key_terms: list[str] | None = None
+    summary: str | None = None
+    entities: list[str] | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    llm_calls: float = 0.0  # a batch call counts 1/len(batch) per chunk
+
+
+ENRICH_SYSTEM = (
+    "You prepare chunks of a document for a search index. For EACH chunk given, reply with: "
+    "index (as given); references: every pronoun or vague phrase in the chunk (such as 'it', "
+    "'they', 'she', 'the company', 'this product') with the name it refers to, using the "
+    "document context; key_terms: up to 8 search terms; summary: one sentence; entities: names "
+    'mentioned, as in the entity list. Reply with JSON only: {"chunks": [{"index": 1, '
+    '"references": [{"phrase": "It", "refers_to": "..."}], "key_terms": ["..."], '
+    '"summary": "...", "entities": ["..."]}]}.'
+)
+
+MAX_PHRASE_CHARS = 40
+MAX_REFERENT_CHARS = 80
+
+
+def resolve_references(text: str, references: Sequence[ReferenceOut]) -> tuple[str, int]:
+    """`text` with each whole-word occurrence of a reference's phrase annotated with its referent.
+
+    References whose phrase is not in the text, is too long, or names itself are ignored.
+    Returns the resolved text and how many references were applied.
+    """
+    pairs: dict[str, str] = {}
+    for ref in references:
+        phrase, target = ref.phrase.strip(), " ".join(ref.refers_to.split())
+        if (
+            not phrase
+            or not target
+            or len(phrase) > MAX_PHRASE_CHARS
+            or len(target) > MAX_REFERENT_CHARS
+            or phrase.lower() == target.lower()
+            or target.lower() in phrase.lower()
+        ):
+            continue
+        if re.search(rf"(?<!\w){re.escape(phrase)}(?!\w)", text):
+            pairs.setdefault(phrase, target)
+    if not pairs:
+        return text, 0
+    # Longest phrases first, so "the company" wins over "company"; one pass over the text.
+    pattern = re.compile(
+        "|".join(rf"(?<!\w){re.escape(p)}(?!\w)" for p in sorted(pairs, key=len, reverse=True))
+    )
+    resolved = pattern.sub(lambda m: f"{m.group(0)} ({pairs[m.group(0)]})", text)
+    return resolved, len(pairs)
+
+
+def _context(title: str, summary: str, entities: Sequence[EntityOut]) -> str:
+    names = "; ".join(
+        e.name + (f" (also {', '.join(e.aliases)})" if e.aliases else "") + f": {e.description}"
+        for e in entities[:40]
+    )
+    return f"Document: {title}\nSummary: {summary or '(none)'}\nEntities: {names or '(none)'}"
+
+
+def _messages(context: str, items: Sequence[tuple[int, str]]) -> list[dict[str, str]]:
+    body = "\n\n".join(f"[chunk {i}]\n{text}" for i, text in items)
+    return [
+        {"role": "system", "content": ENRICH_SYSTEM},
+        {"role": "user", "content": f"{context}\n\nChunks:\n\n{body}"},
+    ]
+
+
+def check_enrichment(original: str, out: ChunkEnrichmentOut) -> str | None:
+    """Why an answer is unusable for this chunk, or None when it is plausible."""
+    summary = out.summary.strip()
+    if not summary:
+        return "empty summary"
+    if len(summary) > max(400, len(original)):
+        return "summary longer than the chunk"
+    if summary == original.strip():
+        return "summary is the chunk itself"
+    return None
+
+
+def _accept(original: str, out: ChunkEnrichmentOut) -> ChunkEnrichment:
+    reason = check_enrichment(original, out)
+    if reason:
+        return ChunkEnrichment(status="failed", error=f"LLM answer rejected: {reason}")
+    terms = list(dict.fromkeys(t.strip() for t in out.key_terms if t.strip()))[:MAX_KEY_TERMS]
+    return ChunkEnrichment(
+        status="enriched",
+        resolved_text=resolve_references(original, out.references)[0],
+        key_terms=terms,
+        summary=out.summary.strip(),
+        entities=list(dict.fromkeys(e.strip() for e in out.entities if e.strip())),
+    )
+
+
+def enrich_chunks(
+    title: str,
+    summary: str,
+    entities: Sequence[EntityOut],
+    chunks: Sequence[str],
+    call: StructuredCall,
+    *,
+    batch_size: int = 4,
+    on_error: Callable[[str], None] | None = None,
+) -> list[ChunkEnrichment]:
+    """Enrich `chunks` of one document; the result has one entry per chunk, in order."""
+    context = _context(title, summary, entities)
+    results: list[ChunkEnrichment | None] = [None] * len(chunks)
+    for start in range(0, len(chunks), batch_size):
+        batch = list(range(start, min(start + batch_size, len(chunks))))
+        retry: list[int] = []
+        try:
+            parsed, pt, ct, cost = call(
+                _messages(context, [(i + 1, chunks[i]) for i in batch]), ChunkBatchOut
+            )
+            assert isinstance(parsed, ChunkBatchOut)
+            by_index = {c.index: c for c in parsed.chunks}
+            share = 1.0 / len(batch)
+            for i in batch:
+                out = by_index.get(i + 1)
+                res = (
+                    _accept(chunks[i], out)
+                    if out
+                    else ChunkEnrichment("failed", error="chunk missing from the LLM's answer")
+                )
+                res.prompt_tokens, res.completion_tokens = round(pt * share), round(ct * share)
+                res.cost_usd = cost * share if cost is not None else None
+                res.llm_calls = share
+                if res.status == "failed" and len(batch) > 1:
+                    retry.append(i)
+                results[i] = res
+        except Exception as exc:  # the batch as a whole failed: try its chunks one by one
+            if on_error:
+                on_error(f"batch of {len(batch)} chunks failed: {exc}")
+            if len(batch) == 1:
+                results[batch[0]] = ChunkEnrichment("failed", error=_reason(exc), llm_calls=1)
+            retry = batch
+        for i in retry if len(batch) > 1 else []:
+            results[i] = _single(context, i, chunks[i], call, results[i])
+    return [
+        r if r is not None else ChunkEnrichment("failed", error="not processed") for r in results
+    ]
+
+
+def _single(
+    context: str, i: int, text: str, call: StructuredCall, prior: ChunkEnrichment | None
+) -> ChunkEnrichment:
+    spent = prior or ChunkEnrichment("failed")
+    try:
+        parsed, pt, ct, cost = call(_messages(context, [(i + 1, text)]), ChunkBatchOut)
+        assert isinstance(parsed, ChunkBatchOut)
+        out = next((c for c in parsed.chunks if c.index == i + 1), None) or (
+            parsed.chunks[0] if len(parsed.chunks) == 1 else None
+        )
+        res = _accept(text, out) if out else ChunkEnrichment("failed", error="no chunk in answer")
+    except Exception as exc:
+        res = ChunkEnrichment("failed", error=_reason(exc))
+        pt, ct, cost = 0, 0, None
+    res.prompt_tokens = spent.prompt_tokens + pt
+    res.completion_tokens = spent.completion_tokens + ct
+    known = [c for c in (spent.cost_usd, cost) if c is not None]
+    res.cost_usd = sum(known) if known else None
+    res.llm_calls = spent.llm_calls + 1
+    return res
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500]

@@ -1,0 +1,364 @@
+"""Incremental ingestion of one kind of source from the landing folder into the lake.
+
+For each kind (documents, memories, conversations) the lake holds one table file per scope
+(`<table>/<org>/<kb or user>.parquet`) and a bookkeeping table of the files it came from
+(`_state/source_files_<kind>.parquet`: path, size, mtime, sha256, status).
+
+A run:
+1. scans the landing folder; a file whose size and mtime, or else whose sha256, are unchanged
+   is not read again;
+2. parses new and changed files; a file that cannot be used becomes rows of `ingestion_errors`;
+3. rewrites only the scope tables that gained, changed or lost a file (rows of a deleted file are
+   removed: deletion is a rebuild of the scope's table without them, not a tombstone); a scope
+   whose files are all gone loses its table file;
+4. rewrites `ingestion_errors/<kind>.parquet` only when the set of errors changed.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from memcity_pipeline.ingestion import parsing
+from memcity_pipeline.ingestion.landing import (
+    LandingProblem,
+    SourceFile,
+    SourceKind,
+    file_sha256,
+    scan_landing,
+)
+from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
+from memcity_pipeline.lake.tables import (
+    INGESTION_ERRORS,
+    SOURCE_FILES,
+    SOURCE_SCHEMAS,
+    ingestion_errors_path,
+    source_files_path,
+    source_table_path,
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_file_bytes: int
+    max_document_chars: int
+
+
+@dataclass
+class SyncReport:
+    """What one run did for one kind of source."""
+
+    kind: SourceKind
+    files: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed_files: int = 0  # files with at least one error (whole-file or per line)
+    rows: int = 0  # rows in the lake for this kind after the run
+    rows_written: int = 0  # rows parsed from new or changed files in this run
+    tables_written: list[str] = field(default_factory=list)
+    tables_deleted: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # current errors of this kind
+    new_errors: list[dict[str, Any]] = field(default_factory=list)  # found in this run
+
+    @property
+    def changed_total(self) -> int:
+        """New, edited and deleted files: what "N changed" counts."""
+        return self.new + self.changed + self.deleted
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _document_id(org: str, kb: str, rel_in_kb: str, key: str) -> str:
+    return "doc_" + hashlib.sha256(f"{org}/{kb}/{rel_in_kb}#{key}".encode()).hexdigest()[:24]
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def _rows_for_file(
+    src: SourceFile, limits: Limits, now: datetime
+) -> tuple[list[dict[str, Any]], list[parsing.Problem]]:
+    """Parse one file into table rows. Raises `parsing.FileRejected` when it is unusable."""
+    kw = {"max_file_bytes": limits.max_file_bytes, "max_document_chars": limits.max_document_chars}
+    if src.kind == "documents":
+        docs, problems = parsing.parse_document_file(src.path, **kw)
+        rel_in_kb = src.rel_path.split("/", 4)[4]
+        rows = [
+            {
+                "org_id": src.org_id,
+                "knowledge_base_id": src.scope_id,
+                "document_id": _document_id(
+                    src.org_id,
+                    src.scope_id,
+                    rel_in_kb,
+                    f"id:{d.source_id}" if d.source_id else f"n:{d.ordinal}",
+                ),
+                "source_path": src.rel_path,
+                "format": d.format,
+                "title": d.title,
+                "text": d.text,
+                "char_count": len(d.text),
+                "content_hash": _sha(d.text),
+                "metadata": _json(d.metadata),
+                "ingested_at": now,
+            }
+            for d in docs
+        ]
+        seen: set[str] = set()
+        unique: list[dict[str, Any]] = []
+        for row, doc in zip(rows, docs, strict=True):
+            if row["document_id"] in seen:
+                problems.append(
+                    parsing.Problem(f"duplicate document id {doc.source_id!r}: skipped", doc.line)
+                )
+                continue
+            seen.add(row["document_id"])
+            unique.append(row)
+        return unique, problems
+    if src.kind == "memories":
+        memories, problems = parsing.parse_memories_file(src.path, **kw)
+        rows, seen_ids = [], set()
+        for m in memories:
+            if m.id in seen_ids:
+                problems.append(parsing.Problem(f"duplicate memory id {m.id!r}: skipped", m.line))
+                continue
+            seen_ids.add(m.id)
+            rows.append(
+                {
+                    "org_id": src.org_id,
+                    "user_id": src.scope_id,
+                    "memory_id": m.id,
+                    "text": m.text,
+                    "created_at": m.created_at,
+                    "metadata": _json(m.metadata),
+                    "source_path": src.rel_path,
+                    "line": m.line,
+                    "content_hash": _sha(m.text),
+                    "ingested_at": now,
+                }
+            )
+        return rows, problems
+    messages, problems = parsing.parse_conversation_file(src.path, **kw)
+    rows = [
+        {
+            "org_id": src.org_id,
+            "user_id": src.scope_id,
+            "session_id": src.session_id,
+            "turn": msg.turn,
+            "role": msg.role,
+            "content": msg.content,
+            "created_at": msg.created_at,
+            "source_path": src.rel_path,
+            "line": msg.line,
+            "content_hash": _sha(f"{msg.role}\0{msg.content}"),
+            "ingested_at": now,
+        }
+        for msg in messages
+    ]
+    return rows, problems
+
+
+def _error_row(
+    kind: SourceKind | None,
+    org: str | None,
+    scope: str | None,
+    path: str,
+    line: int | None,
+    reason: str,
+    content_hash: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "org_id": org,
+        "scope_id": scope,
+        "path": path,
+        "line": line,
+        "reason": reason,
+        "content_hash": content_hash,
+        "detected_at": now,
+    }
+
+
+def _frame(rows: Iterable[dict[str, Any]], schema: Any) -> pl.DataFrame:
+    import pyarrow as pa
+
+    return pl.from_arrow(pa.Table.from_pylist(list(rows), schema=schema))  # type: ignore[return-value]
+
+
+def sync_sources(
+    kind: SourceKind,
+    landing: Path,
+    lake: Path,
+    limits: Limits,
+    *,
+    on_progress: Callable[[str], None] | None = None,
+    include_layout_problems: bool = False,
+) -> SyncReport:
+    """Bring the lake's tables of `kind` in line with the landing folder. Never raises for bad input."""
+    now = datetime.now(UTC)
+    report = SyncReport(kind)
+    files, landing_problems = scan_landing(landing)
+    files = [f for f in files if f.kind == kind]
+    report.files = len(files)
+
+    manifest_path = source_files_path(lake, kind)
+    manifest = read_parquet(manifest_path, SOURCE_FILES)
+    known: dict[str, dict[str, Any]] = {r["path"]: r for r in manifest.iter_rows(named=True)}
+    errors_path = ingestion_errors_path(lake, kind)
+    old_errors = read_parquet(errors_path, INGESTION_ERRORS)
+
+    current_paths = {f.rel_path for f in files}
+    deleted_paths = set(known) - current_paths
+    report.deleted = len(deleted_paths)
+
+    new_manifest: list[dict[str, Any]] = []
+    parsed: dict[str, list[dict[str, Any]]] = {}  # rel_path -> rows, for new/changed files
+    touched_scopes: set[tuple[str, str]] = set()
+    keep_error_paths: set[str] = set()
+    new_error_rows: list[dict[str, Any]] = []
+
+    for i, src in enumerate(files, start=1):
+        prev = known.get(src.rel_path)
+        entry = {
+            "org_id": src.org_id,
+            "scope_id": src.scope_id,
+            "path": src.rel_path,
+            "size": src.size,
+            "mtime_ns": src.mtime_ns,
+        }
+        if prev and prev["size"] == src.size and prev["mtime_ns"] == src.mtime_ns:
+            report.unchanged += 1
+            new_manifest.append(prev)
+            keep_error_paths.add(src.rel_path)
+            continue
+        try:
+            digest = file_sha256(src.path)
+        except OSError as exc:
+            digest = None
+            read_error = f"unreadable file: {exc.strerror or exc}"
+        else:
+            read_error = None
+        if prev and digest is not None and prev["content_hash"] == digest:
+            report.unchanged += 1
+            new_manifest.append({**prev, **entry})
+            keep_error_paths.add(src.rel_path)
+            continue
+        if prev:
+            report.changed += 1
+        else:
+            report.new += 1
+        touched_scopes.add((src.org_id, src.scope_id))
+        if on_progress:
+            on_progress(f"{kind}: parsing {src.rel_path} ({i}/{len(files)})")
+        rows: list[dict[str, Any]] = []
+        problems: list[parsing.Problem] = []
+        try:
+            if read_error:
+                raise parsing.FileRejected(read_error)
+            rows, problems = _rows_for_file(src, limits, now)
+        except parsing.FileRejected as exc:
+            problems = [parsing.Problem(str(exc), None)]
+        except Exception as exc:  # a parser bug must not cost the other files
+            problems = [parsing.Problem(f"unexpected error: {type(exc).__name__}: {exc}", None)]
+        parsed[src.rel_path] = rows
+        for p in problems:
+            new_error_rows.append(
+                _error_row(
+                    kind, src.org_id, src.scope_id, src.rel_path, p.line, p.reason, digest, now
+                )
+            )
+        whole_file_failed = not rows and bool(problems)
+        new_manifest.append(
+            {
+                **entry,
+                "content_hash": digest,
+                "status": "error" if whole_file_failed else "ok",
+                "rows": len(rows),
+            }
+        )
+    for path in deleted_paths:
+        touched_scopes.add((known[path]["org_id"], known[path]["scope_id"]))
+
+    # Rewrite only the scope tables that changed.
+    schema = SOURCE_SCHEMAS[kind]
+    changed_paths = set(parsed) | deleted_paths
+    files_by_scope: dict[tuple[str, str], int] = {}
+    for f in files:
+        files_by_scope[(f.org_id, f.scope_id)] = files_by_scope.get((f.org_id, f.scope_id), 0) + 1
+    for org, scope in sorted(touched_scopes):
+        table_path = source_table_path(lake, kind, org, scope)
+        existing = read_parquet(table_path, schema)
+        if existing.height:
+            existing = existing.filter(~pl.col("source_path").is_in(list(changed_paths)))
+        fresh = [row for path, rows in parsed.items() if path in current_paths for row in rows]
+        fresh = [r for r in fresh if r["org_id"] == org and _scope_of(kind, r) == scope]
+        combined = pl.concat([existing, _frame(fresh, schema)], how="vertical_relaxed")
+        rel_table = table_path.relative_to(lake).as_posix()
+        if combined.height == 0 and files_by_scope.get((org, scope), 0) == 0:
+            if delete_table(table_path):
+                report.tables_deleted.append(rel_table)
+            continue
+        sort_cols = ["source_path", "line"] if "line" in combined.columns else ["source_path"]
+        combined = combined.sort(sort_cols, nulls_last=True)
+        write_parquet_atomic(combined, table_path, schema)
+        report.tables_written.append(rel_table)
+        report.rows_written += len(fresh)
+
+    # Errors: keep those of unchanged files, replace those of changed ones.
+    kept = old_errors.filter(pl.col("path").is_in(list(keep_error_paths)))
+    error_rows = kept.to_dicts() + new_error_rows
+    if include_layout_problems:
+        error_rows += [_landing_error(p, now) for p in landing_problems]
+    else:
+        error_rows += [_landing_error(p, now) for p in landing_problems if p.kind == kind]
+    _write_errors_if_changed(errors_path, old_errors, error_rows)
+    report.errors = error_rows
+    old_keys = {_error_key(e) for e in old_errors.iter_rows(named=True)}
+    report.new_errors = [e for e in error_rows if _error_key(e) not in old_keys]
+    report.failed_files = len({e["path"] for e in error_rows})
+
+    if changed_paths or len(new_manifest) != manifest.height or new_manifest != manifest.to_dicts():
+        write_parquet_atomic(_frame(new_manifest, SOURCE_FILES), manifest_path, SOURCE_FILES)
+    report.rows = sum(
+        read_parquet(source_table_path(lake, kind, o, s), schema).height
+        for o, s in sorted(files_by_scope)
+    )
+    return report
+
+
+def _scope_of(kind: SourceKind, row: dict[str, Any]) -> str:
+    return row["knowledge_base_id"] if kind == "documents" else row["user_id"]
+
+
+def _error_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[c] for c in ("kind", "org_id", "scope_id", "path", "line", "reason"))
+
+
+def _landing_error(p: LandingProblem, now: datetime) -> dict[str, Any]:
+    return _error_row(p.kind, p.org_id, p.scope_id, p.rel_path, None, p.reason, None, now)
+
+
+def _write_errors_if_changed(path: Path, old: pl.DataFrame, rows: list[dict[str, Any]]) -> None:
+    """Rewrite the errors table only when its content (ignoring detection times) changed."""
+
+    def keys(frame: pl.DataFrame) -> list[tuple[Any, ...]]:
+        return sorted((_error_key(r) for r in frame.iter_rows(named=True)), key=repr)
+
+    new = _frame(rows, INGESTION_ERRORS)
+    if keys(new) == keys(old):
+        return
+    if new.height == 0:
+        delete_table(path)
+        return
+    write_parquet_atomic(new.sort(["path", "line"], nulls_last=False), path, INGESTION_ERRORS)

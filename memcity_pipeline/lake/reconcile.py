@@ -1,0 +1,110 @@
+"""Reconcile, "rebuild what changed, drop what left": the one step of every incremental stage.
+
+Two levels, the same idea:
+
+- **rows** (`plan_rows`): the rows a stage wants now (`wanted`, one per key, each with a
+  fingerprint of what its output depends on) against the rows the table holds (`existing`). A
+  row whose key is still wanted, whose fingerprint is unchanged and which passes `reusable` is
+  kept as it is; every other wanted key is to be computed; existing keys no longer wanted drop
+  out. Done with polars joins, so a knowledge base of many thousand chunks costs no Python loop.
+- **scopes** (`reconcile_scopes`): the knowledge bases or users a stage wants (those its upstream
+  table has) against those its own table has: each wanted scope is updated, each that left is
+  dropped, in a stable order.
+
+A stage then writes a scope's table only when its plan `changed` (something computed, something
+dropped, or no table yet), so a rerun on unchanged input writes nothing.
+"""
+
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import polars as pl
+
+S = TypeVar("S", bound=Hashable)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What to do with one scope's rows."""
+
+    reuse: pl.DataFrame  # existing rows kept as they are (all their columns)
+    todo: pl.DataFrame  # wanted rows to compute (all the wanted frame's columns)
+    dropped: int  # existing rows whose key is no longer wanted, or is recomputed
+
+    @property
+    def changed(self) -> bool:
+        """Whether the table's content changes: something to compute or to drop."""
+        return self.todo.height > 0 or self.dropped > 0
+
+
+def plan_rows(
+    wanted: pl.DataFrame,
+    existing: pl.DataFrame,
+    *,
+    key: str | list[str],
+    fingerprint: str,
+    existing_fingerprint: str | None = None,
+    reusable: pl.Expr | None = None,
+) -> RowPlan:
+    """Split `wanted` into rows to compute and `existing` rows to reuse.
+
+    `fingerprint` names the column of `wanted` that must equal `existing_fingerprint` (the same
+    name by default) of an existing row with the same `key` for that row to be reused;
+    `reusable` is an extra condition on existing rows (say, "not failed"). Existing rows may
+    hold several rows per key (chunks per document): a key is reused only when every one of
+    them matches, and then all of them are kept.
+    """
+    keys = [key] if isinstance(key, str) else list(key)
+    old_fp = existing_fingerprint or fingerprint
+    if existing.height == 0:
+        return RowPlan(existing, wanted, 0)
+    candidates = existing if reusable is None else existing.filter(reusable)
+    # A key is reusable when all its existing rows carry the wanted fingerprint.
+    per_key = candidates.group_by(keys).agg(
+        pl.col(old_fp).n_unique().alias("_fingerprints"),
+        pl.col(old_fp).first().alias("_fingerprint"),
+        pl.len().alias("_rows"),
+    )
+    totals = existing.group_by(keys).agg(pl.len().alias("_all"))
+    matched = (
+        wanted.select([*keys, pl.col(fingerprint).alias("_wanted")])
+        .join(per_key, on=keys, how="inner")
+        .join(totals, on=keys, how="inner")
+        .filter(
+            (pl.col("_fingerprints") == 1)
+            & (pl.col("_fingerprint") == pl.col("_wanted"))
+            & (pl.col("_rows") == pl.col("_all"))
+        )
+        .select(keys)
+    )
+    reuse = existing.join(matched, on=keys, how="semi")
+    todo = wanted.join(matched, on=keys, how="anti")
+    return RowPlan(reuse, todo, existing.height - reuse.height)
+
+
+@dataclass
+class ScopeReport(Generic[S, R]):
+    """What `reconcile_scopes` did: each wanted scope's result, and the scopes dropped."""
+
+    results: dict[S, R] = field(default_factory=dict)
+    dropped: list[S] = field(default_factory=list)
+
+
+def reconcile_scopes(
+    wanted: Iterable[S],
+    present: Iterable[S],
+    *,
+    update: Callable[[S], R],
+    drop: Callable[[S], None],
+) -> ScopeReport[S, R]:
+    """Drop every present scope that is not wanted, then update every wanted one (sorted)."""
+    want = set(wanted)
+    report: ScopeReport[S, R] = ScopeReport()
+    for scope in sorted(set(present) - want):  # type: ignore[type-var]
+        drop(scope)
+        report.dropped.append(scope)
+    for scope in sorted(want):  # type: ignore[type-var]
+        report.results[scope] = update(scope)
+    return report

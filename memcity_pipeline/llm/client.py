@@ -1,0 +1,592 @@
+"""One client for every LLM call: an OpenAI-compatible chat API with retries, structured
+output, a persistent cache, bounded concurrency and per-call accounting.
+
+Plain Python (no Dagster): `memcity_pipeline.resources.llm.LLMResource` builds it from settings.
+"""
+
+import email.utils
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import openai
+from openai import OpenAI
+from pydantic import BaseModel, ValidationError
+
+from memcity_pipeline.llm.cache import CachedAnswer, LLMCache, cache_key
+
+log = logging.getLogger(__name__)
+
+StructuredMode = Literal["json_schema", "json_object_schema", "json_object"]
+STRUCTURED_MODES: tuple[str, ...] = ("json_schema", "json_object_schema", "json_object")
+
+# Placeholder key for servers that need none: the openai package insists on some key, and an
+# explicit value keeps it from reading OPENAI_API_KEY from the environment.
+NO_API_KEY = "not-needed"
+
+
+@dataclass
+class LLMResult:
+    """One completed call.
+
+    `cached` answers carry the tokens and cost recorded when they were first computed, but they
+    count as zero new spend in `LLMStats`. `attempts` counts HTTP requests (0 for a cache hit).
+    """
+
+    text: str
+    parsed: BaseModel | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    cached: bool
+    attempts: int
+    latency_s: float
+
+
+class LLMError(Exception):
+    """A call that failed for good: after all retries, or at once for a request the provider
+    rejects (4xx other than 429). The message says why (status, timeout, ...)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StructuredOutputError(LLMError):
+    """The answer was not valid JSON for the schema, even after one repair request."""
+
+    def __init__(self, message: str, *, raw_text: str) -> None:
+        super().__init__(message)
+        self.raw_text = raw_text
+
+
+@dataclass
+class LLMStats:
+    """Thread-safe counters of one client.
+
+    - `calls`: `complete()` calls (cache hits included), `cache_hits`: those served from cache;
+    - `requests`: HTTP requests sent (retries and repairs included);
+    - `prompt_tokens`, `completion_tokens`, `cost_usd`: new spend only (not cache hits);
+      `cost_usd` stays None until some answer reports a cost;
+    - `failures`: calls that raised; `retries`: transport retries; `repairs`: repair requests.
+    """
+
+    calls: int = 0
+    cache_hits: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    failures: int = 0
+    retries: int = 0
+    repairs: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float | None) -> None:
+        """Add to counters atomically (`cost_usd=None` leaves the cost untouched)."""
+        with self._lock:
+            for name, delta in deltas.items():
+                if delta is None:
+                    continue
+                if name == "cost_usd":
+                    self.cost_usd = (self.cost_usd or 0.0) + float(delta)
+                else:
+                    setattr(self, name, getattr(self, name) + delta)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as a plain dict (a consistent copy)."""
+        with self._lock:
+            return {
+                "calls": self.calls,
+                "cache_hits": self.cache_hits,
+                "requests": self.requests,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "cost_usd": self.cost_usd,
+                "failures": self.failures,
+                "retries": self.retries,
+                "repairs": self.repairs,
+            }
+
+
+@dataclass
+class _Answer:
+    """One HTTP answer, already checked to have a message."""
+
+    text: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    attempts: int
+
+
+class _Transient(Exception):
+    """A failure worth retrying (timeout, connection, 429, 5xx, garbled body)."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
+
+
+def extract_json_text(text: str) -> str:
+    """The JSON inside `text`: unwraps ``` fences; else the outermost {...} if there is prose."""
+    stripped = text.strip()
+    match = _FENCE.match(stripped)
+    if match:
+        return match.group(1).strip()
+    if stripped.startswith(("{", "[")):
+        return stripped
+    start, end = stripped.find("{"), stripped.rfind("}")
+    if 0 <= start < end:
+        return stripped[start : end + 1]
+    return stripped
+
+
+def parse_structured(text: str, schema: type[BaseModel]) -> BaseModel:
+    """Validate `text` against `schema`; raises ValueError (JSON or validation) with details."""
+    candidate = extract_json_text(text)
+    try:
+        # strict=False: raw newlines and tabs inside strings are common in model output.
+        data = json.loads(candidate, strict=False)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"(root): Invalid JSON: {exc}") from exc
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_short_validation_error(exc)) from exc
+
+
+def _short_validation_error(exc: ValidationError, limit: int = 8) -> str:
+    """A compact, model-readable description of a pydantic error."""
+    lines = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        lines.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(lines)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def schema_response_format(schema: type[BaseModel], mode: str) -> dict[str, Any]:
+    """The `response_format` to send for `schema` in a structured mode."""
+    json_schema = schema.model_json_schema()
+    if mode == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": _schema_name(schema), "schema": json_schema, "strict": False},
+        }
+    if mode == "json_object_schema":
+        return {"type": "json_object", "schema": json_schema}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    raise ValueError(f"structured_mode must be one of {STRUCTURED_MODES}, not {mode!r}")
+
+
+def _schema_name(schema: type[BaseModel]) -> str:
+    """A name OpenAI accepts (letters, digits, _ and -, at most 64)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", schema.__name__)[:64] or "output"
+
+
+def with_schema_instructions(
+    messages: list[dict[str, str]], schema: type[BaseModel]
+) -> list[dict[str, str]]:
+    """Messages with the JSON schema spelled out in the system prompt (for `json_object` mode)."""
+    note = "Reply with one JSON object only, no prose, matching this JSON schema:\n" + json.dumps(
+        schema.model_json_schema(), separators=(",", ":")
+    )
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system":
+        out[0]["content"] = f"{out[0].get('content', '')}\n\n{note}"
+    else:
+        out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+def repair_messages(
+    messages: list[dict[str, str]], bad_text: str, error: str
+) -> list[dict[str, str]]:
+    """The conversation asking the model to correct an invalid structured answer."""
+    return [
+        *messages,
+        {"role": "assistant", "content": bad_text},
+        {
+            "role": "user",
+            "content": "Your reply is not valid JSON for the required schema. Error: "
+            f"{error}\nReply with the corrected JSON object only, nothing else.",
+        },
+    ]
+
+
+class LLMClient:
+    """A thread-safe client of one OpenAI-compatible chat API.
+
+    Retries timeouts, connection errors, 429 and 5xx with exponential backoff and full jitter
+    (honouring Retry-After, capped at `max_retry_after_s`); fails at once on other 4xx.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        sub_model: str | None = None,
+        structured_mode: StructuredMode = "json_schema",
+        cache_dir: Path | None,
+        max_concurrency: int = 4,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        extra_body: dict[str, Any] | None = None,
+        context_window: int = 8192,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        max_retry_after_s: float = 60.0,
+    ) -> None:
+        if structured_mode not in STRUCTURED_MODES:
+            raise ValueError(
+                f"structured_mode must be one of {STRUCTURED_MODES}, not {structured_mode!r}"
+            )
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if not model:
+            raise ValueError("an LLM model name is required")
+        self.base_url = base_url
+        self.model = model
+        self.sub_model = sub_model or model
+        self.structured_mode: StructuredMode = structured_mode
+        self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.extra_body = dict(extra_body or {})
+        self.context_window = context_window
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.max_retry_after_s = max_retry_after_s
+        self.stats = LLMStats()
+        self.cache = LLMCache(cache_dir) if cache_dir is not None else None
+        self._semaphore = threading.BoundedSemaphore(max_concurrency)
+        self._openai = OpenAI(
+            base_url=base_url, api_key=api_key or NO_API_KEY, max_retries=0, timeout=timeout_s
+        )
+
+    def __repr__(self) -> str:
+        return f"LLMClient(base_url={self.base_url!r}, model={self.model!r})"
+
+    # -- public API ------------------------------------------------------------------------
+
+    def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        schema: type[BaseModel] | None = None,
+        use_cache: bool = True,
+    ) -> LLMResult:
+        """One chat completion; with `schema`, the answer validated into `parsed`.
+
+        `use_cache=False` neither reads nor writes the cache.
+        Raises LLMError (transport, after retries) or StructuredOutputError (invalid twice).
+        """
+        started = time.monotonic()
+        model = model or self.model
+        self.stats.add(calls=1)
+        send_messages = messages
+        response_format = None
+        if schema is not None:
+            response_format = schema_response_format(schema, self.structured_mode)
+            if self.structured_mode == "json_object":
+                send_messages = with_schema_instructions(messages, schema)
+        key = cache_key(
+            model=model,
+            messages=send_messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            response_format=response_format,
+        )
+        if use_cache and self.cache is not None:
+            hit = self._from_cache(key, schema, started)
+            if hit is not None:
+                return hit
+        try:
+            result = self._call(
+                send_messages, model, temperature, max_tokens, schema, response_format, started
+            )
+        except LLMError:
+            self.stats.add(failures=1)
+            raise
+        if use_cache and self.cache is not None:
+            answer = CachedAnswer(
+                result.model,
+                result.text,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.cost_usd,
+            )
+            self.cache.put(key, answer)
+        return result
+
+    def complete_many(
+        self, requests: Sequence[dict[str, Any]], **defaults: Any
+    ) -> list[LLMResult | LLMError]:
+        """Run many `complete()` calls concurrently (bounded by `max_concurrency`), in order.
+
+        Each request is a dict of `complete()` keyword arguments (`messages` required);
+        `defaults` apply where a request does not say. A failed call is its LLMError, in place.
+        """
+        if not requests:
+            return []
+
+        def run(request: dict[str, Any]) -> LLMResult | LLMError:
+            kwargs = {**defaults, **request}
+            try:
+                return self.complete(kwargs.pop("messages"), **kwargs)
+            except LLMError as exc:
+                return exc
+
+        workers = min(self.max_concurrency, len(requests))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llm") as pool:
+            return list(pool.map(run, requests))
+
+    def close(self) -> None:
+        """Release the HTTP connections and the cache file."""
+        self._openai.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> "LLMClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _from_cache(
+        self, key: str, schema: type[BaseModel] | None, started: float
+    ) -> LLMResult | None:
+        """A cached result, or None (missing, or no longer valid for the schema)."""
+        assert self.cache is not None
+        hit = self.cache.get(key)
+        if hit is None:
+            return None
+        parsed = None
+        if schema is not None:
+            try:
+                parsed = parse_structured(hit.text, schema)
+            except ValueError:
+                return None
+        self.stats.add(cache_hits=1)
+        return LLMResult(
+            text=hit.text,
+            parsed=parsed,
+            model=hit.model,
+            prompt_tokens=hit.prompt_tokens,
+            completion_tokens=hit.completion_tokens,
+            cost_usd=hit.cost_usd,
+            cached=True,
+            attempts=0,
+            latency_s=time.monotonic() - started,
+        )
+
+    def _call(
+        self,
+        messages: list[dict[str, str]],
+        model: str,
+        temperature: float,
+        max_tokens: int | None,
+        schema: type[BaseModel] | None,
+        response_format: dict[str, Any] | None,
+        started: float,
+    ) -> LLMResult:
+        """Send, validate, repair once if needed; totals cover every request of the call."""
+        first = self._send(messages, model, temperature, max_tokens, response_format)
+        answers = [first]
+        parsed = None
+        text = first.text
+        if schema is not None:
+            try:
+                parsed = parse_structured(first.text, schema)
+            except ValueError as exc:
+                self.stats.add(repairs=1)
+                log.info("structured answer invalid (%s); asking for a repair", exc)
+                fix = repair_messages(messages, first.text, str(exc))
+                second = self._send(fix, model, temperature, max_tokens, response_format)
+                answers.append(second)
+                text = second.text
+                try:
+                    parsed = parse_structured(second.text, schema)
+                except ValueError as exc2:
+                    raise StructuredOutputError(
+                        f"{model} did not return valid JSON for {schema.__name__} after one "
+                        f"repair: {exc2}",
+                        raw_text=second.text,
+                    ) from exc2
+        costs = [a.cost_usd for a in answers if a.cost_usd is not None]
+        return LLMResult(
+            text=text,
+            parsed=parsed,
+            model=answers[-1].model,
+            prompt_tokens=sum(a.prompt_tokens for a in answers),
+            completion_tokens=sum(a.completion_tokens for a in answers),
+            cost_usd=sum(costs) if costs else None,
+            cached=False,
+            attempts=sum(a.attempts for a in answers),
+            latency_s=time.monotonic() - started,
+        )
+
+    def _send(
+        self,
+        messages: list[dict[str, str]],
+        model: str,
+        temperature: float,
+        max_tokens: int | None,
+        response_format: dict[str, Any] | None,
+    ) -> _Answer:
+        """One chat completion over HTTP with our retry loop; spend goes into `stats`."""
+        params: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "temperature": temperature,
+        }
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if response_format is not None:
+            params["response_format"] = response_format
+        if self.extra_body:
+            params["extra_body"] = self.extra_body
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                answer = self._attempt(params)
+                answer.attempts = attempt
+                return answer
+            except _Transient as exc:
+                if attempt > self.max_retries:
+                    raise LLMError(
+                        f"LLM call to {model} at {self.base_url} failed after {attempt} "
+                        f"attempt(s): {exc}"
+                    ) from exc
+                delay = self._delay(attempt, exc.retry_after_s)
+                self.stats.add(retries=1)
+                log.warning(
+                    "LLM call to %s failed (%s); retry %d/%d in %.2fs",
+                    model,
+                    exc,
+                    attempt,
+                    self.max_retries,
+                    delay,
+                )
+                time.sleep(delay)
+
+    def _delay(self, attempt: int, retry_after_s: float | None) -> float:
+        """Seconds before retry number `attempt`: Retry-After (capped), else full jitter."""
+        if retry_after_s is not None:
+            return min(retry_after_s, self.max_retry_after_s)
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
+        return random.uniform(0.0, ceiling)
+
+    def _attempt(self, params: dict[str, Any]) -> _Answer:
+        """One HTTP request under the concurrency bound; classifies every failure."""
+        self.stats.add(requests=1)
+        with self._semaphore:
+            try:
+                response = self._openai.chat.completions.create(**params)
+            except openai.APITimeoutError as exc:
+                raise _Transient(f"timed out after {self.timeout_s:g}s") from exc
+            except openai.APIConnectionError as exc:
+                cause = exc.__cause__ or exc
+                raise _Transient(f"connection error ({type(cause).__name__}: {cause})") from exc
+            except openai.APIStatusError as exc:
+                raise self._classify_status(exc) from exc
+            except openai.APIResponseValidationError as exc:
+                raise _Transient(f"malformed response: {exc}") from exc
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise _Transient(f"response body is not valid JSON: {exc}") from exc
+        answer = _read_answer(response, params["model"])
+        self.stats.add(
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            cost_usd=answer.cost_usd,
+        )
+        return answer
+
+    def _classify_status(self, exc: openai.APIStatusError) -> Exception:
+        """A _Transient for 429/5xx (with Retry-After), an LLMError for other statuses."""
+        status = exc.status_code
+        detail = _error_detail(exc)
+        if status == 429 or status >= 500:
+            retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
+            return _Transient(f"HTTP {status}: {detail}", retry_after)
+        return LLMError(
+            f"LLM request to {self.base_url} rejected with HTTP {status}: {detail}", status=status
+        )
+
+
+def _error_detail(exc: openai.APIStatusError) -> str:
+    """The provider's error message, short."""
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else inner
+        if message:
+            return str(message)[:500]
+    return str(exc.message)[:500]
+
+
+def _read_answer(response: Any, requested_model: str) -> _Answer:
+    """Content and usage of a ChatCompletion; a body without a message is transient."""
+    choices = getattr(response, "choices", None)
+    if not choices:
+        error = getattr(response, "error", None) or (
+            response.model_extra.get("error") if hasattr(response, "model_extra") else None
+        )
+        what = f"error in body: {error}" if error else f"no choices in response: {response!r}"
+        raise _Transient(what[:500])
+    message = choices[0].message
+    text = (message.content if message is not None else None) or ""
+    usage = getattr(response, "usage", None)
+    prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+    completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+    cost = getattr(usage, "cost", None) if usage is not None else None
+    if cost is None and usage is not None and usage.model_extra:
+        cost = usage.model_extra.get("cost")
+    return _Answer(
+        text=text,
+        model=getattr(response, "model", None) or requested_model,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_usd=float(cost) if isinstance(cost, int | float) else None,
+        attempts=1,
+    )

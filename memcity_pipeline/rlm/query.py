@@ -1,0 +1,494 @@
+"""The RLM query (the spec's `rlmQuery`): `rlm_query(...) -> RLMResult` over a sandbox backend.
+
+The caller resolves the LLM client and the sandbox backend (`memcity_pipeline.api.rlm_query`
+does it from settings, the `rlm_query` job from its resources). A wrong request (missing
+parameter, unknown org/user/knowledge base, bad config) raises :class:`RLMRequestError` before
+any LLM call or sandbox. Everything after that ends in an `RLMResult` and one session row, never
+an exception: a limit (iterations, budget, errors, timeout) gives the best answer so far with a
+`warning` and status `partial` or `timeout`; a failure (the LLM or the sandbox unavailable) gives
+status `failed` and an `error`.
+
+Runtime ``bun`` runs the generated code as JavaScript (``repl_server.js`` under Bun or Node.js).
+When that runtime fails (no interpreter, the server dies or breaks the protocol), the whole query
+runs again on ``python`` if ``runtime_fallback_to_python`` (the default); the session row keeps
+the requested runtime, the one used and the reason. Cost, tokens and the time limit cover both
+attempts.
+
+This module stays whole (about 450 lines) because it is one flow: a request, its attempts, and
+the session row they end in.
+"""
+
+import itertools
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from rlm.logger import RLMLogger
+from rlm.utils.exceptions import (
+    BudgetExceededError,
+    CancellationError,
+    ErrorThresholdExceededError,
+    TimeoutExceededError,
+    TokenLimitExceededError,
+)
+
+from memcity_pipeline.lake.tables import trajectory_path
+from memcity_pipeline.llm.client import LLMClient, LLMError, parse_structured
+from memcity_pipeline.rlm.config import (
+    AVAILABLE_RUNTIMES,
+    RLMConfig,
+    RLMRequestError,
+    RLMResult,
+    Status,
+    parse_config,
+)
+from memcity_pipeline.rlm.context import ContextError, GatheredContext, gather_context
+from memcity_pipeline.rlm.engine import (
+    PRELUDES,
+    Deadline,
+    ProgressFn,
+    SandboxRLM,
+    Spend,
+    SubCallBroker,
+)
+from memcity_pipeline.rlm.prompts import SYSTEM_PROMPTS, describe_context
+from memcity_pipeline.rlm.sessions import SessionStore, now_utc
+from memcity_pipeline.sandbox.base import (
+    ExecResult,
+    SandboxBackend,
+    SandboxError,
+    SandboxSession,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeFailure(Exception):
+    """The REPL of a non-python runtime failed (no interpreter, died, broke the protocol)."""
+
+
+class _FailFastSession(SandboxSession):
+    """A session whose sandbox failures end the query (to retry it on python) instead of
+    becoming error text for the root LLM."""
+
+    def __init__(self, session: SandboxSession) -> None:
+        self.session = session
+        self.session_id = session.session_id
+        self.org_id = session.org_id
+
+    def load_context(self, context: str | list | dict) -> None:
+        self.session.load_context(context)
+
+    def execute(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        try:
+            return self.session.execute(code, timeout_s)
+        except SandboxError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    def get_variable(self, name: str) -> str:
+        return self.session.get_variable(name)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _strip_code(text: str) -> str:
+    """A root LLM reply without its code blocks (prose only), or the reply if that is empty."""
+    prose = re.sub(r"```.*?```", "", text or "", flags=re.DOTALL).strip()
+    return prose or (text or "").strip()
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    """A checked request with its context gathered: nothing has been started yet."""
+
+    org_id: str
+    query: str
+    user_id: str | None
+    knowledge_base_id: str | None
+    config: RLMConfig
+    context: GatheredContext
+    lake: Path
+
+
+def prepare_query(
+    org_id: str,
+    query: str,
+    context_type: str,
+    *,
+    user_id: str | None = None,
+    knowledge_base_id: str | None = None,
+    custom_context: str | list[Any] | None = None,
+    rlm_config: RLMConfig | dict[str, Any] | None = None,
+    lake_dir: Path,
+) -> PreparedQuery:
+    """Check a request and gather its context from the lake; RLMRequestError when it is wrong
+    (so a wrong request costs no LLM, no sandbox and no model start)."""
+    cfg = parse_config(rlm_config)
+    if not query or not query.strip():
+        raise RLMRequestError("query is empty")
+    lake = Path(lake_dir)
+    try:
+        gathered = gather_context(
+            lake,
+            org_id,
+            context_type,
+            user_id=user_id,
+            knowledge_base_id=knowledge_base_id,
+            custom_context=custom_context,
+        )
+    except ContextError as exc:
+        raise RLMRequestError(str(exc)) from exc
+    return PreparedQuery(org_id, query, user_id, knowledge_base_id, cfg, gathered, lake)
+
+
+def run_query(
+    prepared: PreparedQuery,
+    *,
+    llm: LLMClient,
+    sandbox: SandboxBackend,
+    session_store: SessionStore | None = None,
+    progress: ProgressFn | None = None,
+) -> RLMResult:
+    """Run a prepared query; always returns a result and records one session row in
+    `session_store` (default: the lake only)."""
+    p = prepared
+    run = _Run(p.org_id, p.query, p.user_id, p.knowledge_base_id, p.config, p.context, p.lake)
+    try:
+        run.execute(llm, sandbox, progress)
+    except Exception as exc:  # whatever happened, the session is recorded
+        log.exception("rlm session %s failed", run.session_id)
+        run.fail(f"{type(exc).__name__}: {exc}")
+    return run.finish(session_store or SessionStore(p.lake))
+
+
+def rlm_query(
+    org_id: str,
+    query: str,
+    context_type: str,
+    *,
+    user_id: str | None = None,
+    knowledge_base_id: str | None = None,
+    custom_context: str | list[Any] | None = None,
+    rlm_config: RLMConfig | dict[str, Any] | None = None,
+    llm: LLMClient,
+    sandbox: SandboxBackend,
+    lake_dir: Path,
+    session_store: SessionStore | None = None,
+    progress: ProgressFn | None = None,
+) -> RLMResult:
+    """Answer `query` over the org's context (in the lake at `lake_dir`) with a Recursive
+    Language Model whose REPL runs in sessions of `sandbox`: `prepare_query`, then `run_query`.
+
+    `progress` receives events (`sandbox_opening`, `context_loaded`, `iteration_start`,
+    `iteration_done`). The config's sandbox options are the caller's to apply to `sandbox`,
+    except the execution timeout. Raises RLMRequestError for a wrong request; otherwise always
+    returns.
+    """
+    prepared = prepare_query(
+        org_id,
+        query,
+        context_type,
+        user_id=user_id,
+        knowledge_base_id=knowledge_base_id,
+        custom_context=custom_context,
+        rlm_config=rlm_config,
+        lake_dir=lake_dir,
+    )
+    return run_query(
+        prepared, llm=llm, sandbox=sandbox, session_store=session_store, progress=progress
+    )
+
+
+class _Run:
+    """One query from start to session row."""
+
+    def __init__(
+        self,
+        org_id: str,
+        query: str,
+        user_id: str | None,
+        knowledge_base_id: str | None,
+        cfg: RLMConfig,
+        gathered: GatheredContext,
+        lake: Path,
+    ) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.org_id = org_id
+        self.query = query
+        self.user_id = user_id
+        self.knowledge_base_id = knowledge_base_id
+        self.cfg = cfg
+        self.gathered = gathered
+        self.lake = lake
+        self.started_at = now_utc()
+        self.t0 = time.monotonic()
+        self.deadline = Deadline(cfg.max_timeout)
+        self.spend = Spend(max_budget=cfg.max_budget)
+        self.answer = ""
+        self.status: Status = "failed"
+        self.warning: str | None = None
+        self.error: str | None = None
+        self.iterations = 0
+        self.sub_calls = 0
+        self.backend = "local"
+        self.runtime_used: str | None = None
+        self.fallback_reason: str | None = None
+        self.root_model: str | None = cfg.model
+        self.sub_model: str | None = cfg.sub_model
+        self.trajectory: Path | None = None
+
+    def fail(self, message: str) -> None:
+        self.status = "failed"
+        self.error = message
+
+    def execute(
+        self, client: LLMClient, sandbox: SandboxBackend, progress: ProgressFn | None
+    ) -> None:
+        if self.cfg.runtime not in AVAILABLE_RUNTIMES:
+            self.fail(f"runtime {self.cfg.runtime!r} is not available")
+            return
+        self.backend = sandbox.name
+        runtime = self.cfg.runtime
+        if runtime != "python":
+            try:
+                self._loop(client, sandbox, progress, runtime)
+                return
+            except RuntimeFailure as exc:
+                reason = f"runtime {runtime!r} failed: {exc}"
+            if not self.cfg.runtime_fallback_to_python:
+                self.fail(f"{reason} (runtime_fallback_to_python is false)")
+                return
+            log.warning("rlm session %s: %s; running it again on python", self.session_id, reason)
+            self.fallback_reason = f"{reason}; ran on python"
+            self.warning = self.fallback_reason
+            self._reset_attempt()
+        self._loop(client, sandbox, progress, "python")
+
+    def _reset_attempt(self) -> None:
+        """Forget the outcome of a failed attempt (spend and time keep counting)."""
+        self.answer = ""
+        self.status = "failed"
+        self.error = None
+        self.iterations = 0
+        self.sub_calls = 0
+
+    def _loop(
+        self,
+        client: LLMClient,
+        opener: SandboxBackend,
+        progress: ProgressFn | None,
+        runtime: str,
+    ) -> None:
+        """One attempt on `runtime`; RuntimeFailure when a non-python runtime fails."""
+        cfg = self.cfg
+        self.runtime_used = runtime
+        fail_fast = runtime != "python"
+        self.root_model = cfg.model or client.model
+        self.sub_model = cfg.sub_model or cfg.model or client.sub_model
+        self.trajectory = trajectory_path(self.lake, self.session_id)
+        logger = RLMLogger(log_dir=str(self.trajectory.parent))
+        logger.log_file_path = str(self.trajectory)
+        exec_timeout = cfg.sandbox_exec_timeout_s or float(opener.exec_timeout_s or 120.0)
+
+        opened = itertools.count()
+
+        def open_session(broker: SubCallBroker) -> SandboxSession:
+            """The query's sandbox session; child RLMs (max_depth > 1) get one each."""
+            n = next(opened)
+            session = opener.open_session(
+                self.org_id,
+                broker,
+                prelude=PRELUDES[runtime],
+                session_id=self.session_id[:32] if n == 0 else f"{self.session_id[:24]}-c{n}",
+                runtime=runtime,
+            )
+            return _FailFastSession(session) if fail_fast else session
+
+        meta = describe_context(
+            self.gathered.context_type,
+            self.gathered.payload,
+            truncated=self.gathered.truncated,
+            total=self.gathered.total_available,
+        )
+        engine = SandboxRLM(
+            client=client,
+            open_session=open_session,
+            metadata=meta,
+            query=self.query,
+            root_model=self.root_model,
+            sub_model=self.sub_model,
+            deadline=self.deadline,
+            spend=self.spend,
+            max_iterations=cfg.max_iterations,
+            max_depth=cfg.max_depth,
+            max_errors=cfg.max_errors,
+            system_prompt=cfg.custom_system_prompt or SYSTEM_PROMPTS[runtime],
+            exec_timeout_s=exec_timeout,
+            logger=logger,
+            progress=progress,
+            max_tokens_per_call=cfg.max_tokens_per_call,
+        )
+        limit_warning: str | None = None
+        try:
+            completion = engine.completion(self.gathered.payload, root_prompt=self.query)
+            self.answer = completion.response or ""
+            if engine.hit_iteration_cap:
+                self.status = "partial"
+                limit_warning = (
+                    f"max_iterations ({cfg.max_iterations}) reached without FINAL; the answer "
+                    "is the root model's best answer from the history"
+                )
+            else:
+                self.status = "completed"
+        except TimeoutExceededError as exc:
+            self.status = "timeout"
+            self.answer = _strip_code(exc.partial_answer or engine._best_partial_answer or "")
+            limit_warning = f"{exc}; the answer is the best one so far"
+        except (BudgetExceededError, ErrorThresholdExceededError, TokenLimitExceededError) as exc:
+            self.status = "partial"
+            partial = getattr(exc, "partial_answer", None) or engine._best_partial_answer
+            self.answer = _strip_code(partial or "")
+            limit_warning = f"{exc}; the answer is the best one so far"
+        except CancellationError as exc:
+            self.status = "partial"
+            self.answer = _strip_code(exc.partial_answer or "")
+            limit_warning = str(exc)
+        except Exception as exc:
+            if fail_fast and isinstance(exc, SandboxError | RuntimeFailure):
+                raise RuntimeFailure(str(exc)) from exc
+            best = _strip_code(engine._best_partial_answer or "")
+            if isinstance(exc, LLMError) and best:
+                # the LLM gave up for good mid-query (after its retries): keep what we have
+                self.status = "partial"
+                self.answer = best
+                limit_warning = f"the LLM failed ({exc}); the answer is the best one so far"
+            else:
+                self.fail(f"{type(exc).__name__}: {exc}")
+                self.answer = best
+        finally:
+            self.iterations = engine.iterations_run + engine.children_iterations
+            self.sub_calls = engine.broker.total if engine.broker else 0
+        if limit_warning:
+            self.warning = f"{self.warning}; {limit_warning}" if self.warning else limit_warning
+
+    def finish(self, store: SessionStore) -> RLMResult:
+        """Record the session (Parquet, then Postgres) and build the result."""
+        ended = now_utc()
+        elapsed = time.monotonic() - self.t0
+        trajectory = (
+            str(self.trajectory)
+            if self.trajectory is not None and self.trajectory.exists()
+            else None
+        )
+        result = RLMResult(
+            answer=self.answer,
+            status=self.status,
+            iterations=self.iterations,
+            total_sub_calls=self.sub_calls,
+            cost=self.spend.cost_usd,
+            prompt_tokens=self.spend.prompt_tokens,
+            completion_tokens=self.spend.completion_tokens,
+            warning=self.warning,
+            error=self.error,
+            session_id=self.session_id,
+            execution_time_s=round(elapsed, 3),
+            context_type=self.gathered.context_type,
+            context_chars=self.gathered.char_count,
+            context_items=self.gathered.item_count,
+            root_model=self.root_model,
+            sub_model=self.sub_model,
+            runtime=self.cfg.runtime,
+            runtime_used=self.runtime_used,
+            trajectory_path=trajectory,
+        )
+        row = {
+            "session_id": self.session_id,
+            "org_id": self.org_id,
+            "user_id": self.user_id,
+            "knowledge_base_id": self.knowledge_base_id,
+            "query": self.query,
+            "context_type": result.context_type,
+            "context_chars": result.context_chars,
+            "context_items": result.context_items,
+            "backend": self.backend,
+            "runtime": self.cfg.runtime,
+            "runtime_used": self.runtime_used,
+            "runtime_fallback_reason": self.fallback_reason,
+            "root_model": self.root_model,
+            "sub_model": self.sub_model,
+            "iterations": result.iterations,
+            "sub_calls": result.total_sub_calls,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "cost_usd": result.cost,
+            "execution_time_s": result.execution_time_s,
+            "status": result.status,
+            "warning": result.warning,
+            "error_message": result.error,
+            "answer_chars": len(result.answer),
+            "trajectory_path": trajectory,
+            "started_at": self.started_at,
+            "ended_at": ended,
+        }
+        try:
+            result.logged_to_postgres = store.record(row)
+        except Exception as exc:  # the lake itself failed: say so, still answer
+            log.error("rlm session %s: the session row was not written: %s", self.session_id, exc)
+            extra = f"session log not written: {exc}"
+            result.warning = f"{result.warning}; {extra}" if result.warning else extra
+        return result
+
+
+def rlm_extract(
+    org_id: str,
+    document: str | list[Any],
+    instructions: str,
+    schema: type[BaseModel],
+    *,
+    rlm_config: RLMConfig | dict[str, Any] | None = None,
+    llm: LLMClient,
+    sandbox: SandboxBackend,
+    lake_dir: Path,
+    session_store: SessionStore | None = None,
+) -> tuple[BaseModel | None, RLMResult]:
+    """Structured output over a context too long for one call (e.g. phase 1 of enrichment).
+
+    The document is the `custom` context; the root model is told to end with `FINAL` of one
+    JSON object matching `schema`. Returns the validated object (None when the session did
+    not end with a valid one: then `result.error` says why) and the session's result.
+    """
+    dump = (
+        "JSON.stringify(result)"
+        if parse_config(rlm_config).runtime == "bun"
+        else "json.dumps(result)"
+    )
+    query = (
+        f"{instructions}\n\nEnd with FINAL({dump}) where `result` is one JSON object "
+        "matching this JSON schema:\n"
+        + json.dumps(schema.model_json_schema(), separators=(",", ":"))
+    )
+    result = rlm_query(
+        org_id,
+        query,
+        "custom",
+        custom_context=document,
+        rlm_config=rlm_config,
+        llm=llm,
+        sandbox=sandbox,
+        lake_dir=lake_dir,
+        session_store=session_store,
+    )
+    if result.status == "failed":
+        return None, result
+    try:
+        return parse_structured(result.answer, schema), result
+    except ValueError as exc:
+        result.error = f"the answer does not match {schema.__name__}: {exc}"
+        return None, result

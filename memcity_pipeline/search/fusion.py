@@ -1,0 +1,216 @@
+"""Hybrid search: BM25 and vector candidates fused by reciprocal rank fusion (RRF).
+
+`HybridIndex` keeps, for one collection of texts known by string ids, a BM25 index and a matrix
+of unit-length vectors, saves both into one folder and answers queries with fused hits. It knows
+nothing of organisations or documents: callers keep such metadata beside it, keyed by id, and
+restrict a search to some rows with a boolean `mask`.
+"""
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memcity_pipeline.search.bm25 import BM25Index, top_k_positions, write_dir_atomic
+from memcity_pipeline.search.embeddings import Embedder, l2_normalise
+
+BM25 = "bm25"
+VECTOR = "vector"
+RRF_K = 60
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FusedHit:
+    """One fused result: its id, RRF score, and the rank (1-based) in each list that found it."""
+
+    id: str
+    score: float
+    retrievers: dict[str, int]
+    retriever_scores: dict[str, float] = field(default_factory=dict)
+
+
+def rrf_fuse(ranked_lists: Mapping[str, Sequence[str]], k: int = RRF_K) -> list[FusedHit]:
+    """Fuse ranked id lists: score(id) = sum over the lists holding it of 1 / (k + rank).
+
+    Ranks start at 1; an id repeated within one list counts at its first place. Hits come best
+    first; equal scores are ordered by their best rank, then by id.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    ranks: dict[str, dict[str, int]] = {}
+    for name, ids in ranked_lists.items():
+        for rank, hit_id in enumerate(ids, start=1):
+            found = ranks.setdefault(hit_id, {})
+            found.setdefault(name, rank)
+    hits = [
+        FusedHit(hit_id, sum(1.0 / (k + r) for r in found.values()), found)
+        for hit_id, found in ranks.items()
+    ]
+    hits.sort(key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
+    return hits
+
+
+def vector_top_k(
+    matrix: np.ndarray, query: np.ndarray, k: int, *, mask: np.ndarray | None = None
+) -> list[tuple[int, float]]:
+    """The `k` rows of `matrix` (unit-length rows) closest to `query`: (row, cosine), best first.
+
+    The query is normalised here; `mask` (boolean, one per row) keeps only rows where it is True.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if matrix.shape[0] == 0:
+        return []
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    if q.shape[0] != matrix.shape[1]:
+        raise ValueError(f"query has dimension {q.shape[0]}, the index {matrix.shape[1]}")
+    norm = float(np.linalg.norm(q))
+    if norm > 0:
+        q = q / norm
+    scores = matrix @ q
+    if mask is not None:
+        if len(mask) != matrix.shape[0]:
+            raise ValueError(f"mask has {len(mask)} entries for {matrix.shape[0]} rows")
+        scores = np.where(mask, scores, -np.inf)
+        k = min(k, int(np.count_nonzero(mask)))
+    return [(p, float(scores[p])) for p in top_k_positions(scores, k)]
+
+
+class HybridIndex:
+    """BM25 plus vectors over one collection of texts, searched with RRF."""
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        bm25: BM25Index,
+        vectors: np.ndarray,
+        model_name: str,
+        embedder: Embedder | None = None,
+    ) -> None:
+        if len(bm25) != len(ids) or vectors.shape[0] != len(ids):
+            raise ValueError(
+                f"{len(ids)} ids, {len(bm25)} BM25 rows and {vectors.shape[0]} vectors differ"
+            )
+        self.ids = list(ids)
+        self.bm25 = bm25
+        self.vectors = vectors
+        self.model_name = model_name
+        self.embedder = embedder
+        self._positions = {hit_id: i for i, hit_id in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dimension(self) -> int:
+        """The vector dimension."""
+        return int(self.vectors.shape[1])
+
+    def position(self, hit_id: str) -> int:
+        """The row of `hit_id` (for building masks); KeyError when it is not indexed."""
+        return self._positions[hit_id]
+
+    @classmethod
+    def build(
+        cls,
+        ids: Sequence[str],
+        texts: Sequence[str],
+        vectors: np.ndarray | None,
+        embedder: Embedder | None,
+        *,
+        model_name: str | None = None,
+    ) -> "HybridIndex":
+        """Index `texts` by `ids`, with given `vectors` (one row per text) or `embedder`'s."""
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
+        if vectors is None:
+            if embedder is None:
+                raise ValueError("give the vectors or an embedder to compute them")
+            vectors = embedder.embed(list(texts))
+        name = embedder.model_name if embedder is not None else model_name
+        if not name:
+            raise ValueError("the model name of the vectors is needed (embedder or model_name)")
+        if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+            raise ValueError(f"vectors of shape {vectors.shape} for {len(ids)} texts")
+        return cls(ids, BM25Index.build(ids, texts), l2_normalise(vectors), name, embedder)
+
+    def save(self, directory: Path) -> None:
+        """Write the index into `directory` (replaced atomically)."""
+
+        def write(folder: Path) -> None:
+            (folder / "bm25").mkdir()
+            self.bm25.write_into(folder / "bm25")
+            np.save(folder / "vectors.npy", np.ascontiguousarray(self.vectors, dtype=np.float32))
+            (folder / "ids.json").write_text(json.dumps(self.ids, ensure_ascii=False), "utf-8")
+            meta = {
+                "format": FORMAT_VERSION,
+                "kind": "hybrid",
+                "count": len(self.ids),
+                "model_name": self.model_name,
+                "dimension": self.dimension,
+            }
+            (folder / "meta.json").write_text(json.dumps(meta), "utf-8")
+
+        write_dir_atomic(Path(directory), write)
+
+    @classmethod
+    def load(
+        cls, directory: Path, embedder: Embedder | None = None, *, mmap: bool = False
+    ) -> "HybridIndex":
+        """Open an index saved by `save`; `embedder` (same model) embeds queries."""
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no hybrid index at {directory}")
+        meta = json.loads(meta_path.read_text("utf-8"))
+        if meta.get("format") != FORMAT_VERSION or meta.get("kind") != "hybrid":
+            raise ValueError(f"{directory} holds an index of another format: {meta}")
+        if embedder is not None and embedder.model_name != meta["model_name"]:
+            raise ValueError(
+                f"the index at {directory} was built with {meta['model_name']}, "
+                f"the query embedder is {embedder.model_name}"
+            )
+        ids = json.loads((directory / "ids.json").read_text("utf-8"))
+        vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap else None)
+        bm25 = BM25Index.load(directory / "bm25", mmap=mmap)
+        return cls(ids, bm25, vectors, meta["model_name"], embedder)
+
+    def search(
+        self,
+        query: str,
+        k: int = 10,
+        candidates: int = 50,
+        query_vector: np.ndarray | None = None,
+        *,
+        mask: np.ndarray | None = None,
+        rrf_k: int = RRF_K,
+    ) -> list[FusedHit]:
+        """The best `k` hits for `query`: the top `candidates` of BM25 and of vectors, fused.
+
+        `query_vector` saves embedding the query (needed when the index has no embedder);
+        `mask` (boolean, one per row) keeps only the rows where it is True.
+        """
+        if not query.strip():
+            raise ValueError("the query is empty")
+        if k < 1 or candidates < 1:
+            raise ValueError(f"k and candidates must be >= 1, got {k} and {candidates}")
+        if mask is not None:
+            mask = np.asarray(mask, dtype=bool)
+        keyword = self.bm25.query(query, candidates, mask=mask)
+        if query_vector is None:
+            if self.embedder is None:
+                raise ValueError("this index has no embedder: pass query_vector")
+            query_vector = self.embedder.embed([query])[0]
+        nearest = vector_top_k(self.vectors, query_vector, candidates, mask=mask)
+        fused = rrf_fuse(
+            {BM25: [i for i, _ in keyword], VECTOR: [self.ids[p] for p, _ in nearest]}, k=rrf_k
+        )
+        raw: dict[str, dict[str, float]] = {}
+        for hit_id, score in keyword:
+            raw.setdefault(hit_id, {})[BM25] = score
+        for p, score in nearest:
+            raw.setdefault(self.ids[p], {})[VECTOR] = score
+        return [FusedHit(h.id, h.score, h.retrievers, raw.get(h.id, {})) for h in fused[:k]]

@@ -1,0 +1,261 @@
+"""`get_context`: hybrid search (BM25 + vectors, fused by reciprocal rank) over one knowledge
+base's enriched chunks, and the same over one user's memories.
+
+Indexes are loaded once per process and reloaded when their files change. A search only ever
+opens the index files of the org and knowledge base (or user) it was asked for.
+"""
+
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel
+
+from memcity_pipeline.lake.tables import (
+    ScopeKind,
+    UnknownScopeError,
+    bm25_dir,
+    kb_table_path,
+    require_scope,
+)
+from memcity_pipeline.search.bm25 import BM25Index
+from memcity_pipeline.search.embeddings import Embedder
+from memcity_pipeline.search.fusion import HybridIndex
+from memcity_pipeline.search.indexes import vectors_of
+
+
+class SearchError(ValueError):
+    """The request cannot be answered: unknown org, knowledge base or user, or no index yet."""
+
+
+@dataclass
+class ContextHit:
+    """One result of `get_context`."""
+
+    chunk_id: str
+    document_id: str
+    title: str
+    section: str | None
+    text: str  # the original chunk text
+    resolved_text: str | None
+    score: float
+    retrievers: dict[str, int] = field(default_factory=dict)  # retriever -> rank (1-based)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MemoryHit:
+    memory_id: str
+    text: str
+    created_at: Any
+    score: float
+    retrievers: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Loaded:
+    key: tuple[Any, ...]
+    index: HybridIndex
+    rows: dict[str, dict[str, Any]]
+
+
+_CACHE: dict[tuple[str, ...], _Loaded] = {}
+_LOCK = threading.Lock()
+
+
+def _stamp(*paths: Path) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for p in paths:
+        target = p / "meta.json" if p.is_dir() else p
+        out.append(target.stat().st_mtime_ns if target.exists() else None)
+    return tuple(out)
+
+
+def _load(
+    lake: Path,
+    kind: str,
+    org_id: str,
+    scope_id: str,
+    embedder: Embedder,
+    rows_of: Callable[[Path, str, str], dict[str, dict[str, Any]]],
+) -> _Loaded:
+    table = "chunk_embeddings" if kind == "chunks" else "memory_embeddings"
+    vec_path = kb_table_path(lake, table, org_id, scope_id)
+    index_dir = bm25_dir(lake, kind, org_id, scope_id)  # type: ignore[arg-type]
+    if not vec_path.exists() or not (index_dir / "meta.json").exists():
+        raise SearchError(
+            f"the {kind} index of {org_id}/{scope_id} is not built yet: run `memcity ingest`"
+        )
+    key = (kind, org_id, scope_id, embedder.model_name)
+    stamp = _stamp(vec_path, index_dir)
+    with _LOCK:
+        cached = _CACHE.get(key)
+        if cached and cached.key == stamp:
+            return cached
+    bm25 = BM25Index.load(index_dir)
+    emb = pl.read_parquet(vec_path)
+    models = set(emb["model"].unique().to_list()) if emb.height else {embedder.model_name}
+    if models != {embedder.model_name}:
+        raise SearchError(
+            f"the {kind} index of {org_id}/{scope_id} was embedded with {', '.join(models)}, "
+            f"but the configured embeddings are {embedder.model_name}: run `memcity ingest`"
+        )
+    position = {item: i for i, item in enumerate(emb["item_id"].to_list())}
+    missing = [i for i in bm25.ids if i not in position]
+    if missing:
+        raise SearchError(
+            f"the {kind} index of {org_id}/{scope_id} is out of step with its embeddings "
+            f"({len(missing)} items missing): run `memcity ingest`"
+        )
+    matrix = vectors_of(emb)
+    vectors = (
+        matrix[[position[i] for i in bm25.ids]]
+        if len(bm25.ids)
+        else np.zeros((0, getattr(embedder, "dimension", 1)), dtype=np.float32)
+    )
+    index = HybridIndex(bm25.ids, bm25, vectors, embedder.model_name, embedder)
+    loaded = _Loaded(stamp, index, rows_of(lake, org_id, scope_id))
+    with _LOCK:
+        _CACHE[key] = loaded
+    return loaded
+
+
+def _chunk_rows(lake: Path, org_id: str, kb_id: str) -> dict[str, dict[str, Any]]:
+    chunks = pl.read_parquet(
+        kb_table_path(lake, "enriched_chunks", org_id, kb_id),
+        columns=["org_id", "chunk_id", "document_id", "section_title", "text", "resolved_text"],
+    )
+    docs_path = kb_table_path(lake, "raw_documents", org_id, kb_id)
+    if docs_path.exists():
+        docs = pl.read_parquet(docs_path, columns=["document_id", "title"])
+        chunks = chunks.join(docs, on="document_id", how="left")
+    joined = chunks
+    return {r["chunk_id"]: r for r in joined.iter_rows(named=True)}
+
+
+def _memory_rows(lake: Path, org_id: str, user_id: str) -> dict[str, dict[str, Any]]:
+    mem = pl.read_parquet(
+        kb_table_path(lake, "memories", org_id, user_id),
+        columns=["org_id", "memory_id", "text", "created_at"],
+    )
+    return {r["memory_id"]: r for r in mem.iter_rows(named=True)}
+
+
+def _check_scope(lake: Path, org_id: str, scope: ScopeKind, scope_id: str) -> None:
+    """SearchError unless the lake knows the org and its knowledge base (or user)."""
+    words = ("org id", "knowledge base id" if scope == "knowledge_base" else "user id")
+    try:
+        require_scope(lake, org_id, scope, scope_id, id_names=words)
+    except UnknownScopeError as exc:
+        raise SearchError(str(exc)) from None
+
+
+class RerankOut(BaseModel):
+    ranking: list[int]
+
+
+Reranker = Callable[[str, list[str]], list[int]]  # (query, passages) -> order of passage indices
+
+
+def get_context(
+    lake: Path,
+    org_id: str,
+    knowledge_base_id: str,
+    query: str,
+    k: int = 10,
+    *,
+    embedder: Embedder,
+    candidates: int = 50,
+    reranker: Reranker | None = None,
+) -> list[ContextHit]:
+    """The `k` chunks of one knowledge base that best answer `query`."""
+    if not query.strip():
+        raise SearchError("the query is empty")
+    if k < 1:
+        raise SearchError(f"k must be at least 1, got {k}")
+    _check_scope(lake, org_id, "knowledge_base", knowledge_base_id)
+    loaded = _load(lake, "chunks", org_id, knowledge_base_id, embedder, _chunk_rows)
+    if len(loaded.index) == 0:
+        return []
+    fused = loaded.index.search(
+        query, k=max(k, candidates if reranker else k), candidates=candidates
+    )
+    hits = [
+        ContextHit(
+            chunk_id=h.id,
+            document_id=row["document_id"],
+            title=row.get("title") or "",
+            section=row.get("section_title"),
+            text=row["text"],
+            resolved_text=row.get("resolved_text"),
+            score=float(h.score),
+            retrievers=dict(h.retrievers),
+        )
+        for h in fused
+        if (row := loaded.rows.get(h.id)) is not None and row["org_id"] == org_id
+    ]
+    if reranker and hits:
+        order = reranker(query, [h.resolved_text or h.text for h in hits[:candidates]])
+        seen = [i for i in dict.fromkeys(order) if 0 <= i < len(hits)]
+        rest = [i for i in range(len(hits)) if i not in seen]
+        hits = [hits[i] for i in seen + rest]
+        for rank, h in enumerate(hits, start=1):
+            h.retrievers["llm_rerank"] = rank
+    return hits[:k]
+
+
+def search_memories(
+    lake: Path,
+    org_id: str,
+    user_id: str,
+    query: str,
+    k: int = 10,
+    *,
+    embedder: Embedder,
+    candidates: int = 50,
+) -> list[MemoryHit]:
+    """The `k` memories of one user that best match `query`."""
+    if not query.strip():
+        raise SearchError("the query is empty")
+    _check_scope(lake, org_id, "user", user_id)
+    loaded = _load(lake, "memories", org_id, user_id, embedder, _memory_rows)
+    if len(loaded.index) == 0:
+        return []
+    return [
+        MemoryHit(
+            row["memory_id"], row["text"], row["created_at"], float(h.score), dict(h.retrievers)
+        )
+        for h in loaded.index.search(query, k=k, candidates=candidates)
+        if (row := loaded.rows.get(h.id)) is not None and row["org_id"] == org_id
+    ]
+
+
+def llm_reranker(client: Any) -> Reranker:
+    """A reranker asking an LLM to order passages by relevance (configured by MEMCITY_RERANK=llm)."""
+
+    def rerank(query: str, passages: list[str]) -> list[int]:
+        listing = "\n\n".join(f"[{i}] {p[:600]}" for i, p in enumerate(passages))
+        res = client.complete(
+            [
+                {
+                    "role": "system",
+                    "content": "Order the passages by how well they answer the question. Reply "
+                    'with JSON only: {"ranking": [passage numbers, best first]}.',
+                },
+                {"role": "user", "content": f"Question: {query}\n\nPassages:\n{listing}"},
+            ],
+            schema=RerankOut,
+            max_tokens=400,
+        )
+        return list(res.parsed.ranking)
+
+    return rerank

@@ -1,0 +1,421 @@
+"""The three enrichment phases as Dagster assets, against a scripted LLM and the real SmolLM2."""
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from memcity_pipeline.cli.runner import sample_corpus_dir
+from memcity_pipeline.defs import enrichment
+from memcity_pipeline.defs.enrichment import chunks, document_structure, enriched_chunks
+from memcity_pipeline.defs.ingestion import raw_documents
+from memcity_pipeline.resources.enrichment import EnrichmentResource
+from memcity_pipeline.resources.llm import LLMResource
+from memcity_pipeline.settings import build_resources, get_settings
+from tests.scripted_llm_server import ScriptedLLMServer
+
+KB = "orgs/acme/knowledge_bases/handbook"
+ASSETS = [
+    raw_documents,
+    document_structure,
+    chunks,
+    enriched_chunks,
+    *dg.load_asset_checks_from_modules([enrichment]),
+]
+
+DOC_A = """# Acme Widget
+
+The Acme Widget is a small hive sensor. It weighs 40 grams and it ships in spring.
+
+## Warranty
+
+It is covered for three years. The company repairs it for free.
+
+## Support
+
+Support is run by Dana Reyes. She answers within two days.
+"""
+
+DOC_B = """# Returns
+
+Customers may return a Widget within 30 days. They must keep the receipt.
+POISON marks a paragraph that the scripted model refuses to enrich properly.
+"""
+
+
+def _user_text(request: dict[str, Any]) -> str:
+    return next(m["content"] for m in request["messages"] if m["role"] == "user")
+
+
+def smart_responder(request: dict[str, Any]) -> str:
+    """Answers structure and enrichment prompts with plausible JSON derived from the text."""
+    system = request["messages"][0]["content"]
+    text = _user_text(request)
+    if system.startswith("You analyse one document"):
+        headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+        return json.dumps(
+            {
+                "summary": "A document about the Acme Widget. " + text[:80].replace("\n", " "),
+                "entities": [
+                    {
+                        "name": "Acme Widget",
+                        "type": "product",
+                        "aliases": ["Widget"],
+                        "description": "a hive sensor",
+                    },
+                    {
+                        "name": "Dana Reyes",
+                        "type": "person",
+                        "aliases": [],
+                        "description": "runs support",
+                    },
+                ],
+                "relationships": [
+                    {"source": "Dana Reyes", "relation": "runs", "target": "Support"}
+                ],
+                "sections": [{"title": h, "starts_with": h} for h in headings],
+            }
+        )
+    if system.startswith("You combine partial summaries"):
+        return json.dumps({"summary": "Combined summary of all parts."})
+    if system.startswith("You prepare chunks"):
+        blocks = re.findall(
+            r"\[chunk (\d+)\]\n(.*?)(?=\n\n\[chunk \d+\]\n|\Z)", text, flags=re.DOTALL
+        )
+        out = []
+        for index, body in blocks:
+            if "POISON" in body:
+                out.append(
+                    {
+                        "index": int(index),
+                        "references": [],
+                        "key_terms": [],
+                        "summary": "",
+                        "entities": [],
+                    }
+                )
+                continue
+            out.append(
+                {
+                    "index": int(index),
+                    "references": [
+                        {"phrase": "It", "refers_to": "Acme Widget"},
+                        {"phrase": "She", "refers_to": "Dana Reyes"},
+                        {"phrase": "nowhere to be found", "refers_to": "ignored"},
+                    ],
+                    "key_terms": body.split()[:3],
+                    "summary": body.strip().split(".")[0] + ".",
+                    "entities": ["Acme Widget"],
+                }
+            )
+        return json.dumps({"chunks": out})
+    return "{}"
+
+
+def _write(landing: Path, rel: str, text: str) -> None:
+    path = landing / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def _resources(
+    server: ScriptedLLMServer, mode: str = "llm", long_documents: str = "rlm", **llm: Any
+) -> dict[str, Any]:
+    configured = build_resources(get_settings())
+    return {
+        **configured,
+        "llm": LLMResource(
+            base_url=server.base_url,
+            model="scripted-model",
+            cache_dir=configured["llm"].cache_dir,
+            **llm,
+        ),
+        "enrichment": EnrichmentResource(
+            mode=mode, chunk_tokens=64, chunk_overlap_tokens=8, long_documents=long_documents
+        ),
+    }
+
+
+def _table(name: str) -> pl.DataFrame:
+    lake = get_settings().lake_dir
+    files = sorted((lake / name).glob("*/*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+
+
+def _meta(result: dg.ExecuteInProcessResult, key: str) -> dict[str, Any]:
+    for event in result.get_asset_materialization_events():
+        if event.asset_key.to_user_string() == key:
+            return {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+    raise KeyError(key)
+
+
+def test_three_phases_enrich_and_a_rerun_makes_no_llm_call(scripted_llm: ScriptedLLMServer) -> None:
+    scripted_llm.responder = smart_responder
+    landing = get_settings().landing_dir
+    _write(landing, f"{KB}/widget.md", DOC_A)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    assert result.success
+
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["status"] == "ok" and structure["method"] == "llm"
+    assert [s["title"] for s in structure["sections"]] == ["Acme Widget", "Warranty", "Support"]
+    starts = [s["start"] for s in structure["sections"]]
+    assert starts == sorted(starts) and DOC_A[starts[1] :].startswith("## Warranty")
+    assert {e["name"] for e in structure["entities"]} == {"Acme Widget", "Dana Reyes"}
+
+    ch = _table("chunks")
+    assert ch.height >= 3 and ch["token_count"].max() <= 64
+    assert set(ch["section_title"].to_list()) == {"Acme Widget", "Warranty", "Support"}
+    enriched = _table("enriched_chunks")
+    assert set(enriched["enrichment_status"].to_list()) == {"enriched"}
+    warranty = enriched.filter(pl.col("section_title") == "Warranty").row(0, named=True)
+    assert "It (Acme Widget) is covered" in warranty["resolved_text"]
+    support = enriched.filter(pl.col("section_title") == "Support").row(0, named=True)
+    assert "She (Dana Reyes) answers" in support["resolved_text"]
+    assert warranty["text"].startswith("## Warranty")  # the original is kept beside it
+    meta = _meta(result, "enriched_chunks")
+    assert meta["llm_calls"] >= 1 and meta["prompt_tokens"] > 0
+    assert "resolved_text" in meta["preview"]
+
+    calls_before = scripted_llm.call_count
+    again = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    assert again.success and scripted_llm.call_count == calls_before
+    assert _meta(again, "document_structure")["processed"] == 0
+    assert _meta(again, "enriched_chunks")["chunks_processed"] == 0
+
+    # With the lake's enrichment tables gone, the persistent response cache still answers.
+    for table in ("document_structure", "enriched_chunks"):
+        for f in (get_settings().lake_dir / table).glob("*/*.parquet"):
+            f.unlink()
+    third = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    assert third.success and scripted_llm.call_count == calls_before
+    assert _meta(third, "enriched_chunks")["cache_hits"] >= 1
+
+
+def test_a_failed_chunk_keeps_its_text_and_only_it_is_retried(
+    scripted_llm: ScriptedLLMServer,
+) -> None:
+    scripted_llm.responder = smart_responder
+    landing = get_settings().landing_dir
+    _write(landing, f"{KB}/widget.md", DOC_A)
+    _write(landing, f"{KB}/returns.md", DOC_B)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    assert result.success
+    enriched = _table("enriched_chunks")
+    failed = enriched.filter(pl.col("enrichment_status") == "failed")
+    assert failed.height == 1
+    row = failed.row(0, named=True)
+    assert "POISON" in row["text"] and row["resolved_text"] is None
+    assert "empty summary" in row["enrichment_error"]
+    assert enriched.filter(pl.col("enrichment_status") == "enriched").height == enriched.height - 1
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["chunks_enriched_or_explained"] is True
+
+    scripted_llm.reset()
+    scripted_llm.responder = smart_responder
+    again = dg.materialize(ASSETS, resources=_resources(scripted_llm, use_cache=False))
+    assert again.success
+    prompts = [_user_text(r.body) for r in scripted_llm.chat_requests]
+    assert prompts and all("POISON" in p for p in prompts)  # only the failed chunk went again
+    assert _meta(again, "enriched_chunks")["chunks_processed"] == 1
+
+
+def test_enrichment_off_calls_no_llm_and_chunks_by_headings(
+    scripted_llm: ScriptedLLMServer,
+) -> None:
+    landing = get_settings().landing_dir
+    _write(landing, f"{KB}/widget.md", DOC_A)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, mode="off"))
+    assert result.success and scripted_llm.call_count == 0
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["method"] == "headings" and structure["summary"] == ""
+    assert [s["title"] for s in structure["sections"]] == ["Acme Widget", "Warranty", "Support"]
+    assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"off"}
+
+
+LONG_DOC = "# Long\n\n" + "\n\n".join(
+    f"## Part {i}\n\n" + " ".join(f"The Widget sentence {i}.{j} is here." for j in range(60))
+    for i in range(8)
+)
+
+# The root LLM's program for a long document: split at headings, one batched sub-call per part,
+# merge in code, FINAL of the JSON (what a capable model writes for `long_document_task`).
+RLM_STRUCTURE_PROGRAM = """```repl
+import json, re
+starts = [m.start() for m in re.finditer(r"^#+ ", context, flags=re.M)]
+parts = [context[a:b] for a, b in zip(starts, starts[1:] + [len(context)])]
+answers = llm_query_batched(["Summarise this part as JSON:\\n" + p for p in parts])
+sections = []
+for p in parts:
+    title = p.splitlines()[0].lstrip("# ").strip()
+    first = p.splitlines()[0]
+    if first in context:
+        sections.append({"title": title, "starts_with": first})
+result = {
+    "summary": " ".join(json.loads(a)["summary"] for a in answers[:2]),
+    "entities": [{"name": "Acme Widget", "type": "product", "aliases": ["Widget"]}],
+    "relationships": [],
+    "sections": sections,
+}
+print(len(parts), "parts")
+FINAL(json.dumps(result))
+```"""
+
+
+def rlm_structure_responder(program: str) -> Any:
+    """Answers RLM root turns with `program`, sub-calls with a part summary, else smart_responder."""
+
+    def respond(request: dict[str, Any]) -> str:
+        system = request["messages"][0]["content"]
+        if system.startswith("You answer a query about a large context"):
+            return program
+        if _user_text(request).startswith("Summarise this part"):
+            part = _user_text(request).split("\n", 2)[1]
+            return json.dumps({"summary": f"About {part.lstrip('# ')}."})
+        return smart_responder(request)
+
+    return respond
+
+
+def _sessions() -> pl.DataFrame:
+    files = sorted((get_settings().lake_dir / "rlm_sessions").rglob("*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+
+
+def test_a_long_document_is_read_whole_by_the_rlm_engine(scripted_llm: ScriptedLLMServer) -> None:
+    scripted_llm.responder = rlm_structure_responder(RLM_STRUCTURE_PROGRAM)
+    _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, context_window=1200))
+    assert result.success
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["status"] == "ok" and structure["method"] == "llm-rlm"
+    titles = [s["title"] for s in structure["sections"]]
+    assert titles == ["Long", *[f"Part {i}" for i in range(8)]]
+    starts = [s["start"] for s in structure["sections"]]
+    assert all(LONG_DOC[x:].startswith(("# Long", "## Part")) for x in starts)
+    assert structure["summary"] == "About Long. About Part 0."  # from the sandbox's sub-calls
+    # 1 root turn + 9 sub-calls, none of them a windowed phase-1 call
+    assert structure["llm_calls"] == 10
+    systems = [r.body["messages"][0]["content"] for r in scripted_llm.chat_requests]
+    assert not any(x.startswith("You analyse one document") for x in systems)
+    session = _sessions().row(0, named=True)
+    assert session["status"] == "completed" and session["context_type"] == "custom"
+    assert session["org_id"] == "acme" and session["context_chars"] == len(LONG_DOC)
+    assert session["sub_calls"] == 9
+    assert set(_table("chunks")["section_title"].to_list()) >= {f"Part {i}" for i in range(8)}
+
+
+def test_a_long_document_falls_back_to_windows_when_the_rlm_answer_is_invalid(
+    scripted_llm: ScriptedLLMServer,
+) -> None:
+    scripted_llm.responder = rlm_structure_responder("```repl\nFINAL('no structure here')\n```")
+    _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, context_window=1200))
+    assert result.success
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["status"] == "ok" and structure["method"] == "llm-windowed"
+    assert structure["summary"] == "Combined summary of all parts."
+    assert _sessions().row(0, named=True)["status"] == "completed"  # recorded, answer rejected
+    # the windows' calls come on top of the session's root turn
+    assert structure["llm_calls"] > 2 + 1
+
+
+def test_a_long_document_is_read_in_windows_and_merged(scripted_llm: ScriptedLLMServer) -> None:
+    scripted_llm.responder = smart_responder
+    _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
+    result = dg.materialize(
+        ASSETS, resources=_resources(scripted_llm, long_documents="windowed", context_window=1200)
+    )
+    assert result.success and _sessions().height == 0
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["method"] == "llm-windowed" and structure["llm_calls"] > 2
+    assert structure["summary"] == "Combined summary of all parts."
+    names = [e["name"] for e in structure["entities"]]
+    assert names.count("Acme Widget") == 1 and len(names) == 2  # de-duplicated across windows
+    titles = [s["title"] for s in structure["sections"]]
+    assert [f"Part {i}" for i in range(8)] == [t for t in titles if t and t.startswith("Part")]
+
+
+def test_unusable_structure_answers_fall_back_to_headings_and_are_retried(
+    scripted_llm: ScriptedLLMServer,
+) -> None:
+    scripted_llm.responder = lambda request: "this is not JSON at all"
+    landing = get_settings().landing_dir
+    _write(landing, f"{KB}/widget.md", DOC_A)
+    result = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    assert result.success
+    structure = _table("document_structure").row(0, named=True)
+    assert structure["status"] == "failed" and "StructuredOutputError" in structure["error"]
+    assert [s["title"] for s in structure["sections"]] == ["Acme Widget", "Warranty", "Support"]
+    assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"failed"}
+
+    scripted_llm.responder = smart_responder
+    again = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    assert again.success
+    assert _table("document_structure").row(0, named=True)["status"] == "ok"
+    assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"enriched"}
+
+
+@pytest.mark.slow
+def test_phases_one_to_three_with_the_real_local_model(local_llm_server: Any) -> None:
+    settings = get_settings()
+    kb_src = next((sample_corpus_dir() / "orgs").glob("*/knowledge_bases/*"))
+    docs = sorted(p for p in kb_src.rglob("*.md"))[:2]
+    for doc in docs:
+        _write(
+            settings.landing_dir, f"orgs/acme/knowledge_bases/kb/{doc.name}", doc.read_text("utf-8")
+        )
+    configured = build_resources(settings)
+    resources = {
+        **configured,
+        "llm": LLMResource(
+            base_url=local_llm_server.base_url,
+            model=local_llm_server.model_name,
+            context_window=4096,
+            cache_dir=configured["llm"].cache_dir,
+        ),
+        "enrichment": EnrichmentResource(
+            mode="llm", chunk_tokens=256, chunk_overlap_tokens=32, chunks_per_call=2
+        ),
+    }
+    result = dg.materialize(ASSETS, resources=resources)
+    assert result.success
+    structure = _table("document_structure")
+    assert structure.height == 2
+    assert set(structure["status"].to_list()) <= {"ok", "failed"}
+    enriched = _table("enriched_chunks")
+    assert enriched.height >= 2
+    assert set(enriched["enrichment_status"].to_list()) <= {"enriched", "failed"}
+    assert (
+        enriched.filter(
+            (pl.col("enrichment_status") == "failed") & pl.col("enrichment_error").is_null()
+        ).height
+        == 0
+    )
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert all(checks.values()), checks
+
+
+def test_references_are_annotated_on_whole_words_only() -> None:
+    from memcity_pipeline.enrichment.enrich import ReferenceOut, resolve_references
+
+    text = "It ships today. The item is new; the company says it works. It is light."
+    resolved, applied = resolve_references(
+        text,
+        [
+            ReferenceOut(phrase="It", refers_to="HiveScale S2"),
+            ReferenceOut(phrase="the company", refers_to="Brambleway"),
+            ReferenceOut(phrase="company", refers_to="Wrong Co"),
+            ReferenceOut(phrase="absent phrase", refers_to="X"),
+            ReferenceOut(phrase="HiveScale", refers_to="HiveScale"),
+        ],
+    )
+    assert applied == 3
+    assert resolved == (
+        "It (HiveScale S2) ships today. The item is new; the company (Brambleway) says it works."
+        " It (HiveScale S2) is light."
+    )

@@ -1,0 +1,224 @@
+"""Ingestion into the lake: incremental runs, deletions, bad input, through the Dagster assets."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from memcity_pipeline.cli.runner import copy_sample_corpus, sample_corpus_dir
+from memcity_pipeline.defs.ingestion import conversations, memories, raw_documents
+from memcity_pipeline.ingestion.sync import Limits, sync_sources
+from memcity_pipeline.settings import build_resources, get_settings
+
+LIMITS = Limits(max_file_bytes=1_000_000, max_document_chars=200_000)
+KB = "orgs/acme/knowledge_bases/handbook"
+
+
+def _write(landing: Path, rel: str, data: str | bytes) -> Path:
+    path = landing / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+def _docs(lake: Path) -> pl.DataFrame:
+    files = sorted((lake / "raw_documents").glob("*/*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+
+
+def _errors(lake: Path) -> pl.DataFrame:
+    files = sorted((lake / "ingestion_errors").glob("*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    landing, lake = tmp_path / "landing", tmp_path / "lake"
+    landing.mkdir()
+    return landing, lake
+
+
+def test_sample_corpus_ingests_every_kind_without_errors(dirs: tuple[Path, Path]) -> None:
+    landing, lake = dirs
+    copy_sample_corpus(landing)
+    reports = {
+        k: sync_sources(k, landing, lake, LIMITS)
+        for k in ("documents", "memories", "conversations")
+    }
+    assert all(r.errors == [] for r in reports.values()), [r.errors for r in reports.values()]
+    docs = _docs(lake)
+    formats = set(docs["format"].to_list())
+    assert {"md", "txt", "html", "pdf", "json", "jsonl"} <= formats
+    assert docs["document_id"].n_unique() == docs.height
+    assert docs.filter(pl.col("text").str.len_chars() == 0).height == 0
+    assert reports["memories"].rows > 0 and reports["conversations"].rows > 0
+    mem = pl.read_parquet(next((lake / "memories").glob("*/*.parquet")))
+    assert set(mem.columns) >= {"org_id", "user_id", "memory_id", "text", "created_at"}
+    # Every org's rows live under that org's folder only.
+    for f in (lake / "raw_documents").glob("*/*.parquet"):
+        assert set(pl.read_parquet(f)["org_id"].to_list()) == {f.parent.name}
+
+
+def test_rerun_with_unchanged_files_rewrites_nothing(dirs: tuple[Path, Path]) -> None:
+    landing, lake = dirs
+    copy_sample_corpus(landing)
+    first = sync_sources("documents", landing, lake, LIMITS)
+    assert first.changed_total == first.files > 0
+    stamps = {p: p.stat().st_mtime_ns for p in lake.rglob("*.parquet")}
+    second = sync_sources("documents", landing, lake, LIMITS)
+    assert second.changed_total == 0 and second.unchanged == first.files
+    assert second.tables_written == [] and second.rows == first.rows
+    assert {p: p.stat().st_mtime_ns for p in lake.rglob("*.parquet")} == stamps
+    # A touched but identical file is still "unchanged" (hash compare), and costs no rewrite.
+    some = next(landing.rglob("*.md"))
+    os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))
+    third = sync_sources("documents", landing, lake, LIMITS)
+    assert third.changed_total == 0 and third.tables_written == []
+
+
+def test_edited_file_is_picked_up_and_deleted_file_removed(dirs: tuple[Path, Path]) -> None:
+    landing, lake = dirs
+    a = _write(landing, f"{KB}/a.md", "# Alpha\n\nThe first version.")
+    _write(landing, f"{KB}/b.txt", "Bravo text.")
+    sync_sources("documents", landing, lake, LIMITS)
+    before = _docs(lake).filter(pl.col("source_path").str.ends_with("a.md")).row(0, named=True)
+
+    a.write_text("# Alpha\n\nThe second version, longer.", encoding="utf-8")
+    report = sync_sources("documents", landing, lake, LIMITS)
+    assert (report.changed, report.new, report.deleted) == (1, 0, 0)
+    after = _docs(lake).filter(pl.col("source_path").str.ends_with("a.md")).row(0, named=True)
+    assert after["document_id"] == before["document_id"]  # stable id across edits
+    assert after["content_hash"] != before["content_hash"]
+    assert "second version" in after["text"]
+
+    a.unlink()
+    report = sync_sources("documents", landing, lake, LIMITS)
+    assert report.deleted == 1 and report.changed_total == 1
+    assert _docs(lake)["source_path"].to_list() == [f"{KB}/b.txt"]
+
+    (landing / f"{KB}/b.txt").unlink()
+    report = sync_sources("documents", landing, lake, LIMITS)
+    assert report.tables_deleted == ["raw_documents/acme/handbook.parquet"]
+    assert _docs(lake).height == 0
+
+
+def test_bad_inputs_become_error_rows_and_good_files_still_land(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    landing, lake = dirs
+    pdf = next(sample_corpus_dir().rglob("*.pdf")).read_bytes()
+    outside = tmp_path / "secret.txt"
+    outside.write_text("host secret, never to be ingested")
+    _write(landing, f"{KB}/good.md", "# Good\n\nA fine document.")
+    _write(landing, f"{KB}/empty.txt", "")
+    _write(landing, f"{KB}/binary.txt", bytes(range(256)) * 4)
+    _write(landing, f"{KB}/truncated.pdf", pdf[: len(pdf) // 2])
+    _write(landing, f"{KB}/huge.txt", "x" * 1_100_000)
+    _write(
+        landing,
+        f"{KB}/records.jsonl",
+        '{"id": "r1", "text": "first record"}\n{not json\n{"id": "r3", "text": "third record"}\n',
+    )
+    (landing / f"{KB}/leak.txt").symlink_to(outside)
+    _write(
+        landing,
+        "orgs/acme/users/u1/memories.jsonl",
+        '{"id": "m1", "text": "likes tea"}\n{"id": "m2"}\n',
+    )
+
+    docs_report = sync_sources("documents", landing, lake, LIMITS, include_layout_problems=True)
+    mem_report = sync_sources("memories", landing, lake, LIMITS)
+
+    errors = _errors(lake)
+    by_path = {(r["path"].rsplit("/", 1)[-1], r["line"]): r["reason"] for r in errors.to_dicts()}
+    for name in ("empty.txt", "binary.txt", "truncated.pdf", "huge.txt", "leak.txt"):
+        assert (name, None) in by_path, (name, by_path)
+    assert ("records.jsonl", 2) in by_path
+    assert ("memories.jsonl", 2) in by_path
+    assert "landing folder" in by_path[("leak.txt", None)]
+    assert set(errors["org_id"].to_list()) == {"acme"}
+
+    docs = _docs(lake)
+    texts = " ".join(docs["text"].to_list())
+    assert "A fine document." in texts and "first record" in texts and "third record" in texts
+    assert "host secret" not in texts
+    assert docs_report.failed_files == 6
+    assert mem_report.rows == 1
+
+    # Fixing a file clears its error on the next run; the other errors stay.
+    _write(landing, f"{KB}/empty.txt", "Now it has text.")
+    sync_sources("documents", landing, lake, LIMITS, include_layout_problems=True)
+    paths = [p.rsplit("/", 1)[-1] for p in _errors(lake)["path"].to_list()]
+    assert "empty.txt" not in paths and "binary.txt" in paths
+
+
+def test_assets_report_counts_and_warnings_in_metadata(tmp_path: Path) -> None:
+    settings = get_settings()
+    landing = settings.landing_dir
+    copy_sample_corpus(landing)
+    _write(landing, f"{KB}/broken.jsonl", '{"text": "ok"}\nnot json\n')
+    lake = build_resources(settings)["lake"]
+    result = dg.materialize([raw_documents, memories, conversations], resources={"lake": lake})
+    assert result.success
+    mats = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    assert set(mats) == {"raw_documents", "memories", "conversations"}
+    docs_meta = mats["raw_documents"]
+    assert docs_meta["failed"].value == 1
+    assert "not json" in docs_meta["warnings"].value or "line" in docs_meta["warnings"].value
+    assert docs_meta["dagster/row_count"].value > 0
+    assert "| title |" in docs_meta["preview"].value
+
+    again = dg.materialize([raw_documents], resources={"lake": lake})
+    meta = again.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["changed"].value == 0
+    assert meta["summary"].value.startswith("documents: 0 changed")
+
+
+def test_sensor_requests_a_run_only_when_landing_changes() -> None:
+    from memcity_pipeline.defs.ingest import landing_sensor
+
+    settings = get_settings()
+    lake = build_resources(settings)["lake"]
+    _write(settings.landing_dir, f"{KB}/a.md", "# A\n\ntext")
+
+    first = landing_sensor(dg.build_sensor_context(cursor=None, resources={"lake": lake}))
+    assert isinstance(first, dg.SensorResult) and len(first.run_requests or []) == 1
+    cursor = first.cursor
+
+    same = landing_sensor(dg.build_sensor_context(cursor=cursor, resources={"lake": lake}))
+    assert isinstance(same, dg.SkipReason)
+
+    _write(settings.landing_dir, f"{KB}/b.md", "# B\n\nnew file")
+    changed = landing_sensor(dg.build_sensor_context(cursor=cursor, resources={"lake": lake}))
+    assert isinstance(changed, dg.SensorResult) and changed.cursor != cursor
+    assert changed.run_requests[0].run_key == changed.cursor
+
+
+def test_copy_sample_corpus_twice_changes_nothing(dirs: tuple[Path, Path]) -> None:
+    landing, lake = dirs
+    copy_sample_corpus(landing)
+    sync_sources("documents", landing, lake, LIMITS)
+    copy_sample_corpus(landing)
+    assert sync_sources("documents", landing, lake, LIMITS).changed_total == 0
+
+
+def test_files_outside_the_layout_are_reported(dirs: tuple[Path, Path]) -> None:
+    landing, lake = dirs
+    _write(landing, "orgs/acme/stray.txt", "where does this go?")
+    _write(landing, "orgs/acme/users/u1/notes.txt", "not a known user file")
+    shutil.copytree(sample_corpus_dir() / "orgs", landing / "orgs", dirs_exist_ok=True)
+    report = sync_sources("documents", landing, lake, LIMITS, include_layout_problems=True)
+    reasons = {e["path"]: e["reason"] for e in report.errors}
+    assert "landing layout" in reasons["orgs/acme/stray.txt"]
+    assert "orgs/acme/users/u1/notes.txt" in reasons
+    assert json.loads(_docs(lake)["metadata"][0]) is not None

@@ -1,0 +1,158 @@
+"""Indexes and hybrid search (get_context) over the sample corpus, as an application uses them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from memcity_pipeline.api import SearchError, get_context, search_memories
+from memcity_pipeline.cli.runner import copy_sample_corpus, run_job
+from memcity_pipeline.defs.indexing import chunk_embeddings
+from memcity_pipeline.resources.embeddings import EmbeddingsResource
+from memcity_pipeline.settings import build_resources, get_settings
+from tests.scripted_llm_server import ScriptedLLMServer
+
+ORG, KB = "brambleway", "company_docs"
+
+
+@pytest.fixture
+def built_lake() -> Path:
+    """The sample corpus ingested through every stage (enrichment off, local embeddings)."""
+    settings = get_settings()
+    copy_sample_corpus(settings.landing_dir)
+    outcome = run_job("ingest", settings)
+    assert outcome.success, outcome.failure
+    return settings.lake_dir
+
+
+def test_get_context_finds_the_warranty_and_stays_in_its_org(built_lake: Path) -> None:
+    hits = get_context(
+        ORG, KB, "For how many years is the hive scale covered against defects?", k=5
+    )
+    assert 1 <= len(hits) <= 5
+    top = hits[0]
+    assert top.chunk_id.startswith("chk_") and top.document_id.startswith("doc_")
+    assert top.title and top.text and top.score > 0
+    assert set(top.retrievers) <= {"bm25", "vector"} and top.retrievers
+    assert any("warranty" in h.title.lower() for h in hits[:3])
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+
+    brambleway_chunks = set(
+        pl.read_parquet(built_lake / "enriched_chunks" / ORG / f"{KB}.parquet")[
+            "chunk_id"
+        ].to_list()
+    )
+    other_kb = next((built_lake / "raw_documents" / "saltmarsh").glob("*.parquet")).stem
+    other = get_context("saltmarsh", other_kb, "HiveScale warranty years refund", k=10)
+    assert other and not ({h.chunk_id for h in other} & brambleway_chunks)
+
+
+def test_bad_requests_are_clear_errors(built_lake: Path) -> None:
+    with pytest.raises(SearchError, match="unknown org"):
+        get_context("nobody", KB, "warranty")
+    with pytest.raises(SearchError, match="unknown knowledge base"):
+        get_context(ORG, "no_such_kb", "warranty")
+    with pytest.raises(SearchError, match="invalid org"):
+        get_context("../saltmarsh", KB, "warranty")
+    with pytest.raises(SearchError, match="empty"):
+        get_context(ORG, KB, "   ")
+
+
+def test_an_index_not_built_yet_is_an_error_not_an_empty_list() -> None:
+    settings = get_settings()
+    copy_sample_corpus(settings.landing_dir)
+    from memcity_pipeline.defs.ingestion import raw_documents
+
+    lake = build_resources(settings)["lake"]
+    assert dg.materialize([raw_documents], resources={"lake": lake}).success
+    with pytest.raises(SearchError, match="not built yet"):
+        get_context(ORG, KB, "warranty")
+
+
+def test_memories_are_searchable_per_user(built_lake: Path) -> None:
+    users = sorted(p.stem for p in (built_lake / "memories" / ORG).glob("*.parquet"))
+    hits = search_memories(ORG, users[0], "what does this user like", k=3)
+    assert 1 <= len(hits) <= 3
+    own = set(
+        pl.read_parquet(built_lake / "memories" / ORG / f"{users[0]}.parquet")[
+            "memory_id"
+        ].to_list()
+    )
+    assert {h.memory_id for h in hits} <= own
+    with pytest.raises(SearchError, match="unknown user"):
+        search_memories(ORG, "nobody", "tea")
+
+
+def test_embeddings_are_incremental_and_a_model_change_re_embeds_all(
+    built_lake: Path, scripted_llm: ScriptedLLMServer
+) -> None:
+    settings = get_settings()
+    again = run_job("ingest", settings)
+    assert again.materializations["chunk_embeddings"]["embedded"] == 0
+
+    doc = next(settings.landing_dir.rglob("warranty.md"))
+    doc.write_text(
+        doc.read_text("utf-8") + "\n\nA new closing paragraph about hive scales.\n", "utf-8"
+    )
+    edited = run_job("ingest", settings)
+    meta = edited.materializations["chunk_embeddings"]
+    total = meta["dagster/row_count"]
+    assert 0 < meta["embedded"] < total and meta["model_changed"] is False
+
+    other = EmbeddingsResource(
+        setting="openai:scripted-embed", base_url=scripted_llm.base_url, api_key="x"
+    )
+    result = dg.materialize(
+        [chunk_embeddings],
+        resources={"lake": build_resources(settings)["lake"], "embeddings": other},
+    )
+    changed = result.get_asset_materialization_events()[0].materialization.metadata
+    assert changed["model_changed"].value is True
+    assert changed["embedded"].value == changed["dagster/row_count"].value
+    table = pl.read_parquet(built_lake / "chunk_embeddings" / ORG / f"{KB}.parquet")
+    assert set(table["model"].to_list()) == {"openai:scripted-embed"}
+    with pytest.raises(SearchError, match="embedded with"):
+        get_context(ORG, KB, "warranty")  # the configured (local) model no longer matches
+
+
+def test_memcity_search_cli(built_lake: Path) -> None:
+    memcity = str(Path(sys.executable).parent / "memcity")
+    proc = subprocess.run(
+        [
+            memcity,
+            "search",
+            "--org",
+            ORG,
+            "--kb",
+            KB,
+            "return window in days",
+            "--k",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    hits = json.loads(proc.stdout)
+    assert len(hits) == 3 and {
+        "chunk_id",
+        "title",
+        "section",
+        "text",
+        "score",
+        "retrievers",
+    } <= set(hits[0])
+    bad = subprocess.run(
+        [memcity, "search", "--org", "nobody", "--kb", KB, "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and "unknown org" in bad.stderr
