@@ -69,7 +69,6 @@ _NO_NOTE_YET = "over the limit without a `stays whole` note; its owner splits it
 KNOWN_LONG_MODULES: dict[str, str] = {
     "memcity_pipeline.defs.enrichment": _NO_NOTE_YET,
     "memcity_pipeline.enrichment.chunking": _NO_NOTE_YET,
-    "memcity_pipeline.ingestion.parsing": _NO_NOTE_YET,
     "memcity_pipeline.ingestion.sync": _NO_NOTE_YET,
     "memcity_pipeline.lake.tables": _NO_NOTE_YET,
     "memcity_pipeline.llm.client": _NO_NOTE_YET,

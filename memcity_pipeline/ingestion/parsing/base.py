@@ -1,0 +1,147 @@
+"""What every parser shares: the records it returns, its two kinds of failure, reading bytes.
+
+Contract:
+
+- `FileRejected` is raised when a whole file is unusable; `str(exc)` is a short reason for a
+  person. `Problem` is returned for one wrong record of a multi-record file.
+- `read_bytes_checked` returns a regular, non-empty file's bytes, never more than
+  `max_file_bytes` (checked before and during the read), and raises `FileRejected` otherwise.
+- `single_document` gives a one-document file's result: an over-long text is a `Problem`, never
+  truncated; the title is NFC with its blank space collapsed.
+"""
+
+import stat
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ENV_MAX_FILE_BYTES = "MEMCITY_MAX_FILE_BYTES"
+ENV_MAX_DOCUMENT_CHARS = "MEMCITY_MAX_DOCUMENT_CHARS"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input; becomes a row of `ingestion_errors`."""
+
+    reason: str
+    line: int | None = None  # 1-based line for JSONL problems
+
+
+class FileRejected(Exception):
+    """The whole file is unusable; `str(exc)` is the reason, meant for a person."""
+
+
+@dataclass(frozen=True)
+class ParsedDocument:
+    """One document read from a file (a JSON list or a JSONL file holds several)."""
+
+    title: str
+    text: str  # clean text (see the package docstring)
+    format: str  # "txt" | "md" | "html" | "pdf" | "json" | "jsonl"
+    metadata: dict[str, Any]  # JSON-serialisable
+    source_id: str | None = None  # the `id` given in a JSON/JSONL record, else None
+    ordinal: int = 0  # position of the record in the file (0 for one-document files)
+    line: int | None = None  # JSONL line number
+
+
+@dataclass(frozen=True)
+class MemoryRecord:
+    """One row of a user's `memories.jsonl`."""
+
+    id: str
+    text: str
+    created_at: datetime | None  # always timezone-aware UTC when given
+    metadata: dict[str, Any]
+    line: int
+
+
+@dataclass(frozen=True)
+class ConversationMessage:
+    """One message of a conversation session (one JSONL file per session)."""
+
+    turn: int  # 1-based position among the session's valid messages
+    role: str
+    content: str
+    created_at: datetime | None  # always timezone-aware UTC when given
+    line: int
+
+
+DocumentsResult = tuple[list[ParsedDocument], list[Problem]]
+
+
+def too_long(what: str, length: int, limit: int) -> str:
+    """Why a text of `length` characters is refused under `limit`."""
+    return f"{what} is {length:,} characters, over the {limit:,} limit ({ENV_MAX_DOCUMENT_CHARS})"
+
+
+def single_document(
+    text: str, title: str, fmt: str, metadata: dict[str, Any], limit: int
+) -> DocumentsResult:
+    """A one-document file's result; an over-long document is a problem, never truncated."""
+    if len(text) > limit:
+        return [], [Problem(too_long("document", len(text), limit))]
+    title = unicodedata.normalize("NFC", " ".join(title.split()))
+    return [ParsedDocument(title=title, text=text, format=fmt, metadata=metadata)], []
+
+
+# --------------------------------------------------------------------------- reading bytes
+
+
+def _human_bytes(n: int) -> str:
+    """A size as a person reads it: `512 bytes`, `12.3 KB`, `61.2 MB` (1 KB = 1024 bytes)."""
+    if n < 1024:
+        return f"{n} bytes"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / (1024 * 1024):.1f} MB"
+
+
+def _size_reason(size: int, limit: int) -> str:
+    """Why a file of `size` bytes is refused under `limit`; exact counts when rounding hides it."""
+    shown, cap = _human_bytes(size), _human_bytes(limit)
+    if shown == cap:
+        shown, cap = f"{size:,} bytes", f"{limit:,} bytes"
+    return f"file is {shown}, over the {cap} limit ({ENV_MAX_FILE_BYTES})"
+
+
+def _kind_of(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a plain file"
+
+
+def read_bytes_checked(path: Path, *, max_file_bytes: int) -> bytes:
+    """The bytes of `path`, refusing what is missing, not a regular file, too large or empty.
+
+    The size is checked before reading, and the read itself never takes more than
+    `max_file_bytes + 1` bytes, so a file that grows meanwhile is still refused.
+    Special files (pipes, devices, directories) are refused without being opened.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileRejected("file not found") from None
+    except OSError as exc:
+        raise FileRejected(f"unreadable file: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise FileRejected(f"not a regular file ({_kind_of(st.st_mode)})")
+    if st.st_size > max_file_bytes:
+        raise FileRejected(_size_reason(st.st_size, max_file_bytes))
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_file_bytes + 1)
+    except OSError as exc:
+        raise FileRejected(f"unreadable file: {exc.strerror or exc}") from None
+    if len(data) > max_file_bytes:
+        raise FileRejected(_size_reason(len(data), max_file_bytes))
+    if not data:
+        raise FileRejected("empty file")
+    return data
