@@ -1,13 +1,16 @@
 """One client for every LLM call: an OpenAI-compatible chat API with retries, structured
 output, a persistent cache, bounded concurrency and per-call accounting.
 
+Retries follow the shared policy of `memcity_pipeline.retry`: timeouts, connection errors,
+HTTP 408, 409, 429 and 5xx, and answers without a usable body are retried with exponential
+backoff and full jitter (honouring Retry-After, capped); every other 4xx fails at once.
+Tokens and cost are `memcity_pipeline.llm.usage.Usage` values.
+
 Plain Python (no Dagster): `memcity_pipeline.resources.llm.LLMResource` builds it from settings.
 """
 
-import email.utils
 import json
 import logging
-import random
 import re
 import threading
 import time
@@ -22,6 +25,18 @@ from openai import OpenAI
 from pydantic import BaseModel, ValidationError
 
 from memcity_pipeline.llm.cache import CachedAnswer, LLMCache, cache_key
+from memcity_pipeline.llm.usage import Usage, total
+from memcity_pipeline.retry import (
+    RetriesExhausted,
+    Retryable,
+    RetryPolicy,
+    Transient,
+    classify_failure,
+    is_transient_status,
+    retry_after_of,
+    retry_call,
+)
+from memcity_pipeline.retry import parse_retry_after as parse_retry_after  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +66,15 @@ class LLMResult:
     attempts: int
     latency_s: float
 
+    @property
+    def usage(self) -> Usage:
+        """The tokens and cost of this answer, as one call (recorded ones for a cache hit)."""
+        return Usage(self.prompt_tokens, self.completion_tokens, self.cost_usd, 1)
+
 
 class LLMError(Exception):
     """A call that failed for good: after all retries, or at once for a request the provider
-    rejects (4xx other than 429). The message says why (status, timeout, ...)."""
+    rejects (4xx other than 408, 409 and 429). The message says why (status, timeout, ...)."""
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -75,32 +95,50 @@ class LLMStats:
 
     - `calls`: `complete()` calls (cache hits included), `cache_hits`: those served from cache;
     - `requests`: HTTP requests sent (retries and repairs included);
-    - `prompt_tokens`, `completion_tokens`, `cost_usd`: new spend only (not cache hits);
-      `cost_usd` stays None until some answer reports a cost;
+    - `prompt_tokens`, `completion_tokens`, `cost_usd`: new spend only (not cache hits), kept
+      as one `Usage` (`usage()`); `cost_usd` stays None until some answer reports a cost;
     - `failures`: calls that raised; `retries`: transport retries; `repairs`: repair requests.
     """
 
     calls: int = 0
     cache_hits: int = 0
     requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
     failures: int = 0
     retries: int = 0
     repairs: int = 0
+    _spent: Usage = field(default_factory=Usage)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, **deltas: float | None) -> None:
-        """Add to counters atomically (`cost_usd=None` leaves the cost untouched)."""
+    def add(self, spent: Usage | None = None, **counts: int) -> None:
+        """Add new spend and counter increments atomically."""
         with self._lock:
-            for name, delta in deltas.items():
-                if delta is None:
-                    continue
-                if name == "cost_usd":
-                    self.cost_usd = (self.cost_usd or 0.0) + float(delta)
-                else:
-                    setattr(self, name, getattr(self, name) + delta)
+            if spent is not None:
+                self._spent = self._spent + spent
+            for name, delta in counts.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._spent.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._spent.completion_tokens
+
+    @property
+    def cost_usd(self) -> float | None:
+        return self._spent.cost_usd
+
+    def usage(self) -> Usage:
+        """The new spend: tokens and cost of answers from the API (not cache hits), over the
+        `complete()` calls not served from the cache."""
+        with self._lock:
+            return Usage(
+                self._spent.prompt_tokens,
+                self._spent.completion_tokens,
+                self._spent.cost_usd,
+                self.calls - self.cache_hits,
+            )
 
     def snapshot(self) -> dict[str, Any]:
         """The counters as a plain dict (a consistent copy)."""
@@ -109,9 +147,9 @@ class LLMStats:
                 "calls": self.calls,
                 "cache_hits": self.cache_hits,
                 "requests": self.requests,
-                "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "cost_usd": self.cost_usd,
+                "prompt_tokens": self._spent.prompt_tokens,
+                "completion_tokens": self._spent.completion_tokens,
+                "cost_usd": self._spent.cost_usd,
                 "failures": self.failures,
                 "retries": self.retries,
                 "repairs": self.repairs,
@@ -120,22 +158,13 @@ class LLMStats:
 
 @dataclass
 class _Answer:
-    """One HTTP answer, already checked to have a message."""
+    """One HTTP answer, already checked to have a message; `usage` is this request's tokens
+    and cost, `attempts` the HTTP requests it took."""
 
     text: str
     model: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float | None
-    attempts: int
-
-
-class _Transient(Exception):
-    """A failure worth retrying (timeout, connection, 429, 5xx, garbled body)."""
-
-    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
-        super().__init__(reason)
-        self.retry_after_s = retry_after_s
+    usage: Usage
+    attempts: int = 1
 
 
 _FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?\s*```$", re.DOTALL)
@@ -176,24 +205,6 @@ def _short_validation_error(exc: ValidationError, limit: int = 8) -> str:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
         lines.append(f"{loc}: {err.get('msg')}")
     return "; ".join(lines)
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def schema_response_format(schema: type[BaseModel], mode: str) -> dict[str, Any]:
@@ -249,8 +260,9 @@ def repair_messages(
 class LLMClient:
     """A thread-safe client of one OpenAI-compatible chat API.
 
-    Retries timeouts, connection errors, 429 and 5xx with exponential backoff and full jitter
-    (honouring Retry-After, capped at `max_retry_after_s`); fails at once on other 4xx.
+    Retries timeouts, connection errors, 408, 409, 429 and 5xx up to `max_retries` times, with
+    exponential backoff and full jitter (`backoff_base_s`, at most `backoff_max_s`), honouring
+    Retry-After (capped at `max_retry_after_s`); fails at once on other 4xx.
     """
 
     def __init__(
@@ -300,6 +312,16 @@ class LLMClient:
 
     def __repr__(self) -> str:
         return f"LLMClient(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of this client's HTTP requests (from its settings)."""
+        return RetryPolicy(
+            attempts=self.max_retries + 1,
+            base_delay_s=self.backoff_base_s,
+            max_delay_s=self.backoff_max_s,
+            max_retry_after_s=self.max_retry_after_s,
+        )
 
     # -- public API ------------------------------------------------------------------------
 
@@ -452,14 +474,14 @@ class LLMClient:
                         f"repair: {exc2}",
                         raw_text=second.text,
                     ) from exc2
-        costs = [a.cost_usd for a in answers if a.cost_usd is not None]
+        spent = total(a.usage for a in answers)
         return LLMResult(
             text=text,
             parsed=parsed,
             model=answers[-1].model,
-            prompt_tokens=sum(a.prompt_tokens for a in answers),
-            completion_tokens=sum(a.completion_tokens for a in answers),
-            cost_usd=sum(costs) if costs else None,
+            prompt_tokens=spent.prompt_tokens,
+            completion_tokens=spent.completion_tokens,
+            cost_usd=spent.cost_usd,
             cached=False,
             attempts=sum(a.attempts for a in answers),
             latency_s=time.monotonic() - started,
@@ -473,7 +495,7 @@ class LLMClient:
         max_tokens: int | None,
         response_format: dict[str, Any] | None,
     ) -> _Answer:
-        """One chat completion over HTTP with our retry loop; spend goes into `stats`."""
+        """One chat completion over HTTP under the retry policy; spend goes into `stats`."""
         params: dict[str, Any] = {
             "model": model,
             "messages": messages,
@@ -485,37 +507,26 @@ class LLMClient:
             params["response_format"] = response_format
         if self.extra_body:
             params["extra_body"] = self.extra_body
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                answer = self._attempt(params)
-                answer.attempts = attempt
-                return answer
-            except _Transient as exc:
-                if attempt > self.max_retries:
-                    raise LLMError(
-                        f"LLM call to {model} at {self.base_url} failed after {attempt} "
-                        f"attempt(s): {exc}"
-                    ) from exc
-                delay = self._delay(attempt, exc.retry_after_s)
-                self.stats.add(retries=1)
-                log.warning(
-                    "LLM call to %s failed (%s); retry %d/%d in %.2fs",
-                    model,
-                    exc,
-                    attempt,
-                    self.max_retries,
-                    delay,
-                )
-                time.sleep(delay)
+        try:
+            done = retry_call(
+                lambda: self._attempt(params),
+                self.retry_policy,
+                what=f"LLM call to {model}",
+                classify=_classify,
+                on_retry=lambda _failure: self.stats.add(retries=1),
+                logger=log,
+            )
+        except RetriesExhausted as exc:
+            raise LLMError(
+                f"LLM call to {model} at {self.base_url} failed after {exc.attempts} "
+                f"attempt(s): {exc.last}"
+            ) from exc.last
+        done.value.attempts = done.attempts
+        return done.value
 
     def _delay(self, attempt: int, retry_after_s: float | None) -> float:
         """Seconds before retry number `attempt`: Retry-After (capped), else full jitter."""
-        if retry_after_s is not None:
-            return min(retry_after_s, self.max_retry_after_s)
-        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
-        return random.uniform(0.0, ceiling)
+        return self.retry_policy.delay(attempt, retry_after_s)
 
     def _attempt(self, params: dict[str, Any]) -> _Answer:
         """One HTTP request under the concurrency bound; classifies every failure."""
@@ -524,34 +535,35 @@ class LLMClient:
             try:
                 response = self._openai.chat.completions.create(**params)
             except openai.APITimeoutError as exc:
-                raise _Transient(f"timed out after {self.timeout_s:g}s") from exc
+                raise Transient(f"timed out after {self.timeout_s:g}s") from exc
             except openai.APIConnectionError as exc:
                 cause = exc.__cause__ or exc
-                raise _Transient(f"connection error ({type(cause).__name__}: {cause})") from exc
+                raise Transient(f"connection error ({type(cause).__name__}: {cause})") from exc
             except openai.APIStatusError as exc:
                 raise self._classify_status(exc) from exc
             except openai.APIResponseValidationError as exc:
-                raise _Transient(f"malformed response: {exc}") from exc
+                raise Transient(f"malformed response: {exc}") from exc
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise _Transient(f"response body is not valid JSON: {exc}") from exc
+                raise Transient(f"response body is not valid JSON: {exc}") from exc
         answer = _read_answer(response, params["model"])
-        self.stats.add(
-            prompt_tokens=answer.prompt_tokens,
-            completion_tokens=answer.completion_tokens,
-            cost_usd=answer.cost_usd,
-        )
+        self.stats.add(answer.usage)
         return answer
 
     def _classify_status(self, exc: openai.APIStatusError) -> Exception:
-        """A _Transient for 429/5xx (with Retry-After), an LLMError for other statuses."""
+        """A Transient for 408, 409, 429 and 5xx (with Retry-After), an LLMError for other
+        statuses."""
         status = exc.status_code
         detail = _error_detail(exc)
-        if status == 429 or status >= 500:
-            retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
-            return _Transient(f"HTTP {status}: {detail}", retry_after)
+        if is_transient_status(status):
+            return Transient(f"HTTP {status}: {detail}", retry_after_of(exc))
         return LLMError(
             f"LLM request to {self.base_url} rejected with HTTP {status}: {detail}", status=status
         )
+
+
+def _classify(exc: BaseException) -> Retryable | None:
+    """Only the failures `_attempt` classified as transient are retried."""
+    return classify_failure(exc) if isinstance(exc, Transient) else None
 
 
 def _error_detail(exc: openai.APIStatusError) -> str:
@@ -573,7 +585,7 @@ def _read_answer(response: Any, requested_model: str) -> _Answer:
             response.model_extra.get("error") if hasattr(response, "model_extra") else None
         )
         what = f"error in body: {error}" if error else f"no choices in response: {response!r}"
-        raise _Transient(what[:500])
+        raise Transient(what[:500])
     message = choices[0].message
     text = (message.content if message is not None else None) or ""
     usage = getattr(response, "usage", None)
@@ -585,8 +597,7 @@ def _read_answer(response: Any, requested_model: str) -> _Answer:
     return _Answer(
         text=text,
         model=getattr(response, "model", None) or requested_model,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        cost_usd=float(cost) if isinstance(cost, int | float) else None,
-        attempts=1,
+        usage=Usage(
+            prompt_tokens, completion_tokens, float(cost) if isinstance(cost, int | float) else None
+        ),
     )

@@ -23,6 +23,7 @@ from memcity_pipeline.llm.client import (
     parse_retry_after,
 )
 from memcity_pipeline.llm.local_server import LocalLLMServer, child_environment, smollm2_model_path
+from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.settings import build_resources, get_settings
 from tests.scripted_llm_server import Fault, ScriptedLLMServer
@@ -165,6 +166,16 @@ def test_500_then_success(scripted_llm: ScriptedLLMServer, client: LLMClient) ->
     result = client.complete(QUESTION)
     assert (result.text, result.attempts) == ("recovered", 2)
     assert client.stats.snapshot()["retries"] == 1
+
+
+def test_408_and_409_are_retried(scripted_llm: ScriptedLLMServer, client: LLMClient) -> None:
+    scripted_llm.push(Fault(408), Fault(409), "third time lucky")
+    result = client.complete(QUESTION)
+    assert (result.text, result.attempts) == ("third time lucky", 3)
+    kinds = [r.reply_kind for r in scripted_llm.chat_requests]
+    assert kinds == ["fault:408", "fault:409", "content"]
+    stats = client.stats.snapshot()
+    assert (stats["retries"], stats["requests"], stats["failures"]) == (2, 3, 0)
 
 
 def test_timeout_then_success(scripted_llm: ScriptedLLMServer, tmp_path: Path) -> None:
@@ -348,6 +359,10 @@ def test_tokens_and_cost_are_summed(tmp_path: Path) -> None:
         assert stats["prompt_tokens"] == 9 and stats["completion_tokens"] == 3
         assert (stats["calls"], stats["cache_hits"], stats["requests"]) == (4, 1, 3)
         assert server.chat_requests[0].body["usage"] == {"include": True}
+        assert results[0].usage == Usage(3, 1, 0.0025, 1)
+        spent = c.stats.usage()  # new spend: the cache hit adds nothing
+        assert (spent.prompt_tokens, spent.completion_tokens, spent.calls) == (9, 3, 3)
+        assert spent.cost_usd == pytest.approx(0.0075)
 
 
 # -- the resource ---------------------------------------------------------------------------
@@ -420,7 +435,7 @@ def test_local_server_gets_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     assert smollm2_model_path().suffix == ".gguf"
 
 
-@pytest.mark.slow
+@pytest.mark.local_model
 def test_real_local_model_structured_call(local_llm_server: LocalLLMServer, tmp_path: Path) -> None:
     with LLMClient(
         base_url=local_llm_server.base_url,
