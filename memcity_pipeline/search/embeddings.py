@@ -3,11 +3,11 @@
 Every embedder returns float32 rows of unit length, so a dot product is a cosine similarity.
 `embedder_from_setting` turns the `MEMCITY_EMBEDDINGS` setting (`local` or `openai:<model>`)
 into an embedder; `embedding_text` is the text that gets indexed for a chunk.
+Remote requests follow the shared retry policy of `memcity_pipeline.retry`.
 """
 
+import logging
 import os
-import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +15,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from memcity_pipeline.enrichment.tokens import minilm_model_dir
+from memcity_pipeline.retry import RetriesExhausted, RetryPolicy, retry_call
+
+log = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "all-MiniLM-L6-v2"
 LOCAL_DIMENSION = 384
@@ -95,9 +98,11 @@ class LocalMiniLMEmbedder:
 class OpenAIEmbedder:
     """Embeddings from an OpenAI-compatible `/embeddings` endpoint (OpenAI, vLLM, Ollama, ...).
 
-    Texts go in batches; a batch that meets a 429, a 5xx, a timeout or a lost connection is tried
-    again after an exponential backoff with jitter (honouring `Retry-After`), up to `max_retries`
-    times. The dimension is learnt from the first response unless given.
+    Texts go in batches; a batch that meets a 408, 409, 429, a 5xx, a timeout or a lost
+    connection is tried again after an exponential backoff with full jitter (`backoff_s`, at most
+    `max_backoff_s`; a `Retry-After` instead, at most `max_backoff_s`), up to `max_retries`
+    times. Any other error (a 400, a wrong key) is raised at once, as the openai package raised
+    it. The dimension is learnt from the first response unless given.
     """
 
     def __init__(
@@ -139,43 +144,39 @@ class OpenAIEmbedder:
             self._dimension = int(self._embed_batch(["dimension probe"]).shape[1])
         return self._dimension
 
-    def _delay(self, attempt: int, error: Exception) -> float:
-        """Seconds to wait before retry number `attempt` (0-based)."""
-        response = getattr(error, "response", None)
-        retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after:
-            try:
-                return min(float(retry_after), self.max_backoff_s)
-            except ValueError:
-                pass
-        base = min(self.backoff_s * (2**attempt), self.max_backoff_s)
-        return base * (0.5 + random.random() / 2)
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy of the embedding requests (from this embedder's settings)."""
+        return RetryPolicy(
+            attempts=self.max_retries + 1,
+            base_delay_s=self.backoff_s,
+            max_delay_s=self.max_backoff_s,
+            max_retry_after_s=self.max_backoff_s,
+        )
+
+    def _request(self, inputs: list[str]) -> Any:
+        self.calls += 1
+        return self._client.embeddings.create(
+            model=self.model, input=inputs, encoding_format="float"
+        )
+
+    def _retried(self, _failure: BaseException) -> None:
+        self.retries += 1
 
     def _embed_batch(self, batch: list[str]) -> np.ndarray:
-        import openai
-
-        retryable = (
-            openai.RateLimitError,
-            openai.InternalServerError,
-            openai.APITimeoutError,
-            openai.APIConnectionError,
-        )
         inputs = [t if t.strip() else " " for t in batch]  # servers reject empty inputs
-        for attempt in range(self.max_retries + 1):
-            try:
-                self.calls += 1
-                response = self._client.embeddings.create(
-                    model=self.model, input=inputs, encoding_format="float"
-                )
-                break
-            except retryable as error:
-                if attempt >= self.max_retries:
-                    raise RuntimeError(
-                        f"embeddings from {self.model_name} failed after {attempt + 1} tries: "
-                        f"{error}"
-                    ) from error
-                self.retries += 1
-                time.sleep(self._delay(attempt, error))
+        try:
+            response = retry_call(
+                lambda: self._request(inputs),
+                self.retry_policy,
+                what=f"embeddings from {self.model_name}",
+                on_retry=self._retried,
+                logger=log,
+            ).value
+        except RetriesExhausted as exc:
+            raise RuntimeError(
+                f"embeddings from {self.model_name} failed after {exc.attempts} tries: {exc.last}"
+            ) from exc.last
         data = sorted(response.data, key=lambda d: d.index)
         if len(data) != len(batch):
             raise RuntimeError(
