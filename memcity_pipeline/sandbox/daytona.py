@@ -13,8 +13,11 @@ image has no Bun). The host writes
 protocol lines with ``send_session_command_input`` and reads the server's lines by polling the
 command's logs. ``llm_query`` requests are answered on the host, so no secret enters the
 sandbox: the sandbox gets no environment variables, and the command line carries only paths.
-Control-plane and toolbox calls that fail with 5xx, 429 or a dropped connection are retried
-with exponential backoff, then raise ``SandboxError`` naming the operation.
+Control-plane and toolbox calls follow the shared retry policy of ``memcity_pipeline.retry``:
+a Daytona error with HTTP 408, 409, 429 or 5xx, or a dropped connection, is retried with
+exponential backoff and full jitter (honouring Retry-After); any other Daytona error (404, 400,
+a client-side timeout) is not. Either way a final failure raises ``SandboxError`` naming the
+operation.
 
 CPU, memory and disk belong to the snapshot (the API takes no resources on a create from a
 snapshot), so :meth:`DaytonaBackend.create_snapshot` applies them. Sessions that share a
@@ -47,6 +50,13 @@ from daytona import (
     SessionExecuteRequest,
 )
 
+from memcity_pipeline.retry import (
+    RetriesExhausted,
+    Retryable,
+    RetryPolicy,
+    classify_failure,
+    retry_call,
+)
 from memcity_pipeline.sandbox.base import (
     LLMHandler,
     ReplClient,
@@ -84,46 +94,37 @@ _BROKEN_STATES = {"error", "build_failed"}
 _GONE_STATES = {"destroyed", "destroying"}
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff for transient Daytona API failures."""
-
-    attempts: int = 4
-    base_delay_s: float = 0.5
-    max_delay_s: float = 8.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s)
+DEFAULT_RETRY = RetryPolicy(attempts=4, base_delay_s=0.5, max_delay_s=8.0)
+"""The backend's retry policy unless it is given one."""
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether a Daytona error is worth retrying: 5xx, 429, or a dropped connection."""
-    status = getattr(exc, "status_code", None)
-    if status is not None:
-        return status >= 500 or status == 429
-    name = type(exc).__name__
-    return name in {"DaytonaConnectionError", "DaytonaConnectionTimeoutError"}
+def classify_daytona_failure(exc: BaseException) -> Retryable | None:
+    """The shared classification of a Daytona error (408, 409, 429, 5xx or a dropped connection
+    are worth retrying); None for a Daytona error that is not, and for any other exception."""
+    return classify_failure(exc) if isinstance(exc, DaytonaError) else None
+
+
+def _retried(fn: Callable[[], T], what: str, policy: RetryPolicy) -> T:
+    """Run ``fn`` under ``policy``, retrying transient Daytona errors (raises RetriesExhausted
+    or the first error that is not transient)."""
+    return retry_call(
+        fn, policy, what=f"Daytona: {what}", classify=classify_daytona_failure, logger=log
+    ).value
 
 
 def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy) -> T:
     """Run ``fn``; retry transient Daytona errors; raise ``SandboxError`` saying ``what`` failed."""
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return fn()
-        except DaytonaError as exc:
-            if not is_transient(exc):
-                raise SandboxError(f"Daytona: could not {what}: {exc}") from exc
-            if attempt == policy.attempts:
-                status = getattr(exc, "status_code", None)
-                code = f"HTTP {status}" if status else "connection failed"
-                raise SandboxError(
-                    f"Daytona: could not {what} after {policy.attempts} attempts "
-                    f"(the API kept failing, {code}): {exc}"
-                ) from exc
-            log.warning("Daytona: %s failed (%s); retrying", what, exc)
-            time.sleep(policy.delay(attempt))
-    raise AssertionError("unreachable")
+    try:
+        return _retried(fn, what, policy)
+    except RetriesExhausted as exc:
+        status = getattr(exc.last, "status_code", None)
+        code = f"HTTP {status}" if status else "connection failed"
+        raise SandboxError(
+            f"Daytona: could not {what} after {exc.attempts} attempts "
+            f"(the API kept failing, {code}): {exc.last}"
+        ) from exc.last
+    except DaytonaError as exc:
+        raise SandboxError(f"Daytona: could not {what}: {exc}") from exc
 
 
 def _state(sandbox: Sandbox) -> str:
@@ -308,17 +309,18 @@ class SessionCommandChannel:
         self._delete_session_quietly()
 
     def _delete_session_quietly(self) -> None:
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                self.sandbox.process.delete_session(self.session_id)
-                return
-            except DaytonaNotFoundError:
-                return
-            except DaytonaError as exc:
-                if not is_transient(exc) or attempt == self.retry.attempts:
-                    log.warning("Daytona: could not delete session %s: %s", self.session_id, exc)
-                    return
-                time.sleep(self.retry.delay(attempt))
+        """Delete the Daytona session, retrying transient failures; log (not raise) a failure."""
+        try:
+            _retried(
+                lambda: self.sandbox.process.delete_session(self.session_id),
+                f"delete session {self.session_id}",
+                self.retry,
+            )
+        except DaytonaNotFoundError:
+            return
+        except (DaytonaError, RetriesExhausted) as exc:
+            failure = exc.last if isinstance(exc, RetriesExhausted) else exc
+            log.warning("Daytona: could not delete session %s: %s", self.session_id, failure)
 
 
 @dataclass
@@ -495,17 +497,15 @@ class DaytonaSandboxes:
 
     def delete_quietly(self, sandbox: Sandbox) -> None:
         """Delete a sandbox, retrying transient failures; log (not raise) a final failure."""
-        for attempt in range(1, self.retry.attempts + 1):
-            try:
-                self.client.delete(sandbox)
-                return
-            except DaytonaNotFoundError:
-                return
-            except DaytonaError as exc:
-                if not is_transient(exc) or attempt == self.retry.attempts:
-                    log.error("Daytona: could not delete sandbox %s: %s", sandbox.id, exc)
-                    return
-                time.sleep(self.retry.delay(attempt))
+        try:
+            _retried(
+                lambda: self.client.delete(sandbox), f"delete sandbox {sandbox.id}", self.retry
+            )
+        except DaytonaNotFoundError:
+            return
+        except (DaytonaError, RetriesExhausted) as exc:
+            failure = exc.last if isinstance(exc, RetriesExhausted) else exc
+            log.error("Daytona: could not delete sandbox %s: %s", sandbox.id, failure)
 
 
 def _check_session_id(session_id: str) -> str:
@@ -653,7 +653,7 @@ class DaytonaBackend(SandboxBackend):
         self.kill_grace_s = kill_grace_s
         self.max_llm_concurrency = max_llm_concurrency
         self.ready_timeout_s = ready_timeout_s
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or DEFAULT_RETRY
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self.sandboxes = DaytonaSandboxes(
             (lambda: client) if client is not None else self._make_client,

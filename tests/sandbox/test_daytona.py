@@ -378,6 +378,24 @@ def test_toolbox_5xx_is_retried(backend: DaytonaBackend, fake: FakeDaytona) -> N
         assert session.execute("print('through')").stdout == "through\n"
 
 
+@pytest.mark.parametrize("status", [408, 409, 429])
+def test_toolbox_408_409_429_are_retried(
+    backend: DaytonaBackend, fake: FakeDaytona, status: int
+) -> None:
+    with backend.open_session("org-a", RecordingLLM()) as session:
+        fake.inject(r"POST /toolbox/.*/input$", status=status, times=2)
+        assert session.execute("print('through')").stdout == "through\n"
+    assert fake.injections[-1].hits == 2
+
+
+def test_a_rejected_request_is_not_retried(fake: FakeDaytona) -> None:
+    fake.inject(r"POST /api/sandbox$", status=400, times=100)
+    with pytest.raises(SandboxError, match=r"could not find or create the sandbox: ") as info:
+        make_sandboxes(fake).acquire("org-a")
+    assert "attempts" not in str(info.value)
+    assert len(fake.calls_to("POST", r"^/api/sandbox$")) == 1
+
+
 def test_persistent_5xx_ends_in_a_clear_error(backend: DaytonaBackend, fake: FakeDaytona) -> None:
     session = backend.open_session("org-a", RecordingLLM())
     fake.inject(r"GET /toolbox/.*/logs$", status=500, times=1000)
