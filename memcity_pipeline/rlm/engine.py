@@ -41,6 +41,7 @@ from rlm.logger import RLMLogger
 from rlm.utils.exceptions import BudgetExceededError, TimeoutExceededError
 
 from memcity_pipeline.llm.client import LLMClient
+from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages, describe_context
 from memcity_pipeline.sandbox.base import SandboxError, SandboxSession
 
@@ -138,28 +139,37 @@ class Deadline:
 
 @dataclass
 class Spend:
-    """Tokens and cost of every LLM call of one query, shared by its clients (thread-safe)."""
+    """Tokens and cost of every LLM call of one query, shared by its clients (thread-safe).
+
+    `usage` accumulates them (`cost_usd` None while no call reported a cost); `root_calls` and
+    `sub_calls` count the calls of each kind.
+    """
 
     max_budget: float | None = None
-    cost_usd: float | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    usage: Usage = field(default_factory=Usage)
     root_calls: int = 0
     sub_calls: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(
-        self, prompt_tokens: int, completion_tokens: int, cost: float | None, sub: bool
-    ) -> None:
+    def add(self, usage: Usage, sub: bool) -> None:
         with self._lock:
-            self.prompt_tokens += prompt_tokens
-            self.completion_tokens += completion_tokens
-            if cost is not None:
-                self.cost_usd = (self.cost_usd or 0.0) + cost
+            self.usage = self.usage + usage
             if sub:
                 self.sub_calls += 1
             else:
                 self.root_calls += 1
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.usage.prompt_tokens
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.usage.completion_tokens
+
+    @property
+    def cost_usd(self) -> float | None:
+        return self.usage.cost_usd
 
     def over_budget(self) -> bool:
         with self._lock:
@@ -191,10 +201,7 @@ class HostLM(BaseLM):
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"rlm-llm-{model_name}")
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._calls = 0
-        self._in = 0
-        self._out = 0
-        self._cost: float | None = None
+        self._usage = Usage()
 
     def completion(self, prompt: str | list[dict[str, Any]], sub: bool = False) -> str:
         """One chat completion; TimeoutExceededError when the query's time runs out first."""
@@ -221,16 +228,11 @@ class HostLM(BaseLM):
         except FutureTimeout:
             future.cancel()
             raise self.deadline.error(what) from None
+        usage = result.usage
         with self._lock:
-            self._calls += 1
-            self._in += result.prompt_tokens
-            self._out += result.completion_tokens
-            if result.cost_usd is not None:
-                self._cost = (self._cost or 0.0) + result.cost_usd
-        self.spend.add(result.prompt_tokens, result.completion_tokens, result.cost_usd, sub)
-        self._local.last = ModelUsageSummary(
-            1, result.prompt_tokens, result.completion_tokens, result.cost_usd
-        )
+            self._usage = self._usage + usage
+        self.spend.add(usage, sub)
+        self._local.last = _summary(usage)
         return result.text
 
     async def acompletion(self, prompt: str | list[dict[str, Any]]) -> str:
@@ -238,10 +240,10 @@ class HostLM(BaseLM):
 
     def get_usage_summary(self) -> UsageSummary:
         with self._lock:
-            if not self._calls:
-                return UsageSummary(model_usage_summaries={})
-            usage = ModelUsageSummary(self._calls, self._in, self._out, self._cost)
-        return UsageSummary(model_usage_summaries={self.model_name: usage})
+            usage = self._usage
+        if not usage.calls:
+            return UsageSummary(model_usage_summaries={})
+        return UsageSummary(model_usage_summaries={self.model_name: _summary(usage)})
 
     def get_last_usage(self) -> ModelUsageSummary:
         return getattr(self._local, "last", ModelUsageSummary(0, 0, 0, None))
@@ -249,6 +251,13 @@ class HostLM(BaseLM):
     def close(self) -> None:
         """Stop waiting for calls still in flight (they end at the client's own timeout)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _summary(usage: Usage) -> ModelUsageSummary:
+    """`usage` as `rlms` counts it."""
+    return ModelUsageSummary(
+        int(usage.calls), usage.prompt_tokens, usage.completion_tokens, usage.cost_usd
+    )
 
 
 # (prompt, model or None) -> the completion of a child RLM whose `context` is the prompt
