@@ -128,6 +128,7 @@ def postgres_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Dag
     instance.dispose()
 
 
+@pytest.mark.postgres
 def test_materialization_lands_in_real_postgres(postgres_instance: dg.DagsterInstance) -> None:
     settings = get_settings()
     copy_sample_corpus(settings.landing_dir)
@@ -147,6 +148,7 @@ def test_materialization_lands_in_real_postgres(postgres_instance: dg.DagsterIns
     assert status == ("SUCCESS",)
 
 
+@pytest.mark.postgres
 def test_multiprocess_executor_runs_steps_in_child_processes(
     postgres_instance: dg.DagsterInstance,
 ) -> None:
@@ -173,6 +175,7 @@ def test_embedded_home_is_created_when_dagster_home_is_unset() -> None:
         os.environ.pop("DAGSTER_HOME", None)
 
 
+@pytest.mark.postgres
 def test_multiprocess_concurrency_limit_of_one_runs_steps_one_at_a_time(
     postgres_instance: dg.DagsterInstance,
 ) -> None:

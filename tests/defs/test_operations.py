@@ -354,6 +354,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.postgres
 def test_postgres_stopped_mid_series_loses_and_duplicates_no_session(
     tmp_path: Path, scripted_llm: ScriptedLLMServer, private_postgres: PrivatePostgres
 ) -> None:

@@ -360,7 +360,7 @@ def test_unusable_structure_answers_fall_back_to_headings_and_are_retried(
     assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"enriched"}
 
 
-@pytest.mark.slow
+@pytest.mark.local_model
 def test_phases_one_to_three_with_the_real_local_model(local_llm_server: Any) -> None:
     settings = get_settings()
     kb_src = next((sample_corpus_dir() / "orgs").glob("*/knowledge_bases/*"))

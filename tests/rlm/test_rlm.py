@@ -34,7 +34,10 @@ SUB = "sub-model"
 SAMPLE = Path(__file__).resolve().parents[2] / "memcity_pipeline" / "sample_corpus" / "orgs"
 CLOSED_PORT_URL = "postgresql://postgres@127.0.0.1:1/test"
 
-pytestmark = pytest.mark.skipif(not Path(BWRAP).exists(), reason="bubblewrap is not installed")
+pytestmark = [
+    pytest.mark.skipif(not Path(BWRAP).exists(), reason="bubblewrap is not installed"),
+    pytest.mark.bwrap,
+]
 
 
 def repl(code: str, prose: str = "Next step.") -> str:
@@ -492,6 +495,7 @@ def pg_rows(table: str) -> list[dict[str, Any]]:
         return list(conn.execute(f'SELECT * FROM "{table}" ORDER BY started_at'))
 
 
+@pytest.mark.postgres
 def test_session_row_lands_in_postgres_with_its_indexes(
     scripted_llm: ScriptedLLMServer, sandbox: SandboxResource, lake: Path, pg_table: str
 ) -> None:
@@ -518,6 +522,7 @@ def test_session_row_lands_in_postgres_with_its_indexes(
     assert {f"{pg_table}_org_started_idx", f"{pg_table}_started_idx"} <= indexes
 
 
+@pytest.mark.postgres
 def test_postgres_down_keeps_the_row_in_parquet_and_the_next_session_catches_up(
     scripted_llm: ScriptedLLMServer,
     sandbox: SandboxResource,
@@ -589,7 +594,7 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
 # -- the real local model ---------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.local_model
 def test_a_query_with_the_real_local_model_ends_cleanly(
     local_llm_server: Any, sandbox: SandboxResource, lake: Path
 ) -> None:

@@ -195,6 +195,7 @@ def test_eof_ends_the_server(server: Server) -> None:
 # -- the REPL in the local sandbox ---------------------------------------------------------------
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_state_persists_and_console_is_captured_per_execution(js_session) -> None:
     first = js_session.execute(
@@ -216,6 +217,7 @@ def test_state_persists_and_console_is_captured_per_execution(js_session) -> Non
         js_session.get_variable("nope")
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_errors_keep_the_session(js_session) -> None:
     js_session.execute("const total = 7")
@@ -227,6 +229,7 @@ def test_errors_keep_the_session(js_session) -> None:
     assert js_session.execute("console.log(total)").stdout == "7\n"
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_final_and_final_var_report_once(js_session) -> None:
     assert js_session.execute("FINAL('done')").final == {"kind": "value", "value": "done"}
@@ -237,12 +240,14 @@ def test_final_and_final_var_report_once(js_session) -> None:
     assert "no variable 'ghost'" in js_session.execute("FINAL_VAR('ghost')").error
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_huge_output_is_truncated_with_a_note(js_session) -> None:
     result = js_session.execute("console.log('y'.repeat(1000000))")
     assert len(result.stdout) < 200_000 and "more characters truncated" in result.stdout
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_llm_query_batched_is_one_concurrent_request(
     interpreter: str, sandbox_backend_factory: Callable[..., LocalSandboxBackend]
@@ -260,6 +265,7 @@ def test_llm_query_batched_is_one_concurrent_request(
     assert (["single"], "sub") in llm.calls
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_context_loads_once_as_a_file(js_session) -> None:
     context = [{"id": i, "text": f"{i}: " + "lorem ipsum " * 80} for i in range(5000)]
@@ -273,6 +279,7 @@ def test_context_loads_once_as_a_file(js_session) -> None:
 # -- timeouts, in tiers -------------------------------------------------------------------------
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_endless_loops_are_interrupted_and_the_session_lives(js_session) -> None:
     js_session.execute("const kept = 'yes'")
@@ -307,6 +314,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_a_server_that_stops_answering_is_killed_by_the_host(
     js_backend: LocalSandboxBackend, recording_llm: RecordingLLM
@@ -324,6 +332,7 @@ def test_a_server_that_stops_answering_is_killed_by_the_host(
         assert fresh.execute("console.log('fine')").stdout == "fine\n"
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_cpu_time_limit_ends_the_session_with_a_clear_error(
     interpreter: str,
@@ -364,6 +373,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 @pytest.mark.parametrize("code", list(HOSTILE.values()), ids=list(HOSTILE))
 def test_hostile_code_fails_inside_the_vm(
@@ -388,6 +398,7 @@ def re_any(text: str, *words: str) -> bool:
     return any(word in text for word in words)
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_the_sandbox_process_holds_no_secret_and_the_vm_no_host_object(
     js_backend: LocalSandboxBackend, recording_llm: RecordingLLM, monkeypatch: pytest.MonkeyPatch
@@ -405,6 +416,7 @@ def test_the_sandbox_process_holds_no_secret_and_the_vm_no_host_object(
         assert forbidden not in names.strip().split(","), forbidden
 
 
+@pytest.mark.bwrap
 @needs_bwrap
 def test_a_memory_bomb_is_contained(
     interpreter: str,

@@ -42,6 +42,7 @@ def session(sandbox_backend: LocalSandboxBackend, recording_llm: RecordingLLM) -
 # -- the REPL ----------------------------------------------------------------------------------
 
 
+@pytest.mark.bwrap
 def test_state_persists_and_output_is_captured_per_execution(session) -> None:
     first = session.execute("x = 40\nprint('one')\nimport sys\nprint('warn', file=sys.stderr)")
     second = session.execute("x += 2\nprint('two', x)")
@@ -54,6 +55,7 @@ def test_state_persists_and_output_is_captured_per_execution(session) -> None:
         session.get_variable("nope")
 
 
+@pytest.mark.bwrap
 def test_an_error_keeps_the_session(session) -> None:
     session.execute("total = 7")
     failed = session.execute("def f():\n    return 1 / 0\nf()")
@@ -64,6 +66,7 @@ def test_an_error_keeps_the_session(session) -> None:
     assert session.execute("print(total)").stdout == "7\n"
 
 
+@pytest.mark.bwrap
 def test_final_hook_reports_once(session) -> None:
     session.execute("answer = 'brambleway'")
     result = session.execute("FINAL_VAR('answer')")
@@ -71,12 +74,14 @@ def test_final_hook_reports_once(session) -> None:
     assert session.execute("print(1)").final is None
 
 
+@pytest.mark.bwrap
 def test_huge_output_is_truncated_with_a_note(session) -> None:
     result = session.execute("print('y' * 1_000_000)")
     assert len(result.stdout) < 200_000
     assert "more characters truncated" in result.stdout
 
 
+@pytest.mark.bwrap
 def test_llm_query_calls_back_to_the_host(session, recording_llm: RecordingLLM) -> None:
     result = session.execute(
         "a = llm_query('summarise', model='sub')\nb = llm_query_batched(['p1', 'p2'])\nprint(a, b)"
@@ -86,6 +91,7 @@ def test_llm_query_calls_back_to_the_host(session, recording_llm: RecordingLLM) 
     assert session.llm_prompts_served == 3
 
 
+@pytest.mark.bwrap
 def test_llm_query_batched_runs_concurrently_with_a_bound(
     sandbox_backend_factory: Callable[..., LocalSandboxBackend],
 ) -> None:
@@ -97,6 +103,7 @@ def test_llm_query_batched_runs_concurrently_with_a_bound(
     assert llm.max_in_flight == 3  # overlapping calls, never more than the bound
 
 
+@pytest.mark.bwrap
 def test_llm_handler_failure_is_an_error_in_the_code(
     sandbox_backend: LocalSandboxBackend,
 ) -> None:
@@ -107,6 +114,7 @@ def test_llm_handler_failure_is_an_error_in_the_code(
         assert s.execute("print(llm_query('good'))").stdout == "echo:good\n"
 
 
+@pytest.mark.bwrap
 def test_context_of_5000_chunks_loads_once(session) -> None:
     context = chunks()
     session.load_context(context)
@@ -118,6 +126,7 @@ def test_context_of_5000_chunks_loads_once(session) -> None:
     assert (first.stdout, second.stdout) == ("5000 c4999\n", "True\n")
 
 
+@pytest.mark.bwrap
 def test_text_context(session) -> None:
     session.load_context("line one\nline two")
     assert session.execute("print(context.splitlines()[1])").stdout == "line two\n"
@@ -126,6 +135,7 @@ def test_text_context(session) -> None:
 # -- timeouts and dying processes ---------------------------------------------------------------
 
 
+@pytest.mark.bwrap
 def test_a_runaway_loop_is_interrupted_and_the_session_lives(session) -> None:
     session.execute("kept = 'yes'")
     result = session.execute("while True:\n    pass", timeout_s=1.0)
@@ -133,6 +143,7 @@ def test_a_runaway_loop_is_interrupted_and_the_session_lives(session) -> None:
     assert session.execute("print(kept)").stdout == "yes\n"
 
 
+@pytest.mark.bwrap
 def test_code_that_ignores_the_timeout_is_killed_and_the_host_goes_on(
     sandbox_backend: LocalSandboxBackend, recording_llm: RecordingLLM
 ) -> None:
@@ -149,6 +160,7 @@ def test_code_that_ignores_the_timeout_is_killed_and_the_host_goes_on(
         assert fresh.execute("print('fine')").stdout == "fine\n"
 
 
+@pytest.mark.bwrap
 def test_cpu_time_limit_ends_the_session_with_a_clear_error(
     sandbox_backend_factory: Callable[..., LocalSandboxBackend], recording_llm: RecordingLLM
 ) -> None:
@@ -160,6 +172,7 @@ def test_cpu_time_limit_ends_the_session_with_a_clear_error(
         s.execute("while True:\n    pass", timeout_s=30)
 
 
+@pytest.mark.bwrap
 def test_a_crash_is_a_sandbox_error(session) -> None:
     with pytest.raises(SandboxError, match="SIGKILL"):
         session.execute("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
@@ -168,6 +181,7 @@ def test_a_crash_is_a_sandbox_error(session) -> None:
 # -- hostile code ------------------------------------------------------------------------------
 
 
+@pytest.mark.bwrap
 def test_no_secret_reaches_the_sandbox(
     sandbox_backend: LocalSandboxBackend,
     recording_llm: RecordingLLM,
@@ -196,6 +210,7 @@ def test_no_secret_reaches_the_sandbox(
     assert max(eval(pids.stdout)) < 50  # its own PID namespace: no host process is visible
 
 
+@pytest.mark.bwrap
 def test_host_files_are_invisible(session, memcity_home: Path, tmp_path: Path) -> None:
     lake = memcity_home / "lake"
     lake.mkdir()
@@ -225,6 +240,7 @@ def test_host_files_are_invisible(session, memcity_home: Path, tmp_path: Path) -
     assert "OSError" in written.error or "PermissionError" in written.error
 
 
+@pytest.mark.bwrap
 def test_sessions_never_see_each_others_files(
     sandbox_backend: LocalSandboxBackend, recording_llm: RecordingLLM
 ) -> None:
@@ -248,6 +264,7 @@ def test_sessions_never_see_each_others_files(
         assert b.execute("print(os.listdir('.'))").stdout == "[]\n"
 
 
+@pytest.mark.bwrap
 def test_network_is_unreachable(session) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -270,6 +287,7 @@ def test_network_is_unreachable(session) -> None:
     assert len(accepted) == 1  # only the host's own probe got through
 
 
+@pytest.mark.bwrap
 def test_fork_bomb_is_bounded(
     sandbox_backend_factory: Callable[..., LocalSandboxBackend], recording_llm: RecordingLLM
 ) -> None:
@@ -303,6 +321,7 @@ def test_fork_bomb_is_bounded(
         assert _tasks_of_uid(s.uid) == 0
 
 
+@pytest.mark.bwrap
 def test_memory_is_bounded(
     sandbox_backend_factory: Callable[..., LocalSandboxBackend], recording_llm: RecordingLLM
 ) -> None:
@@ -354,6 +373,7 @@ def test_fallback_without_bwrap_warns_and_keeps_the_limits(
 # -- the resource ------------------------------------------------------------------------------
 
 
+@pytest.mark.bwrap
 def test_resource_picks_the_backend_from_settings(
     memcity_home: Path, monkeypatch: pytest.MonkeyPatch, recording_llm: RecordingLLM
 ) -> None:

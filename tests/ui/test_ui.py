@@ -21,7 +21,7 @@ from memcity_pipeline.rlm.sessions import read_sessions
 from tests.scripted_llm_server import ScriptedLLMServer
 from tests.ui import driver
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.chromium]
 
 
 @dataclass
