@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MEMCITY_HOME ?= $(CURDIR)/.memcity
 
-.PHONY: install demo ingest test lint format bench ui screenshots clean
+.PHONY: install demo ingest test test-fast lint format bench ui screenshots clean
 
 install: $(VENV)/.installed
 
@@ -18,6 +18,9 @@ ingest: install          ## run every stage on the landing folder
 
 test: install            ## the whole test suite (needs Postgres on 127.0.0.1:5432)
 	$(BIN)/python -m pytest
+
+test-fast: install       ## the tests that need no Postgres, bubblewrap, Chromium or real model
+	$(BIN)/python -m pytest -m "not postgres and not bwrap and not chromium and not local_model and not slow"
 
 lint: install
 	$(BIN)/ruff check .
