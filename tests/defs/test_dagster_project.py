@@ -75,6 +75,7 @@ def test_definitions_hold_every_ingestion_piece() -> None:
     assert "landing_sensor" in [s.name for s in repo.sensor_defs]
 
 
+@pytest.mark.slow
 def test_memcity_demo_runs_on_embedded_defaults_and_second_run_changes_nothing() -> None:
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     first = subprocess.run(

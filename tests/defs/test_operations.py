@@ -153,6 +153,7 @@ def clean_home(tmp_path_factory: pytest.TempPathFactory, ops_server: ScriptedLLM
 # ------------------------------------------------------------------------------ kill -9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["parse", "enrichment", "lake-write"])
 def test_kill_9_then_rerun_matches_a_clean_run_without_repeating_llm_work(
     point: str, tmp_path: Path, ops_server: ScriptedLLMServer, clean_home: Path
@@ -217,6 +218,7 @@ def test_kill_9_then_rerun_matches_a_clean_run_without_repeating_llm_work(
 # ------------------------------------------------------------------------------ a flaky LLM
 
 
+@pytest.mark.slow
 def test_ingestion_and_a_query_hold_up_when_30_percent_of_llm_calls_fail(
     tmp_path: Path,
 ) -> None:
@@ -394,6 +396,7 @@ def test_postgres_stopped_mid_series_loses_and_duplicates_no_session(
 # ------------------------------------------------------------------------------ concurrency
 
 
+@pytest.mark.slow
 def test_two_ingestion_runs_at_once_wait_for_each_other_and_match_a_clean_run(
     tmp_path: Path, ops_server: ScriptedLLMServer, clean_home: Path
 ) -> None:

@@ -29,6 +29,7 @@ def built_lake() -> Path:
     return settings.lake_dir
 
 
+@pytest.mark.slow
 def test_get_context_finds_the_warranty_and_stays_in_its_org(built_lake: Path) -> None:
     hits = get_context(
         ORG, KB, "For how many years is the hive scale covered against defects?", k=5
@@ -52,6 +53,7 @@ def test_get_context_finds_the_warranty_and_stays_in_its_org(built_lake: Path) -
     assert other and not ({h.chunk_id for h in other} & brambleway_chunks)
 
 
+@pytest.mark.slow
 def test_bad_requests_are_clear_errors(built_lake: Path) -> None:
     with pytest.raises(SearchError, match="unknown org"):
         get_context("nobody", KB, "warranty")
@@ -74,6 +76,7 @@ def test_an_index_not_built_yet_is_an_error_not_an_empty_list() -> None:
         get_context(ORG, KB, "warranty")
 
 
+@pytest.mark.slow
 def test_memories_are_searchable_per_user(built_lake: Path) -> None:
     users = sorted(p.stem for p in (built_lake / "memories" / ORG).glob("*.parquet"))
     hits = search_memories(ORG, users[0], "what does this user like", k=3)
@@ -88,6 +91,7 @@ def test_memories_are_searchable_per_user(built_lake: Path) -> None:
         search_memories(ORG, "nobody", "tea")
 
 
+@pytest.mark.slow
 def test_embeddings_are_incremental_and_a_model_change_re_embeds_all(
     built_lake: Path, scripted_llm: ScriptedLLMServer
 ) -> None:
@@ -120,6 +124,7 @@ def test_embeddings_are_incremental_and_a_model_change_re_embeds_all(
         get_context(ORG, KB, "warranty")  # the configured (local) model no longer matches
 
 
+@pytest.mark.slow
 def test_memcity_search_cli(built_lake: Path) -> None:
     memcity = str(Path(sys.executable).parent / "memcity")
     proc = subprocess.run(
