@@ -12,9 +12,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from memcity_pipeline.cli.console import spinner
 from memcity_pipeline.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(help="memcity-pipeline: enriched, searchable knowledge and RLM queries.")
@@ -45,14 +45,7 @@ def _settings(ctx: typer.Context) -> Settings:
 def _run_ingest(settings: Settings, as_json: bool) -> None:
     from memcity_pipeline.cli.runner import run_job
 
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]ingest[/bold] {task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=as_json,
-    ) as progress:
+    with spinner(console, "ingest", disable=as_json) as progress:
         task = progress.add_task("starting", total=None)
         outcome = run_job(
             "ingest",

@@ -12,10 +12,10 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from memcity_pipeline.api import rlm_query
+from memcity_pipeline.cli.console import spinner
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
 from memcity_pipeline.settings import Settings, load_settings
@@ -116,14 +116,7 @@ def query_command(
         if system_prompt_file is not None:
             config["custom_system_prompt"] = system_prompt_file.read_text(encoding="utf-8")
         custom = read_custom_file(custom_file) if custom_file is not None else None
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]rlm[/bold] {task.description}"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-            disable=as_json,
-        ) as progress:
+        with spinner(err, "rlm", disable=as_json) as progress:
             task = progress.add_task("gathering the context", total=None)
 
             def on_event(event: str, data: dict[str, Any]) -> None:

@@ -18,26 +18,25 @@ from memcity_pipeline.enrichment.builders import (
     build_chunks,
     build_document_structure,
     build_enriched_chunks,
-    unchanged,
 )
 from memcity_pipeline.enrichment.enrich import enrich_chunks
 from memcity_pipeline.enrichment.structure import (
     DocumentStructureOut,
     LongRead,
     LongReader,
+    StructuredCall,
     long_document_task,
     structure_document,
 )
 from memcity_pipeline.enrichment.tokens import count_tokens
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
+from memcity_pipeline.lake.reconcile import reconcile_scopes
 from memcity_pipeline.lake.tables import (
-    CHUNKS,
-    DOCUMENT_STRUCTURE,
-    ENRICHED_CHUNKS,
     KB_TABLE_SCHEMAS,
     kb_partitions,
     kb_table_path,
 )
+from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
@@ -45,17 +44,13 @@ from memcity_pipeline.resources.sandbox import SandboxResource
 from memcity_pipeline.resources.sessions import SessionsResource
 from memcity_pipeline.rlm.query import rlm_extract
 
-StructuredCall = Callable[
-    [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
-]
-
 
 def _structured_call(client: Any, max_tokens: int) -> StructuredCall:
-    def call(
-        messages: list[dict[str, str]], schema: type[BaseModel]
-    ) -> tuple[BaseModel, int, int, float | None]:
+    """Phase 1 and 3's LLM call: one structured completion and its usage."""
+
+    def call(messages: list[dict[str, str]], schema: type[BaseModel]) -> tuple[BaseModel, Usage]:
         res = client.complete(messages, schema=schema, max_tokens=max_tokens)
-        return res.parsed, res.prompt_tokens, res.completion_tokens, res.cost_usd
+        return res.parsed, res.usage
 
     return call
 
@@ -64,47 +59,83 @@ def _sync_tables(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
     table: str,
-    schema: Any,
-    key: str,
     build: Callable[[str, str], tuple[pl.DataFrame, StageStats]],
 ) -> tuple[StageStats, list[str]]:
-    """Run `build(org, kb)` for every knowledge base of raw_documents; write what changed.
+    """Bring `table` in step with raw_documents, one knowledge base at a time: build each,
+    write it when it changed, drop the knowledge bases that left.
 
     The table's write lock is held throughout, so a concurrent run waits for this one.
     """
-    with lake.writing(context, table):
-        total = StageStats()
-        written: list[str] = []
-        upstream = set(kb_partitions(lake.lake, "raw_documents"))
-        for org, kb in sorted(set(kb_partitions(lake.lake, table)) - upstream):
-            delete_table(kb_table_path(lake.lake, table, org, kb))
-            written.append(f"{org}/{kb} (removed)")
-        for org, kb in sorted(upstream):
-            path = kb_table_path(lake.lake, table, org, kb)
-            old = read_parquet(path, schema)
-            new, stats = build(org, kb)
-            total.merge(stats)
-            if unchanged(new, old, stats, key) and path.exists():
-                continue
-            write_parquet_atomic(new, path, schema)
+    total = StageStats()
+    written: list[str] = []
+
+    def update(scope: tuple[str, str]) -> None:
+        org, kb = scope
+        path = kb_table_path(lake.lake, table, org, kb)
+        new, stats = build(org, kb)
+        total.merge(stats)
+        if stats.changed or not path.exists():
+            write_parquet_atomic(new, path, KB_TABLE_SCHEMAS[table])
             written.append(f"{org}/{kb}")
             context.log.info(
                 f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
             )
-        return total, written
+
+    def drop(scope: tuple[str, str]) -> None:
+        delete_table(kb_table_path(lake.lake, table, *scope))
+        written.append(f"{scope[0]}/{scope[1]} (removed)")
+
+    with lake.writing(context, table):
+        reconcile_scopes(
+            kb_partitions(lake.lake, "raw_documents"),
+            kb_partitions(lake.lake, table),
+            update=update,
+            drop=drop,
+        )
+    return total, written
+
+
+def _spent(snapshot: dict[str, Any]) -> Usage:
+    """An LLM client's new spend so far (cache hits cost nothing)."""
+    return Usage(
+        snapshot["prompt_tokens"],
+        snapshot["completion_tokens"],
+        snapshot["cost_usd"],
+        snapshot["calls"] - snapshot["cache_hits"],
+    )
 
 
 def _llm_metadata(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    cost_after, cost_before = after.get("cost_usd"), before.get("cost_usd")
-    cost = None if cost_after is None else cost_after - (cost_before or 0.0)
+    spent = _spent(after) - _spent(before)
     return {
-        "llm_calls": (after["calls"] - after["cache_hits"])
-        - (before["calls"] - before["cache_hits"]),
+        "llm_calls": int(spent.calls),
         "cache_hits": after["cache_hits"] - before["cache_hits"],
-        "prompt_tokens": after["prompt_tokens"] - before["prompt_tokens"],
-        "completion_tokens": after["completion_tokens"] - before["completion_tokens"],
-        "cost_usd": dg.MetadataValue.float(cost) if cost is not None else dg.MetadataValue.null(),
+        "prompt_tokens": spent.prompt_tokens,
+        "completion_tokens": spent.completion_tokens,
+        "cost_usd": dg.MetadataValue.float(spent.cost_usd)
+        if spent.cost_usd is not None
+        else dg.MetadataValue.null(),
         "llm_failures": after["failures"] - before["failures"],
+    }
+
+
+def _llm_stage_metadata(
+    enrichment: EnrichmentResource,
+    written: list[str],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    stats: StageStats,
+    columns: list[str],
+) -> dict[str, Any]:
+    """What phases 1 and 3 report alike: mode, tables written, LLM spend, a per-document table."""
+    usage_columns = ["llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"]
+    return {
+        "mode": enrichment.mode.value,
+        "tables_written": written,
+        **_llm_metadata(before, after),
+        "per_document": dg.MetadataValue.md(
+            markdown_table(stats.per_document, ["title", *columns, *usage_columns])
+        ),
     }
 
 
@@ -159,10 +190,12 @@ def _rlm_reader(
         return LongRead(
             parsed=parsed if isinstance(parsed, DocumentStructureOut) else None,
             note=note,
-            llm_calls=result.iterations + result.total_sub_calls,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            cost_usd=result.cost,
+            usage=Usage(
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.cost,
+                result.iterations + result.total_sub_calls,
+            ),
         )
 
     return read
@@ -222,9 +255,7 @@ def document_structure(
             max_workers=enrichment.max_workers,
         )
 
-    stats, written = _sync_tables(
-        context, lake, "document_structure", DOCUMENT_STRUCTURE, "document_id", build
-    )
+    stats, written = _sync_tables(context, lake, "document_structure", build)
     for reason in stats.failure_reasons:
         context.log.warning(f"document_structure: {reason}")
     after = client.stats.snapshot() if client else dict(_NO_LLM)
@@ -237,24 +268,13 @@ def document_structure(
             "processed": stats.processed,
             "unchanged": stats.reused,
             "failed": stats.failures,
-            "mode": enrichment.mode.value,
-            "tables_written": written,
-            **_llm_metadata(before, after),
-            "per_document": dg.MetadataValue.md(
-                markdown_table(
-                    stats.per_document,
-                    [
-                        "title",
-                        "method",
-                        "status",
-                        "sections",
-                        "entities",
-                        "llm_calls",
-                        "prompt_tokens",
-                        "completion_tokens",
-                        "cost_usd",
-                    ],
-                )
+            **_llm_stage_metadata(
+                enrichment,
+                written,
+                before,
+                after,
+                stats,
+                ["method", "status", "sections", "entities"],
             ),
         }
     )
@@ -283,7 +303,7 @@ def chunks(
             overlap_tokens=enrichment.chunk_overlap_tokens,
         )
 
-    stats, written = _sync_tables(context, lake, "chunks", CHUNKS, "chunk_id", build)
+    stats, written = _sync_tables(context, lake, "chunks", build)
     sample = _first_table(lake, "chunks")
     return dg.MaterializeResult(
         metadata={
@@ -356,9 +376,7 @@ def enriched_chunks(
             max_workers=enrichment.max_workers,
         )
 
-    stats, written = _sync_tables(
-        context, lake, "enriched_chunks", ENRICHED_CHUNKS, "chunk_id", build
-    )
+    stats, written = _sync_tables(context, lake, "enriched_chunks", build)
     for reason in sorted(set(stats.failure_reasons))[:20]:
         context.log.warning(f"enriched_chunks: chunk failed: {reason}")
     after = client.stats.snapshot() if client else dict(_NO_LLM)
@@ -382,23 +400,7 @@ def enriched_chunks(
             "chunks_processed": stats.processed,
             "chunks_unchanged": stats.reused,
             "chunks_failed": stats.failures,
-            "mode": enrichment.mode.value,
-            "tables_written": written,
-            **_llm_metadata(before, after),
-            "per_document": dg.MetadataValue.md(
-                markdown_table(
-                    stats.per_document,
-                    [
-                        "title",
-                        "chunks",
-                        "failed",
-                        "llm_calls",
-                        "prompt_tokens",
-                        "completion_tokens",
-                        "cost_usd",
-                    ],
-                )
-            ),
+            **_llm_stage_metadata(enrichment, written, before, after, stats, ["chunks", "failed"]),
             "preview": dg.MetadataValue.md(
                 markdown_table(
                     sample.to_dicts(),

@@ -13,11 +13,13 @@ import polars as pl
 from memcity_pipeline.defs.enrichment import enriched_chunks
 from memcity_pipeline.defs.ingestion import memories
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
+from memcity_pipeline.lake.reconcile import reconcile_scopes
 from memcity_pipeline.lake.tables import (
     EMBEDDINGS,
     ENRICHED_CHUNKS,
     MEMORIES,
     bm25_dir,
+    bm25_root,
     kb_partitions,
     kb_table_path,
 )
@@ -62,6 +64,28 @@ def _save_bm25(directory: Path, ids: list[str], texts: list[str], key: str) -> N
     os.replace(tmp, marker)
 
 
+def _refresh_bm25(directory: Path, ids: list[str], texts: list[str]) -> bool:
+    """Rebuild the index in `directory` unless it was built from these texts; True if rebuilt."""
+    key = _source_key(ids, texts)
+    if _bm25_up_to_date(directory, key):
+        return False
+    _save_bm25(directory, ids, texts, key)
+    return True
+
+
+def _bm25_scopes(root: Path) -> list[tuple[str, str]]:
+    """The (org, scope) folders of BM25 indexes under `root`."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        (org.name, scope.name)
+        for org in root.iterdir()
+        if org.is_dir()
+        for scope in org.iterdir()
+        if scope.is_dir()
+    )
+
+
 def _drop_bm25(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     (directory.parent / f"{directory.name}.source").unlink(missing_ok=True)
@@ -75,53 +99,57 @@ def chunk_embeddings(
     resolved text; the original text where enrichment is off or failed), with the model name and
     dimension. Only new or changed chunks are embedded again; a model change re-embeds everything.
     """
-    with lake.writing(context, "chunk_embeddings"):
-        embedder = embeddings.get_embedder()
-        wanted = set(kb_partitions(lake.lake, "enriched_chunks"))
-        for org, kb in sorted(set(kb_partitions(lake.lake, "chunk_embeddings")) - wanted):
-            delete_table(kb_table_path(lake.lake, "chunk_embeddings", org, kb))
-        totals = {"chunks": 0, "embedded": 0, "reused": 0}
-        changed_models: set[str] = set()
-        started = time.perf_counter()
-        for org, kb in sorted(wanted):
-            rows = read_parquet(
-                kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS
-            )
-            path = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
-            old = read_parquet(path, EMBEDDINGS)
-            frame, stats = sync_embeddings(
-                org, kb, rows["chunk_id"].to_list(), index_texts(rows), old, embedder
-            )
-            if stats.model_changed_from:
-                changed_models.add(stats.model_changed_from)
-                context.log.warning(
-                    f"{org}/{kb}: embeddings model changed from {stats.model_changed_from} to "
-                    f"{embedder.model_name}: re-embedding all {stats.items} chunks"
-                )
-            totals["chunks"] += stats.items
-            totals["embedded"] += stats.embedded
-            totals["reused"] += stats.reused
-            if stats.embedded or frame.height != old.height or not path.exists():
-                write_parquet_atomic(frame, path, EMBEDDINGS)
-        seconds = time.perf_counter() - started
-        return dg.MaterializeResult(
-            metadata={
-                "summary": f"{totals['embedded']} chunks embedded, {totals['reused']} unchanged"
-                + (
-                    f" (model changed from {', '.join(sorted(changed_models))})"
-                    if changed_models
-                    else ""
-                ),
-                "dagster/row_count": totals["chunks"],
-                "embedded": totals["embedded"],
-                "unchanged": totals["reused"],
-                "model": embedder.model_name,
-                "model_changed": bool(changed_models),
-                "chunks_per_second": round(totals["embedded"] / seconds, 2)
-                if totals["embedded"]
-                else 0.0,
-            }
+    embedder = embeddings.get_embedder()
+    totals = {"chunks": 0, "embedded": 0, "reused": 0}
+    changed_models: set[str] = set()
+
+    def update(scope: tuple[str, str]) -> None:
+        org, kb = scope
+        rows = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
+        path = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
+        old = read_parquet(path, EMBEDDINGS)
+        frame, stats = sync_embeddings(
+            org, kb, rows["chunk_id"].to_list(), index_texts(rows), old, embedder
         )
+        if stats.model_changed_from:
+            changed_models.add(stats.model_changed_from)
+            context.log.warning(
+                f"{org}/{kb}: embeddings model changed from {stats.model_changed_from} to "
+                f"{embedder.model_name}: re-embedding all {stats.items} chunks"
+            )
+        totals["chunks"] += stats.items
+        totals["embedded"] += stats.embedded
+        totals["reused"] += stats.reused
+        if stats.changed or not path.exists():
+            write_parquet_atomic(frame, path, EMBEDDINGS)
+
+    started = time.perf_counter()
+    with lake.writing(context, "chunk_embeddings"):
+        reconcile_scopes(
+            kb_partitions(lake.lake, "enriched_chunks"),
+            kb_partitions(lake.lake, "chunk_embeddings"),
+            update=update,
+            drop=lambda scope: delete_table(kb_table_path(lake.lake, "chunk_embeddings", *scope)),
+        )
+    seconds = time.perf_counter() - started
+    return dg.MaterializeResult(
+        metadata={
+            "summary": f"{totals['embedded']} chunks embedded, {totals['reused']} unchanged"
+            + (
+                f" (model changed from {', '.join(sorted(changed_models))})"
+                if changed_models
+                else ""
+            ),
+            "dagster/row_count": totals["chunks"],
+            "embedded": totals["embedded"],
+            "unchanged": totals["reused"],
+            "model": embedder.model_name,
+            "model_changed": bool(changed_models),
+            "chunks_per_second": round(totals["embedded"] / seconds, 2)
+            if totals["embedded"]
+            else 0.0,
+        }
+    )
 
 
 @dg.asset(group_name="indexing", kinds={"bm25s"}, deps=[enriched_chunks])
@@ -129,39 +157,39 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     """A BM25 index (bm25s, English stopwords, Snowball stemming) per knowledge base over the
     same enriched text as the embeddings, saved in the lake under `indexes/chunks_bm25/<org>/<kb>/`
     and loaded by searches without rebuilding. Rebuilt only when a chunk's text changed."""
-    with lake.writing(context, "bm25_index"):
-        wanted = set(kb_partitions(lake.lake, "enriched_chunks"))
-        root = lake.lake / "indexes" / "chunks_bm25"
-        for org_dir in root.glob("*") if root.exists() else []:
-            for kb_dir in org_dir.iterdir():
-                if kb_dir.is_dir() and (org_dir.name, kb_dir.name) not in wanted:
-                    _drop_bm25(kb_dir)
-        built, unchanged, chunks_total = [], 0, 0
-        started = time.perf_counter()
-        for org, kb in sorted(wanted):
-            rows = read_parquet(
-                kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS
-            )
-            ids, texts = rows["chunk_id"].to_list(), index_texts(rows)
-            chunks_total += len(ids)
-            directory = bm25_dir(lake.lake, "chunks", org, kb)
-            key = _source_key(ids, texts)
-            if _bm25_up_to_date(directory, key):
-                unchanged += 1
-                continue
-            _save_bm25(directory, ids, texts, key)
+    root = bm25_root(lake.lake, "chunks")
+    built: list[str] = []
+    counts = {"unchanged": 0, "chunks": 0}
+
+    def update(scope: tuple[str, str]) -> None:
+        org, kb = scope
+        rows = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
+        ids, texts = rows["chunk_id"].to_list(), index_texts(rows)
+        counts["chunks"] += len(ids)
+        if _refresh_bm25(bm25_dir(lake.lake, "chunks", org, kb), ids, texts):
             built.append(f"{org}/{kb}")
             context.log.info(f"bm25_index: {org}/{kb}: {len(ids)} chunks indexed")
-        return dg.MaterializeResult(
-            metadata={
-                "summary": f"{len(built)} knowledge bases indexed, {unchanged} unchanged",
-                "dagster/row_count": chunks_total,
-                "rebuilt": built,
-                "unchanged": unchanged,
-                "build_seconds": round(time.perf_counter() - started, 3),
-                "index_path": dg.MetadataValue.path(str(root)),
-            }
+        else:
+            counts["unchanged"] += 1
+
+    started = time.perf_counter()
+    with lake.writing(context, "bm25_index"):
+        reconcile_scopes(
+            kb_partitions(lake.lake, "enriched_chunks"),
+            _bm25_scopes(root),
+            update=update,
+            drop=lambda scope: _drop_bm25(bm25_dir(lake.lake, "chunks", *scope)),
         )
+    return dg.MaterializeResult(
+        metadata={
+            "summary": f"{len(built)} knowledge bases indexed, {counts['unchanged']} unchanged",
+            "dagster/row_count": counts["chunks"],
+            "rebuilt": built,
+            "unchanged": counts["unchanged"],
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "index_path": dg.MetadataValue.path(str(root)),
+        }
+    )
 
 
 @dg.asset(group_name="indexing", kinds={"parquet", "bm25s"}, deps=[memories])
@@ -170,44 +198,52 @@ def memory_index(
 ) -> dg.MaterializeResult:
     """Vectors and a BM25 index of each user's memories, for searching memories the way
     `get_context` searches documents. Incremental like `chunk_embeddings`."""
+    embedder = embeddings.get_embedder()
+    totals = {"memories": 0, "embedded": 0, "reused": 0, "bm25_rebuilt": 0}
+
+    def update(scope: tuple[str, str]) -> None:
+        org, user = scope
+        rows = read_parquet(kb_table_path(lake.lake, "memories", org, user), MEMORIES)
+        ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
+        path = kb_table_path(lake.lake, "memory_embeddings", org, user)
+        old = read_parquet(path, EMBEDDINGS)
+        frame, stats = sync_embeddings(org, user, ids, texts, old, embedder)
+        if stats.model_changed_from:
+            context.log.warning(
+                f"{org}/{user}: embeddings model changed from {stats.model_changed_from}: "
+                f"re-embedding all {stats.items} memories"
+            )
+        if stats.changed or not path.exists():
+            write_parquet_atomic(frame, path, EMBEDDINGS)
+        if _refresh_bm25(bm25_dir(lake.lake, "memories", org, user), ids, texts):
+            totals["bm25_rebuilt"] += 1
+        totals["memories"] += stats.items
+        totals["embedded"] += stats.embedded
+        totals["reused"] += stats.reused
+
+    def drop(scope: tuple[str, str]) -> None:
+        delete_table(kb_table_path(lake.lake, "memory_embeddings", *scope))
+        _drop_bm25(bm25_dir(lake.lake, "memories", *scope))
+
+    wanted = kb_partitions(lake.lake, "memories")
     with lake.writing(context, "memory_embeddings"):
-        embedder = embeddings.get_embedder()
-        wanted = set(kb_partitions(lake.lake, "memories"))
-        for org, user in sorted(set(kb_partitions(lake.lake, "memory_embeddings")) - wanted):
-            delete_table(kb_table_path(lake.lake, "memory_embeddings", org, user))
-            _drop_bm25(bm25_dir(lake.lake, "memories", org, user))
-        totals = {"memories": 0, "embedded": 0, "reused": 0, "bm25_rebuilt": 0}
-        for org, user in sorted(wanted):
-            rows = read_parquet(kb_table_path(lake.lake, "memories", org, user), MEMORIES)
-            ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
-            path = kb_table_path(lake.lake, "memory_embeddings", org, user)
-            old = read_parquet(path, EMBEDDINGS)
-            frame, stats = sync_embeddings(org, user, ids, texts, old, embedder)
-            if stats.model_changed_from:
-                context.log.warning(
-                    f"{org}/{user}: embeddings model changed from {stats.model_changed_from}: "
-                    f"re-embedding all {stats.items} memories"
-                )
-            if stats.embedded or frame.height != old.height or not path.exists():
-                write_parquet_atomic(frame, path, EMBEDDINGS)
-            directory = bm25_dir(lake.lake, "memories", org, user)
-            key = _source_key(ids, texts)
-            if not _bm25_up_to_date(directory, key):
-                _save_bm25(directory, ids, texts, key)
-                totals["bm25_rebuilt"] += 1
-            totals["memories"] += stats.items
-            totals["embedded"] += stats.embedded
-            totals["reused"] += stats.reused
-        return dg.MaterializeResult(
-            metadata={
-                "summary": f"{totals['embedded']} memories embedded, {totals['reused']} unchanged, "
-                f"{totals['bm25_rebuilt']} user indexes rebuilt",
-                "dagster/row_count": totals["memories"],
-                "users": len(wanted),
-                **{k: v for k, v in totals.items() if k != "memories"},
-                "model": embedder.model_name,
-            }
+        reconcile_scopes(
+            wanted,
+            set(kb_partitions(lake.lake, "memory_embeddings"))
+            | set(_bm25_scopes(bm25_root(lake.lake, "memories"))),
+            update=update,
+            drop=drop,
         )
+    return dg.MaterializeResult(
+        metadata={
+            "summary": f"{totals['embedded']} memories embedded, {totals['reused']} unchanged, "
+            f"{totals['bm25_rebuilt']} user indexes rebuilt",
+            "dagster/row_count": totals["memories"],
+            "users": len(wanted),
+            **{k: v for k, v in totals.items() if k != "memories"},
+            "model": embedder.model_name,
+        }
+    )
 
 
 @dg.asset_check(asset=chunk_embeddings, description="Every enriched chunk has exactly one vector.")

@@ -1,9 +1,10 @@
 """Incremental table builders of the enrichment phases, one knowledge base at a time.
 
 Each builder takes the upstream rows and the table as it stands, reuses every row whose inputs
-did not change (same document content, same sections, same model, same context), recomputes
-the rest, and returns the new table and what it did. Documents that left the upstream table
-drop out. A failed row is always recomputed on the next run.
+did not change (same document content, same sections, same model, same context: a fingerprint
+compared by `lake.reconcile.plan_rows`), recomputes the rest, and returns the new table and what
+it did. Documents that left the upstream table drop out. A failed row is always recomputed on
+the next run. `StageStats.changed` says whether the table needs writing at all.
 """
 
 import hashlib
@@ -20,7 +21,9 @@ import pyarrow as pa
 from memcity_pipeline.enrichment.chunking import Section, chunk_document, heading_sections
 from memcity_pipeline.enrichment.enrich import ChunkEnrichment
 from memcity_pipeline.enrichment.structure import DocumentStructure, EntityOut, headings_structure
+from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import CHUNKS, DOCUMENT_STRUCTURE, ENRICHED_CHUNKS
+from memcity_pipeline.llm.usage import Usage
 
 Structurer = Callable[[str, str], DocumentStructure]  # (title, text) -> structure
 Enricher = Callable[[str, str, list[EntityOut], list[str]], list[ChunkEnrichment]]
@@ -33,25 +36,22 @@ class StageStats:
     documents: int = 0
     processed: int = 0
     reused: int = 0
+    dropped: int = 0  # rows of the old table that are gone or replaced
     rows: int = 0
     failures: int = 0
-    llm_calls: float = 0.0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
+    usage: Usage = field(default_factory=Usage)
     per_document: list[dict[str, Any]] = field(default_factory=list)
     failure_reasons: list[str] = field(default_factory=list)
 
-    def add_cost(self, cost: float | None) -> None:
-        if cost is not None:
-            self.cost_usd = (self.cost_usd or 0.0) + cost
+    @property
+    def changed(self) -> bool:
+        """Whether the table's content changed (something computed or dropped)."""
+        return self.processed > 0 or self.dropped > 0
 
     def merge(self, other: "StageStats") -> None:
-        for name in ("documents", "processed", "reused", "rows", "failures", "llm_calls"):
+        for name in ("documents", "processed", "reused", "dropped", "rows", "failures"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.add_cost(other.cost_usd)
+        self.usage = self.usage + other.usage
         self.per_document += other.per_document
         self.failure_reasons += other.failure_reasons
 
@@ -64,8 +64,23 @@ def _frame(rows: list[dict[str, Any]], schema: pa.Schema) -> pl.DataFrame:
     return pl.from_arrow(pa.Table.from_pylist(rows, schema=schema))  # type: ignore[return-value]
 
 
-def _by_key(frame: pl.DataFrame, key: str) -> dict[str, dict[str, Any]]:
-    return {r[key]: r for r in frame.iter_rows(named=True)} if frame.height else {}
+def _ordered(
+    parts: list[pl.DataFrame], order: pl.DataFrame, key: str, schema: pa.Schema, *by: str
+) -> pl.DataFrame:
+    """`parts` as one frame of `schema`, in the order of `order[key]` (then `by`)."""
+    frames = [p.select(schema.names) for p in parts if p.height]
+    if not frames:
+        return _frame([], schema)
+    combined = pl.concat(
+        [pl.from_arrow(f.to_arrow().cast(schema)) for f in frames],  # type: ignore[misc]
+        how="vertical",
+    )
+    position = order.select(key).unique(maintain_order=True).with_row_index("_position")
+    return combined.join(position, on=key, how="left").sort(["_position", *by]).drop("_position")  # type: ignore[return-value]
+
+
+def _usage_of(row: dict[str, Any]) -> Usage:
+    return Usage.of_columns(row)
 
 
 # ---------------------------------------------------------------- phase 1: document_structure
@@ -82,23 +97,18 @@ def build_document_structure(
 ) -> tuple[pl.DataFrame, StageStats]:
     """One row per document: summary, entities, relationships, sections."""
     stats = StageStats(documents=docs.height)
-    old = _by_key(existing, "document_id")
     want_method = "headings" if enrichment == "off" else "llm"
-    rows: dict[str, dict[str, Any]] = {}
-    todo: list[dict[str, Any]] = []
-    for doc in docs.iter_rows(named=True):
-        prev = old.get(doc["document_id"])
-        if (
-            prev
-            and prev["content_hash"] == doc["content_hash"]
-            and prev["status"] == "ok"
-            and prev["method"].startswith(want_method)
-            and (enrichment == "off" or prev["model"] == model)
-        ):
-            rows[doc["document_id"]] = {**prev, "title": doc["title"]}
-            stats.reused += 1
-        else:
-            todo.append(doc)
+    reusable = (pl.col("status") == "ok") & pl.col("method").str.starts_with(want_method)
+    if enrichment != "off":
+        reusable = reusable & pl.col("model").eq_missing(model)
+    plan = plan_rows(
+        docs, existing, key="document_id", fingerprint="content_hash", reusable=reusable
+    )
+    # A kept row takes the document's current title.
+    reused = plan.reuse.drop("title").join(
+        docs.select("document_id", "title"), on="document_id", how="left"
+    )
+    stats.reused, stats.dropped = reused.height, plan.dropped
 
     def work(doc: dict[str, Any]) -> dict[str, Any]:
         now = datetime.now(UTC)
@@ -127,21 +137,16 @@ def build_document_structure(
             "status": status,
             "error": error,
             "model": None if enrichment == "off" else model,
-            "llm_calls": result.llm_calls,
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "cost_usd": result.cost_usd,
+            **result.usage.as_columns(),
             "structured_at": now,
         }
 
+    computed: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        for row in pool.map(work, todo):
-            rows[row["document_id"]] = row
+        for row in pool.map(work, plan.todo.to_dicts()):
+            computed.append(row)
             stats.processed += 1
-            stats.llm_calls += row["llm_calls"]
-            stats.prompt_tokens += row["prompt_tokens"]
-            stats.completion_tokens += row["completion_tokens"]
-            stats.add_cost(row["cost_usd"])
+            stats.usage = stats.usage + _usage_of(row)
             if row["status"] == "failed":
                 stats.failures += 1
                 stats.failure_reasons.append(f"{row['title']}: {row['error']}")
@@ -152,15 +157,14 @@ def build_document_structure(
                     "status": row["status"],
                     "sections": len(row["sections"]),
                     "entities": len(row["entities"]),
-                    "llm_calls": row["llm_calls"],
-                    "prompt_tokens": row["prompt_tokens"],
-                    "completion_tokens": row["completion_tokens"],
-                    "cost_usd": row["cost_usd"],
+                    **_usage_of(row).as_columns(),
                 }
             )
-    ordered = [rows[d] for d in docs["document_id"].to_list()] if docs.height else []
-    stats.rows = len(ordered)
-    return _frame(ordered, DOCUMENT_STRUCTURE), stats
+    frame = _ordered(
+        [reused, _frame(computed, DOCUMENT_STRUCTURE)], docs, "document_id", DOCUMENT_STRUCTURE
+    )
+    stats.rows = frame.height
+    return frame, stats
 
 
 def sections_of(row: dict[str, Any]) -> list[Section]:
@@ -185,35 +189,39 @@ def build_chunks(
 ) -> tuple[pl.DataFrame, StageStats]:
     """Chunks of every document, cut at phase 1's sections (or headings) within a token budget."""
     stats = StageStats(documents=docs.height)
-    struct = _by_key(structure, "document_id")
-    old: dict[str, list[dict[str, Any]]] = {}
-    for row in existing.iter_rows(named=True) if existing.height else []:
-        old.setdefault(row["document_id"], []).append(row)
-    out: list[dict[str, Any]] = []
+    sections_by_doc = {
+        r["document_id"]: sections_of(r)
+        for r in structure.select("document_id", "sections").iter_rows(named=True)
+    }
+    budget = f"{max_tokens}/{overlap_tokens}"
+    # What a document's chunks are made from: its text, its sections and the budget.
+    wanted = docs.with_columns(
+        pl.Series(
+            "source_key",
+            [
+                _sha(
+                    h,
+                    json.dumps([(s.title, s.start, s.end) for s in sections_by_doc.get(d, [])]),
+                    budget,
+                )
+                for d, h in zip(docs["document_id"], docs["content_hash"], strict=True)
+            ],
+            dtype=pl.String,
+        )
+    )
+    plan = plan_rows(wanted, existing, key="document_id", fingerprint="source_key")
+    stats.reused = plan.reuse["document_id"].n_unique() if plan.reuse.height else 0
+    stats.dropped = plan.dropped
     kw: dict[str, Any] = {"max_tokens": max_tokens, "overlap_tokens": overlap_tokens}
     if count is not None:
         kw["count"] = count
-    for doc in docs.iter_rows(named=True):
-        srow = struct.get(doc["document_id"])
-        sections = sections_of(srow) if srow else []
-        key = _sha(
-            doc["content_hash"],
-            json.dumps([(s.title, s.start, s.end) for s in sections]),
-            f"{max_tokens}/{overlap_tokens}",
-        )
-        prev = old.get(doc["document_id"])
-        if prev and prev[0]["source_key"] == key:
-            out.extend(prev)
-            stats.reused += 1
-            continue
+    out: list[dict[str, Any]] = []
+    for doc in plan.todo.iter_rows(named=True):
         stats.processed += 1
-        pieces = chunk_document(
-            doc["text"],
-            sections or heading_sections(doc["text"], doc["title"]),
-            title=doc["title"],
-            **kw,
+        sections = sections_by_doc.get(doc["document_id"]) or heading_sections(
+            doc["text"], doc["title"]
         )
-        for c in pieces:
+        for c in chunk_document(doc["text"], sections, title=doc["title"], **kw):
             out.append(
                 {
                     "org_id": doc["org_id"],
@@ -227,11 +235,12 @@ def build_chunks(
                     "end": c.end,
                     "text": c.text,
                     "token_count": c.token_count,
-                    "source_key": key,
+                    "source_key": doc["source_key"],
                 }
             )
-    stats.rows = len(out)
-    return _frame(out, CHUNKS), stats
+    frame = _ordered([plan.reuse, _frame(out, CHUNKS)], docs, "document_id", CHUNKS, "ordinal")
+    stats.rows = frame.height
+    return frame, stats
 
 
 # ---------------------------------------------------------------- phase 3: enriched_chunks
@@ -248,38 +257,44 @@ def build_enriched_chunks(
     max_workers: int = 4,
 ) -> tuple[pl.DataFrame, StageStats]:
     """Every chunk with resolved text, key terms, summary and entities (or a failure reason)."""
-    stats = StageStats()
-    struct = _by_key(structure, "document_id")
-    old = _by_key(existing, "chunk_id")
-    by_doc: dict[str, list[dict[str, Any]]] = {}
-    for row in chunks.iter_rows(named=True) if chunks.height else []:
-        by_doc.setdefault(row["document_id"], []).append(row)
-    stats.documents = len(by_doc)
-    result: dict[str, dict[str, Any]] = {}
-    jobs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    for doc_id, rows in by_doc.items():
-        srow = struct.get(doc_id) or {}
-        ctx = _sha(
-            srow.get("summary") or "",
+    stats = StageStats(documents=chunks["document_id"].n_unique() if chunks.height else 0)
+    struct = {r["document_id"]: r for r in structure.iter_rows(named=True)}
+    # A chunk's enrichment depends on its text and on its document's summary and entities.
+    doc_context = {
+        doc_id: _sha(
+            (srow := struct.get(doc_id) or {}).get("summary") or "",
             json.dumps(srow.get("entities") or [], sort_keys=True, default=str),
             enrichment,
             model or "",
         )
-        todo = []
-        for row in rows:
-            key = _sha(row["text"], ctx)
-            prev = old.get(row["chunk_id"])
-            if (
-                prev
-                and prev["context_key"] == key
-                and prev["enrichment_status"] in ("enriched", "off")
-            ):
-                result[row["chunk_id"]] = {**prev, "ordinal": row["ordinal"]}
-                stats.reused += 1
-            else:
-                todo.append({**row, "context_key": key})
-        if todo:
-            jobs.append((srow, todo))
+        for doc_id in (chunks["document_id"].unique().to_list() if chunks.height else [])
+    }
+    wanted = chunks.with_columns(
+        pl.Series(
+            "context_key",
+            [
+                _sha(text, doc_context[doc])
+                for text, doc in zip(chunks["text"], chunks["document_id"], strict=True)
+            ],
+            dtype=pl.String,
+        )
+    )
+    plan = plan_rows(
+        wanted,
+        existing,
+        key="chunk_id",
+        fingerprint="context_key",
+        reusable=pl.col("enrichment_status").is_in(["enriched", "off"]),
+    )
+    # A kept row takes the chunk's current position.
+    reused = plan.reuse.drop("ordinal").join(
+        chunks.select("chunk_id", "ordinal"), on="chunk_id", how="left"
+    )
+    stats.reused, stats.dropped = reused.height, plan.dropped
+    jobs = [
+        (struct.get(doc_id[0]) or {}, group.to_dicts())
+        for doc_id, group in plan.todo.group_by("document_id", maintain_order=True)
+    ]
 
     def work(job: tuple[dict[str, Any], list[dict[str, Any]]]) -> list[dict[str, Any]]:
         srow, todo = job
@@ -309,47 +324,37 @@ def build_enriched_chunks(
                 "enrichment_error": o.error,
                 "model": None if enrichment == "off" else model,
                 "context_key": r["context_key"],
-                "llm_calls": o.llm_calls,
-                "prompt_tokens": o.prompt_tokens,
-                "completion_tokens": o.completion_tokens,
-                "cost_usd": o.cost_usd,
+                **o.usage.as_columns(),
                 "enriched_at": now,
             }
             for r, o in zip(todo, outcomes, strict=True)
         ]
 
+    computed: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         for (srow, _), rows in zip(jobs, pool.map(work, jobs), strict=True):
-            doc_stats = StageStats()
+            doc = StageStats(processed=len(rows))
             for row in rows:
-                result[row["chunk_id"]] = row
-                doc_stats.processed += 1
-                doc_stats.llm_calls += row["llm_calls"]
-                doc_stats.prompt_tokens += row["prompt_tokens"]
-                doc_stats.completion_tokens += row["completion_tokens"]
-                doc_stats.add_cost(row["cost_usd"])
+                doc.usage = doc.usage + _usage_of(row)
                 if row["enrichment_status"] == "failed":
-                    doc_stats.failures += 1
-                    doc_stats.failure_reasons.append(row["enrichment_error"])
-            doc_stats.per_document.append(
+                    doc.failures += 1
+                    doc.failure_reasons.append(row["enrichment_error"])
+            doc.per_document.append(
                 {
                     "title": srow.get("title") or rows[0]["document_id"],
                     "chunks": len(rows),
-                    "failed": doc_stats.failures,
-                    "llm_calls": round(doc_stats.llm_calls, 2),
-                    "prompt_tokens": doc_stats.prompt_tokens,
-                    "completion_tokens": doc_stats.completion_tokens,
-                    "cost_usd": doc_stats.cost_usd,
+                    "failed": doc.failures,
+                    **doc.usage.as_columns(),
+                    "llm_calls": round(doc.usage.calls, 2),
                 }
             )
-            stats.merge(doc_stats)
-    ordered = [result[r] for r in chunks["chunk_id"].to_list()] if chunks.height else []
-    stats.rows = len(ordered)
-    return _frame(ordered, ENRICHED_CHUNKS), stats
-
-
-def unchanged(new: pl.DataFrame, old: pl.DataFrame, stats: StageStats, key: str) -> bool:
-    """True when a rebuild recomputed nothing and dropped nothing: no need to rewrite."""
-    if stats.processed or new.height != old.height:
-        return False
-    return new.height == 0 or set(new[key].to_list()) == set(old[key].to_list())
+            computed.extend(rows)
+            stats.merge(doc)
+    frame = _ordered(
+        [reused, _frame(computed, ENRICHED_CHUNKS)],
+        chunks,
+        "chunk_id",
+        ENRICHED_CHUNKS,
+    )
+    stats.rows = frame.height
+    return frame, stats

@@ -12,11 +12,12 @@ with the reason.
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
 from memcity_pipeline.enrichment.structure import EntityOut, StructuredCall
+from memcity_pipeline.llm.usage import Usage
 
 MAX_KEY_TERMS = 12
 
@@ -48,10 +49,9 @@ class ChunkEnrichment:
     summary: str | None = None
     entities: list[str] | None = None
     error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
-    llm_calls: float = 0.0  # a batch call counts 1/len(batch) per chunk
+    usage: Usage = field(
+        default_factory=Usage
+    )  # a batch call's usage is shared evenly by its chunks
 
 
 ENRICH_SYSTEM = (
@@ -157,12 +157,12 @@ def enrich_chunks(
         batch = list(range(start, min(start + batch_size, len(chunks))))
         retry: list[int] = []
         try:
-            parsed, pt, ct, cost = call(
+            parsed, spent = call(
                 _messages(context, [(i + 1, chunks[i]) for i in batch]), ChunkBatchOut
             )
             assert isinstance(parsed, ChunkBatchOut)
             by_index = {c.index: c for c in parsed.chunks}
-            share = 1.0 / len(batch)
+            share = spent.share(len(batch))
             for i in batch:
                 out = by_index.get(i + 1)
                 res = (
@@ -170,9 +170,7 @@ def enrich_chunks(
                     if out
                     else ChunkEnrichment("failed", error="chunk missing from the LLM's answer")
                 )
-                res.prompt_tokens, res.completion_tokens = round(pt * share), round(ct * share)
-                res.cost_usd = cost * share if cost is not None else None
-                res.llm_calls = share
+                res.usage = share
                 if res.status == "failed" and len(batch) > 1:
                     retry.append(i)
                 results[i] = res
@@ -180,7 +178,9 @@ def enrich_chunks(
             if on_error:
                 on_error(f"batch of {len(batch)} chunks failed: {exc}")
             if len(batch) == 1:
-                results[batch[0]] = ChunkEnrichment("failed", error=_reason(exc), llm_calls=1)
+                results[batch[0]] = ChunkEnrichment(
+                    "failed", error=_reason(exc), usage=Usage(calls=1)
+                )
             retry = batch
         for i in retry if len(batch) > 1 else []:
             results[i] = _single(context, i, chunks[i], call, results[i])
@@ -192,9 +192,9 @@ def enrich_chunks(
 def _single(
     context: str, i: int, text: str, call: StructuredCall, prior: ChunkEnrichment | None
 ) -> ChunkEnrichment:
-    spent = prior or ChunkEnrichment("failed")
+    before = prior.usage if prior is not None else Usage()
     try:
-        parsed, pt, ct, cost = call(_messages(context, [(i + 1, text)]), ChunkBatchOut)
+        parsed, spent = call(_messages(context, [(i + 1, text)]), ChunkBatchOut)
         assert isinstance(parsed, ChunkBatchOut)
         out = next((c for c in parsed.chunks if c.index == i + 1), None) or (
             parsed.chunks[0] if len(parsed.chunks) == 1 else None
@@ -202,12 +202,8 @@ def _single(
         res = _accept(text, out) if out else ChunkEnrichment("failed", error="no chunk in answer")
     except Exception as exc:
         res = ChunkEnrichment("failed", error=_reason(exc))
-        pt, ct, cost = 0, 0, None
-    res.prompt_tokens = spent.prompt_tokens + pt
-    res.completion_tokens = spent.completion_tokens + ct
-    known = [c for c in (spent.cost_usd, cost) if c is not None]
-    res.cost_usd = sum(known) if known else None
-    res.llm_calls = spent.llm_calls + 1
+        spent = Usage(calls=1)
+    res.usage = before + spent
     return res
 
 

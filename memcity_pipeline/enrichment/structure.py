@@ -20,6 +20,7 @@ from memcity_pipeline.enrichment.chunking import (
     heading_sections,
     normalise_sections,
 )
+from memcity_pipeline.llm.usage import Usage
 
 SUMMARY_MAX_CHARS = 2000
 
@@ -64,10 +65,7 @@ class DocumentStructure:
     relationships: list[RelationshipOut]
     sections: list[Section]
     method: str  # llm | llm-rlm | llm-windowed | headings
-    llm_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
+    usage: Usage = field(default_factory=Usage)
     notes: list[str] = field(default_factory=list)
 
 
@@ -85,10 +83,8 @@ MERGE_SUMMARY_SYSTEM = (
     'most 5 sentences. Reply with JSON only: {"summary": "..."}.'
 )
 
-# (messages, schema) -> (parsed, prompt_tokens, completion_tokens, cost_usd or None)
-StructuredCall = Callable[
-    [list[dict[str, str]], type[BaseModel]], tuple[BaseModel, int, int, float | None]
-]
+# (messages, schema) -> (parsed answer, the call's usage)
+StructuredCall = Callable[[list[dict[str, str]], type[BaseModel]], tuple[BaseModel, Usage]]
 
 
 @dataclass
@@ -97,10 +93,7 @@ class LongRead:
 
     parsed: DocumentStructureOut | None
     note: str
-    llm_calls: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
+    usage: Usage = field(default_factory=Usage)
 
 
 # (title, text) -> LongRead; reads a document longer than the window in one piece.
@@ -237,67 +230,44 @@ def structure_document(
         else None
     )
     if not windows:
-        parsed, pt, ct, cost = call(_messages(title, text), DocumentStructureOut)
+        parsed, spent = call(_messages(title, text), DocumentStructureOut)
         assert isinstance(parsed, DocumentStructureOut)
-        return _finish(text, [parsed], [0], [text], "llm", 1, pt, ct, cost, None)
-    totals = [0, 0, 0]
-    costs: list[float | None] = []
+        return _finish(text, [parsed], [0], [text], "llm", spent, None)
+    spent = Usage()
     notes: list[str] = []
     if long_reader is not None:
         read = long_reader(title, text)
         notes.append(read.note)
         if read.parsed is not None:
-            done = _finish(
-                text,
-                [read.parsed],
-                [0],
-                [text],
-                "llm-rlm",
-                read.llm_calls,
-                read.prompt_tokens,
-                read.completion_tokens,
-                read.cost_usd,
-                None,
-            )
+            done = _finish(text, [read.parsed], [0], [text], "llm-rlm", read.usage, None)
             done.notes[:0] = notes
             return done
-        totals = [read.llm_calls, read.prompt_tokens, read.completion_tokens]
-        costs.append(read.cost_usd)
+        spent = read.usage
     results: list[DocumentStructureOut] = []
     for i, win in enumerate(windows, start=1):
-        parsed, pt, ct, cost = call(
+        parsed, used = call(
             _messages(title, win.text, f" (part {i} of {len(windows)})"), DocumentStructureOut
         )
         assert isinstance(parsed, DocumentStructureOut)
         results.append(parsed)
-        totals = [totals[0] + 1, totals[1] + pt, totals[2] + ct]
-        costs.append(cost)
+        spent = spent + used
     joined = "\n".join(f"Part {i}: {r.summary}" for i, r in enumerate(results, start=1))
-    merged, pt, ct, cost = call(
+    merged, used = call(
         [{"role": "system", "content": MERGE_SUMMARY_SYSTEM}, {"role": "user", "content": joined}],
         SummaryOut,
     )
     assert isinstance(merged, SummaryOut)
-    costs.append(cost)
     windowed = _finish(
         text,
         results,
         [w.start for w in windows],
         [w.text for w in windows],
         "llm-windowed",
-        totals[0] + 1,
-        totals[1] + pt,
-        totals[2] + ct,
-        _sum_costs(costs),
+        spent + used,
         merged.summary,
     )
     windowed.notes[:0] = notes
     return windowed
-
-
-def _sum_costs(costs: Sequence[float | None]) -> float | None:
-    known = [c for c in costs if c is not None]
-    return sum(known) if known else None
 
 
 def _finish(
@@ -306,10 +276,7 @@ def _finish(
     offsets: Sequence[int],
     texts: Sequence[str],
     method: str,
-    calls: int,
-    pt: int,
-    ct: int,
-    cost: float | None,
+    usage: Usage,
     summary: str | None,
 ) -> DocumentStructure:
     sections: list[Section] = []
@@ -326,10 +293,7 @@ def _finish(
         relationships=merge_relationships([r.relationships for r in results]),
         sections=normalise_sections(sections, len(text), text=text),
         method=method,
-        llm_calls=calls,
-        prompt_tokens=pt,
-        completion_tokens=ct,
-        cost_usd=cost,
+        usage=usage,
         notes=notes,
     )
 

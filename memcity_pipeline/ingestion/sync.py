@@ -33,6 +33,7 @@ from memcity_pipeline.ingestion.landing import (
     scan_landing,
 )
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
+from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import (
     INGESTION_ERRORS,
     SOURCE_FILES,
@@ -196,6 +197,158 @@ def _frame(rows: Iterable[dict[str, Any]], schema: Any) -> pl.DataFrame:
     return pl.from_arrow(pa.Table.from_pylist(list(rows), schema=schema))  # type: ignore[return-value]
 
 
+@dataclass
+class _Changes:
+    """The landing files of one kind, compared with the manifest of the last run."""
+
+    manifest: list[dict[str, Any]]  # the new manifest (unchanged entries kept as they were)
+    parsed: dict[str, list[dict[str, Any]]]  # rel_path -> rows, of new and edited files
+    errors: list[dict[str, Any]]  # problems found in those files
+    deleted: set[str]  # paths gone since the last run
+    unchanged: set[str]  # paths whose errors (if any) still stand
+
+    def touched_scopes(self, known: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
+        """The (org, scope) tables that gained, changed or lost a file."""
+        scopes = {(e["org_id"], e["scope_id"]) for e in self.manifest if e["path"] in self.parsed}
+        return scopes | {(known[p]["org_id"], known[p]["scope_id"]) for p in self.deleted}
+
+
+def _stat_key(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame.with_columns(
+        (pl.col("size").cast(pl.String) + ":" + pl.col("mtime_ns").cast(pl.String)).alias("_stat")
+    )
+
+
+def _find_changes(
+    kind: SourceKind,
+    files: list[SourceFile],
+    manifest: pl.DataFrame,
+    limits: Limits,
+    now: datetime,
+    report: SyncReport,
+    on_progress: Callable[[str], None] | None,
+) -> _Changes:
+    """Which files are new, edited, unchanged or deleted; parse the new and edited ones.
+
+    A file whose size and mtime match the manifest is unchanged without being read; else its
+    sha256 decides. Never raises for a bad file: its problems become error rows.
+    """
+    known = {r["path"]: r for r in manifest.iter_rows(named=True)}
+    by_path = {f.rel_path: f for f in files}
+    entries = pl.DataFrame(
+        [
+            {
+                "org_id": f.org_id,
+                "scope_id": f.scope_id,
+                "path": f.rel_path,
+                "size": f.size,
+                "mtime_ns": f.mtime_ns,
+            }
+            for f in files
+        ],
+        schema={
+            "org_id": pl.String,
+            "scope_id": pl.String,
+            "path": pl.String,
+            "size": pl.Int64,
+            "mtime_ns": pl.Int64,
+        },
+    )
+    plan = plan_rows(_stat_key(entries), _stat_key(manifest), key="path", fingerprint="_stat")
+    changes = _Changes(
+        manifest=plan.reuse.drop("_stat").to_dicts(),
+        parsed={},
+        errors=[],
+        deleted=set(known) - set(by_path),
+        unchanged=set(plan.reuse["path"].to_list()),
+    )
+    report.unchanged = len(changes.unchanged)
+    report.deleted = len(changes.deleted)
+    todo = plan.todo.drop("_stat").to_dicts()
+    for i, entry in enumerate(todo, start=1):
+        src, prev = by_path[entry["path"]], known.get(entry["path"])
+        try:
+            digest: str | None = file_sha256(src.path)
+            read_error = None
+        except OSError as exc:
+            digest, read_error = None, f"unreadable file: {exc.strerror or exc}"
+        if prev and digest is not None and prev["content_hash"] == digest:  # touched, same bytes
+            report.unchanged += 1
+            changes.manifest.append({**prev, **entry})
+            changes.unchanged.add(src.rel_path)
+            continue
+        if prev:
+            report.changed += 1
+        else:
+            report.new += 1
+        if on_progress:
+            on_progress(f"{kind}: parsing {src.rel_path} ({i}/{len(todo)} to read)")
+        rows, problems = _parse(src, limits, now, read_error)
+        changes.parsed[src.rel_path] = rows
+        changes.errors += [
+            _error_row(kind, src.org_id, src.scope_id, src.rel_path, p.line, p.reason, digest, now)
+            for p in problems
+        ]
+        whole_file_failed = not rows and bool(problems)
+        changes.manifest.append(
+            {
+                **entry,
+                "content_hash": digest,
+                "status": "error" if whole_file_failed else "ok",
+                "rows": len(rows),
+            }
+        )
+    return changes
+
+
+def _parse(
+    src: SourceFile, limits: Limits, now: datetime, read_error: str | None
+) -> tuple[list[dict[str, Any]], list[parsing.Problem]]:
+    """A file's rows and problems; a parser bug must not cost the other files."""
+    try:
+        if read_error:
+            raise parsing.FileRejected(read_error)
+        return _rows_for_file(src, limits, now)
+    except parsing.FileRejected as exc:
+        return [], [parsing.Problem(str(exc), None)]
+    except Exception as exc:
+        return [], [parsing.Problem(f"unexpected error: {type(exc).__name__}: {exc}", None)]
+
+
+def _rewrite_scopes(
+    kind: SourceKind,
+    lake: Path,
+    files: list[SourceFile],
+    changes: _Changes,
+    scopes: set[tuple[str, str]],
+    report: SyncReport,
+) -> None:
+    """Rewrite the tables of the scopes that changed: their rows minus those of changed or
+    deleted files, plus the new rows; a scope left with no file loses its table."""
+    schema = SOURCE_SCHEMAS[kind]
+    changed_paths = list(set(changes.parsed) | changes.deleted)
+    live_scopes = {(f.org_id, f.scope_id) for f in files}
+    for org, scope in sorted(scopes):
+        table_path = source_table_path(lake, kind, org, scope)
+        rel_table = table_path.relative_to(lake).as_posix()
+        if (org, scope) not in live_scopes:
+            if delete_table(table_path):
+                report.tables_deleted.append(rel_table)
+            continue
+        kept = read_parquet(table_path, schema).filter(~pl.col("source_path").is_in(changed_paths))
+        fresh = [
+            row
+            for rows in changes.parsed.values()
+            for row in rows
+            if row["org_id"] == org and _scope_of(kind, row) == scope
+        ]
+        combined = pl.concat([kept, _frame(fresh, schema)], how="vertical_relaxed")
+        sort_cols = ["source_path", "line"] if "line" in combined.columns else ["source_path"]
+        write_parquet_atomic(combined.sort(sort_cols, nulls_last=True), table_path, schema)
+        report.tables_written.append(rel_table)
+        report.rows_written += len(fresh)
+
+
 def sync_sources(
     kind: SourceKind,
     landing: Path,
@@ -208,131 +361,38 @@ def sync_sources(
     """Bring the lake's tables of `kind` in line with the landing folder. Never raises for bad input."""
     now = datetime.now(UTC)
     report = SyncReport(kind)
-    files, landing_problems = scan_landing(landing)
-    files = [f for f in files if f.kind == kind]
+    found, landing_problems = scan_landing(landing)
+    files = [f for f in found if f.kind == kind]
     report.files = len(files)
 
     manifest_path = source_files_path(lake, kind)
     manifest = read_parquet(manifest_path, SOURCE_FILES)
-    known: dict[str, dict[str, Any]] = {r["path"]: r for r in manifest.iter_rows(named=True)}
-    errors_path = ingestion_errors_path(lake, kind)
-    old_errors = read_parquet(errors_path, INGESTION_ERRORS)
-
-    current_paths = {f.rel_path for f in files}
-    deleted_paths = set(known) - current_paths
-    report.deleted = len(deleted_paths)
-
-    new_manifest: list[dict[str, Any]] = []
-    parsed: dict[str, list[dict[str, Any]]] = {}  # rel_path -> rows, for new/changed files
-    touched_scopes: set[tuple[str, str]] = set()
-    keep_error_paths: set[str] = set()
-    new_error_rows: list[dict[str, Any]] = []
-
-    for i, src in enumerate(files, start=1):
-        prev = known.get(src.rel_path)
-        entry = {
-            "org_id": src.org_id,
-            "scope_id": src.scope_id,
-            "path": src.rel_path,
-            "size": src.size,
-            "mtime_ns": src.mtime_ns,
-        }
-        if prev and prev["size"] == src.size and prev["mtime_ns"] == src.mtime_ns:
-            report.unchanged += 1
-            new_manifest.append(prev)
-            keep_error_paths.add(src.rel_path)
-            continue
-        try:
-            digest = file_sha256(src.path)
-        except OSError as exc:
-            digest = None
-            read_error = f"unreadable file: {exc.strerror or exc}"
-        else:
-            read_error = None
-        if prev and digest is not None and prev["content_hash"] == digest:
-            report.unchanged += 1
-            new_manifest.append({**prev, **entry})
-            keep_error_paths.add(src.rel_path)
-            continue
-        if prev:
-            report.changed += 1
-        else:
-            report.new += 1
-        touched_scopes.add((src.org_id, src.scope_id))
-        if on_progress:
-            on_progress(f"{kind}: parsing {src.rel_path} ({i}/{len(files)})")
-        rows: list[dict[str, Any]] = []
-        problems: list[parsing.Problem] = []
-        try:
-            if read_error:
-                raise parsing.FileRejected(read_error)
-            rows, problems = _rows_for_file(src, limits, now)
-        except parsing.FileRejected as exc:
-            problems = [parsing.Problem(str(exc), None)]
-        except Exception as exc:  # a parser bug must not cost the other files
-            problems = [parsing.Problem(f"unexpected error: {type(exc).__name__}: {exc}", None)]
-        parsed[src.rel_path] = rows
-        for p in problems:
-            new_error_rows.append(
-                _error_row(
-                    kind, src.org_id, src.scope_id, src.rel_path, p.line, p.reason, digest, now
-                )
-            )
-        whole_file_failed = not rows and bool(problems)
-        new_manifest.append(
-            {
-                **entry,
-                "content_hash": digest,
-                "status": "error" if whole_file_failed else "ok",
-                "rows": len(rows),
-            }
-        )
-    for path in deleted_paths:
-        touched_scopes.add((known[path]["org_id"], known[path]["scope_id"]))
-
-    # Rewrite only the scope tables that changed.
-    schema = SOURCE_SCHEMAS[kind]
-    changed_paths = set(parsed) | deleted_paths
-    files_by_scope: dict[tuple[str, str], int] = {}
-    for f in files:
-        files_by_scope[(f.org_id, f.scope_id)] = files_by_scope.get((f.org_id, f.scope_id), 0) + 1
-    for org, scope in sorted(touched_scopes):
-        table_path = source_table_path(lake, kind, org, scope)
-        existing = read_parquet(table_path, schema)
-        if existing.height:
-            existing = existing.filter(~pl.col("source_path").is_in(list(changed_paths)))
-        fresh = [row for path, rows in parsed.items() if path in current_paths for row in rows]
-        fresh = [r for r in fresh if r["org_id"] == org and _scope_of(kind, r) == scope]
-        combined = pl.concat([existing, _frame(fresh, schema)], how="vertical_relaxed")
-        rel_table = table_path.relative_to(lake).as_posix()
-        if combined.height == 0 and files_by_scope.get((org, scope), 0) == 0:
-            if delete_table(table_path):
-                report.tables_deleted.append(rel_table)
-            continue
-        sort_cols = ["source_path", "line"] if "line" in combined.columns else ["source_path"]
-        combined = combined.sort(sort_cols, nulls_last=True)
-        write_parquet_atomic(combined, table_path, schema)
-        report.tables_written.append(rel_table)
-        report.rows_written += len(fresh)
+    changes = _find_changes(kind, files, manifest, limits, now, report, on_progress)
+    known = {r["path"]: r for r in manifest.iter_rows(named=True)}
+    _rewrite_scopes(kind, lake, files, changes, changes.touched_scopes(known), report)
 
     # Errors: keep those of unchanged files, replace those of changed ones.
-    kept = old_errors.filter(pl.col("path").is_in(list(keep_error_paths)))
-    error_rows = kept.to_dicts() + new_error_rows
-    if include_layout_problems:
-        error_rows += [_landing_error(p, now) for p in landing_problems]
-    else:
-        error_rows += [_landing_error(p, now) for p in landing_problems if p.kind == kind]
+    errors_path = ingestion_errors_path(lake, kind)
+    old_errors = read_parquet(errors_path, INGESTION_ERRORS)
+    kept = old_errors.filter(pl.col("path").is_in(list(changes.unchanged)))
+    error_rows = kept.to_dicts() + changes.errors
+    error_rows += [
+        _landing_error(p, now)
+        for p in landing_problems
+        if include_layout_problems or p.kind == kind
+    ]
     _write_errors_if_changed(errors_path, old_errors, error_rows)
     report.errors = error_rows
     old_keys = {_error_key(e) for e in old_errors.iter_rows(named=True)}
     report.new_errors = [e for e in error_rows if _error_key(e) not in old_keys]
     report.failed_files = len({e["path"] for e in error_rows})
 
-    if changed_paths or len(new_manifest) != manifest.height or new_manifest != manifest.to_dicts():
+    new_manifest = sorted(changes.manifest, key=lambda e: e["path"])
+    if changes.parsed or changes.deleted or new_manifest != manifest.sort("path").to_dicts():
         write_parquet_atomic(_frame(new_manifest, SOURCE_FILES), manifest_path, SOURCE_FILES)
     report.rows = sum(
-        read_parquet(source_table_path(lake, kind, o, s), schema).height
-        for o, s in sorted(files_by_scope)
+        read_parquet(source_table_path(lake, kind, o, s), SOURCE_SCHEMAS[kind]).height
+        for o, s in sorted({(f.org_id, f.scope_id) for f in files})
     )
     return report
 

@@ -52,7 +52,10 @@ class Usage:
             return self
         cost = None if self.cost_usd is None else self.cost_usd / parts
         return Usage(
-            self.prompt_tokens // parts, self.completion_tokens // parts, cost, self.calls / parts
+            round(self.prompt_tokens / parts),
+            round(self.completion_tokens / parts),
+            cost,
+            self.calls / parts,
         )
 
     def as_columns(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import EMBEDDINGS
 from memcity_pipeline.search.bm25 import BM25Index
 from memcity_pipeline.search.embeddings import Embedder, embedding_text
@@ -25,6 +26,7 @@ class EmbedStats:
     embedded: int = 0
     reused: int = 0
     model_changed_from: str | None = None
+    changed: bool = False  # something embedded or dropped: the table needs writing
 
 
 def index_texts(frame: pl.DataFrame) -> list[str]:
@@ -57,46 +59,65 @@ def sync_embeddings(
     *,
     batch_size: int = 64,
 ) -> tuple[pl.DataFrame, EmbedStats]:
-    """Vectors for `ids`/`texts`, reusing `existing` rows of the same text and model."""
+    """Vectors for `ids`/`texts` (in that order), reusing `existing` rows of the same text and
+    model. `EmbedStats.changed` says whether the table needs writing."""
     stats = EmbedStats(items=len(ids))
     model = embedder.model_name
-    old: dict[str, tuple[str, list[float]]] = {}
     if existing.height:
         models = set(existing["model"].unique().to_list())
         if models != {model}:
             stats.model_changed_from = ", ".join(sorted(m for m in models if m))
-        else:
-            for row in existing.select("item_id", "text_hash", "vector").iter_rows():
-                old[row[0]] = (row[1], row[2])
-    hashes = [text_hash(t) for t in texts]
-    todo = [
-        i
-        for i, (item, h) in enumerate(zip(ids, hashes, strict=True))
-        if old.get(item, ("",))[0] != h
-    ]
-    fresh = embedder.embed([texts[i] for i in todo], batch_size=batch_size) if todo else None
-    new_vectors = {i: fresh[n] for n, i in enumerate(todo)} if fresh is not None else {}
-    vectors: list[list[float]] = []
-    for i, item in enumerate(ids):
-        if i in new_vectors:
-            vectors.append(np.asarray(new_vectors[i], dtype=np.float32).tolist())
-        else:
-            vectors.append(old[item][1])
-    stats.embedded, stats.reused = len(todo), len(ids) - len(todo)
-    dim = len(vectors[0]) if vectors else getattr(embedder, "dimension", 0)
-    table = pa.table(
+    wanted = pl.DataFrame(
+        {"item_id": ids, "text_hash": [text_hash(t) for t in texts], "text": texts},
+        schema={"item_id": pl.String, "text_hash": pl.String, "text": pl.String},
+    )
+    plan = plan_rows(
+        wanted,
+        existing,
+        key="item_id",
+        fingerprint="text_hash",
+        reusable=pl.col("model") == model,
+    )
+    todo = plan.todo
+    fresh = (
+        np.asarray(embedder.embed(todo["text"].to_list(), batch_size=batch_size), np.float32)
+        if todo.height
+        else np.zeros((0, 0), np.float32)
+    )
+    dim = (
+        fresh.shape[1]
+        if todo.height
+        else int(plan.reuse["dimension"][0])
+        if plan.reuse.height
+        else getattr(embedder, "dimension", 0)
+    )
+    computed = pa.table(
         {
-            "org_id": [org_id] * len(ids),
-            "scope_id": [scope_id] * len(ids),
-            "item_id": ids,
-            "text_hash": hashes,
-            "model": [model] * len(ids),
-            "dimension": pa.array([dim] * len(ids), pa.int32()),
-            "vector": pa.array(vectors, pa.list_(pa.float32())),
+            "org_id": [org_id] * todo.height,
+            "scope_id": [scope_id] * todo.height,
+            "item_id": todo["item_id"].to_list(),
+            "text_hash": todo["text_hash"].to_list(),
+            "model": [model] * todo.height,
+            "dimension": pa.array([dim] * todo.height, pa.int32()),
+            "vector": pa.FixedSizeListArray.from_arrays(fresh.reshape(-1), dim).cast(
+                pa.list_(pa.float32())
+            )
+            if todo.height
+            else pa.array([], pa.list_(pa.float32())),
         },
         schema=EMBEDDINGS,
     )
-    return pl.from_arrow(table), stats  # type: ignore[return-value]
+    reused = plan.reuse.select(EMBEDDINGS.names).to_arrow().cast(EMBEDDINGS)
+    order = wanted.select("item_id").with_row_index("_position")
+    frame = (
+        pl.from_arrow(pa.concat_tables([reused, computed]))
+        .join(order, on="item_id", how="inner")  # type: ignore[union-attr]
+        .sort("_position")
+        .drop("_position")
+    )
+    stats.embedded, stats.reused = todo.height, plan.reuse.height
+    stats.changed = plan.changed
+    return frame, stats  # type: ignore[return-value]
 
 
 def vectors_of(frame: pl.DataFrame) -> np.ndarray:
