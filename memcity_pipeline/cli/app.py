@@ -136,7 +136,7 @@ def search(
             else search_memories(org, user or "", query, k, settings=settings)
         )
     except SearchError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     if as_json:
         out.print_json(json.dumps([h.to_dict() for h in hits], default=str))

@@ -140,7 +140,7 @@ def query_command(
                 progress=on_event,
             )
     except (RLMRequestError, OSError, ValueError) as exc:
-        err.print(f"[red]bad request[/red]: {exc}")
+        err.print(f"[red]bad request[/red]: {exc}", soft_wrap=True)
         return 2
     print_result(result, as_json=as_json, out=out, err=err)
     return 0 if result.status in {"completed", "partial"} else 1

@@ -2,6 +2,9 @@
 
 Each runs one knowledge base at a time, reuses every row whose inputs did not change, and
 rewrites a knowledge base's table only when something in it changed.
+
+This module stays whole: the three phases' assets and the checks beside them share the per-
+knowledge-base table plumbing and the LLM metadata helpers.
 """
 
 from collections.abc import Callable

@@ -9,6 +9,9 @@ second half of its budget, and starts with a short tail of the previous chunk of
 
 Token counts of pieces cut at whitespace add up exactly for the WordPiece tokenizer; every chunk
 is still counted once as a whole, and shrunk if a counter does not add up.
+
+This module stays whole: it is one algorithm (cut at sections, then headings, paragraphs and
+sentences, under a token budget with overlap) whose steps only make sense together.
 """
 
 import bisect

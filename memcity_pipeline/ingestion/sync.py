@@ -12,6 +12,9 @@ A run:
    removed: deletion is a rebuild of the scope's table without them, not a tombstone); a scope
    whose files are all gone loses its table file;
 4. rewrites `ingestion_errors/<kind>.parquet` only when the set of errors changed.
+
+This module stays whole: comparing with the manifest, parsing into rows, rewriting the scope
+tables and the errors are one pass over one report.
 """
 
 import hashlib

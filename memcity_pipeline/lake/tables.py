@@ -16,6 +16,9 @@ table of that scope has a file for it. Search, RLM context gathering and the CLI
 `require_scope`, so they agree, and say which lake they looked in.
 
 The README's "Lake tables" section documents the same columns; keep the two in step.
+
+This module stays whole: it is the registry, every schema of the lake in one place, as the
+README's table section documents them.
 """
 
 from dataclasses import dataclass

@@ -7,6 +7,9 @@ backoff and full jitter (honouring Retry-After, capped); every other 4xx fails a
 Tokens and cost are `memcity_pipeline.llm.usage.Usage` values.
 
 Plain Python (no Dagster): `memcity_pipeline.resources.llm.LLMResource` builds it from settings.
+
+This module stays whole: structured output, the repair request, the cache, the concurrency bound
+and the accounting all act on the same call.
 """
 
 import json

@@ -12,6 +12,9 @@
 `FINAL(value)` / `FINAL_VAR(name)` are defined by a prelude in the sandbox (`PRELUDE` for the
 python runtime, `JS_PRELUDE` for the bun runtime); they set `__final__`, which the REPL server
 reports and `SandboxREPL` turns into `final_answer`, the signal that ends `rlms`'s loop.
+
+This module stays whole: its subclasses of the `rlms` LM client, environment and loop work as
+one (the deadline, the budget and the sub-call broker are shared by all three).
 """
 
 import asyncio

@@ -13,6 +13,10 @@ Timeouts have two tiers. The server interrupts Python code at ``timeout_s`` (the
 on, ``ExecResult.timed_out`` is true). If the server does not answer ``kill_grace_s`` later, the
 host kills the sandbox process: ``timed_out`` is true, and the session is dead, so later calls
 raise :class:`SandboxError`; open a new session (and load the context again) to go on.
+
+This module stays whole: the backend interface and the host side of the REPL protocol are one
+contract (the message pump, brokered `llm_query` batches and the timeout tiers are read
+together).
 """
 
 import contextlib

@@ -24,6 +24,10 @@ snapshot), so :meth:`DaytonaBackend.create_snapshot` applies them. Sessions that
 sandbox run as the same OS user: separate processes and directories keep their variables and
 files apart, but code that goes looking could list ``/home/daytona/sessions``; ``per_org`` mode
 puts each org in its own sandbox.
+
+This module stays whole: finding or creating sandboxes by label, session processes over the
+toolbox API, server uploads and cleanup on failure share one client, one lock and one retry
+policy.
 """
 
 import json

@@ -26,6 +26,9 @@ Where ``bwrap`` cannot run (no user namespaces, a seccomp profile that forbids t
 server starts **without** the filesystem, PID and network isolation: only the limits, the
 scrubbed environment, its own working directory and, as root, its own uid. That is logged as a
 warning once per backend and shown by ``LocalSandboxBackend.isolated``.
+
+This module stays whole: the bwrap command line, the resource limits, interpreter discovery and
+the fallback without namespaces are one isolation story, reviewed together.
 """
 
 import contextlib

@@ -36,6 +36,9 @@
 // inside timed `runInContext` calls) is interrupted at `timeout_s` by the vm `timeout` option;
 // code waiting on `llm_query` past `timeout_s` is abandoned by a wall-clock timer. Both report
 // `timed_out` and keep the session. The host kills the process when neither works.
+//
+// This script stays whole: it is copied into sandboxes (or passed to `-e`) as one standalone
+// file, so it cannot import siblings.
 
 "use strict";
 

@@ -30,6 +30,9 @@ In the namespace: ``context``, ``llm_query(prompt, model=None) -> str``,
 variable ``__final__`` reports it as ``final`` in that execution's result (the hook for
 ``FINAL`` / ``FINAL_VAR`` defined by a prelude). ``timeout_s`` is soft (``SIGALRM`` raises
 ``TimeoutError`` in the code, the session lives); the host enforces a hard limit by killing.
+
+This script stays whole: it is copied into sandboxes as one standalone file (standard library
+only), so it cannot import siblings.
 """
 
 import io
