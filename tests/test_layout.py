@@ -65,19 +65,7 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 # Modules over MAX_LINES whose docstring does not say why they stay whole yet -> why listed.
-_NO_NOTE_YET = "over the limit without a `stays whole` note; its owner splits it or adds one"
-KNOWN_LONG_MODULES: dict[str, str] = {
-    "memcity_pipeline.defs.enrichment": _NO_NOTE_YET,
-    "memcity_pipeline.enrichment.chunking": _NO_NOTE_YET,
-    "memcity_pipeline.ingestion.sync": _NO_NOTE_YET,
-    "memcity_pipeline.lake.tables": _NO_NOTE_YET,
-    "memcity_pipeline.llm.client": _NO_NOTE_YET,
-    "memcity_pipeline.rlm.engine": _NO_NOTE_YET,
-    "memcity_pipeline.sandbox.base": _NO_NOTE_YET,
-    "memcity_pipeline.sandbox.daytona": _NO_NOTE_YET,
-    "memcity_pipeline.sandbox.local": _NO_NOTE_YET,
-    "memcity_pipeline.sandbox.servers.repl_server": _NO_NOTE_YET,
-}
+KNOWN_LONG_MODULES: dict[str, str] = {}
 
 # Package `__init__.py` files without a docstring -> why listed.
 KNOWN_MISSING_DOCSTRINGS: dict[str, str] = {
