@@ -7,6 +7,7 @@ ends the command with one line naming it and exit code 2. Every command takes th
 import enum
 import inspect
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,8 +29,25 @@ ContextTypeChoice = enum.Enum(  # type: ignore[misc]
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"memcity-pipeline {version('memcity-pipeline')}", highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _load(ctx: typer.Context) -> None:
+def _load(
+    ctx: typer.Context,
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
     """memcity-pipeline: enriched, searchable knowledge and RLM queries."""
     try:
         ctx.obj = load_settings()

@@ -51,6 +51,11 @@ def test_dagster_definitions_validate_names_a_bad_variable_without_a_traceback(
     assert "Traceback" not in bad.stderr + bad.stdout
 
 
+def test_version_is_printed_even_with_a_bad_variable() -> None:
+    code, output = run("--version", env={"MEMCITY_CHUNK_TOKENS": "many"})
+    assert code == 0 and output.startswith("memcity-pipeline 0.")
+
+
 def test_query_help_lists_every_engine_option_with_its_choices() -> None:
     code, output = run("query", "--help", env={"COLUMNS": "200"})
     assert code == 0
