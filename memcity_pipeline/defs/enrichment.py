@@ -98,35 +98,36 @@ def _sync_tables(
     return total, written
 
 
-def _spent(snapshot: dict[str, Any]) -> Usage:
-    """An LLM client's new spend so far (cache hits cost nothing)."""
-    return Usage(
-        snapshot["prompt_tokens"],
-        snapshot["completion_tokens"],
-        snapshot["cost_usd"],
-        snapshot["calls"] - snapshot["cache_hits"],
-    )
+LLMReading = tuple[Usage, dict[str, Any]]  # a client's spend and counters at one moment
+_NO_LLM = {"cache_hits": 0, "failures": 0}
 
 
-def _llm_metadata(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    spent = _spent(after) - _spent(before)
+def _reading(client: Any) -> LLMReading:
+    """What a client has spent so far (`LLMStats.usage`) and its counters."""
+    if client is None:
+        return Usage(), dict(_NO_LLM)
+    return client.stats.usage(), client.stats.snapshot()
+
+
+def _llm_metadata(before: LLMReading, after: LLMReading) -> dict[str, Any]:
+    spent = after[0] - before[0]
     return {
         "llm_calls": int(spent.calls),
-        "cache_hits": after["cache_hits"] - before["cache_hits"],
+        "cache_hits": after[1]["cache_hits"] - before[1]["cache_hits"],
         "prompt_tokens": spent.prompt_tokens,
         "completion_tokens": spent.completion_tokens,
         "cost_usd": dg.MetadataValue.float(spent.cost_usd)
         if spent.cost_usd is not None
         else dg.MetadataValue.null(),
-        "llm_failures": after["failures"] - before["failures"],
+        "llm_failures": after[1]["failures"] - before[1]["failures"],
     }
 
 
 def _llm_stage_metadata(
     enrichment: EnrichmentResource,
     written: list[str],
-    before: dict[str, Any],
-    after: dict[str, Any],
+    before: LLMReading,
+    after: LLMReading,
     stats: StageStats,
     columns: list[str],
 ) -> dict[str, Any]:
@@ -140,16 +141,6 @@ def _llm_stage_metadata(
             markdown_table(stats.per_document, ["title", *columns, *usage_columns])
         ),
     }
-
-
-_NO_LLM = {
-    "calls": 0,
-    "cache_hits": 0,
-    "prompt_tokens": 0,
-    "completion_tokens": 0,
-    "cost_usd": None,
-    "failures": 0,
-}
 
 
 def _rlm_reader(
@@ -223,7 +214,7 @@ def document_structure(
     whose LLM answer is unusable gets `status=failed`, heading sections, and is retried next run.
     """
     client = llm.get_client() if enrichment.enabled else None
-    before = client.stats.snapshot() if client else dict(_NO_LLM)
+    before = _reading(client)
     window = max(512, client.context_window // 2 - 512) if client else 0
 
     def structurer_for(org: str) -> Callable[[str, str], Any]:
@@ -261,7 +252,7 @@ def document_structure(
     stats, written = _sync_tables(context, lake, "document_structure", build)
     for reason in stats.failure_reasons:
         context.log.warning(f"document_structure: {reason}")
-    after = client.stats.snapshot() if client else dict(_NO_LLM)
+    after = _reading(client)
     return dg.MaterializeResult(
         metadata={
             "summary": f"{stats.documents} documents: {stats.processed} structured, "
@@ -350,7 +341,7 @@ def enriched_chunks(
     `MEMCITY_ENRICHMENT=off` chunks pass through with `enrichment_status=off`.
     """
     client = llm.get_client() if enrichment.enabled else None
-    before = client.stats.snapshot() if client else dict(_NO_LLM)
+    before = _reading(client)
     call = _structured_call(client, 250 * enrichment.chunks_per_call) if client else None
 
     def enricher(title: str, summary: str, entities: list[Any], texts: list[str]) -> list[Any]:
@@ -382,7 +373,7 @@ def enriched_chunks(
     stats, written = _sync_tables(context, lake, "enriched_chunks", build)
     for reason in sorted(set(stats.failure_reasons))[:20]:
         context.log.warning(f"enriched_chunks: chunk failed: {reason}")
-    after = client.stats.snapshot() if client else dict(_NO_LLM)
+    after = _reading(client)
     sample = _first_table(lake, "enriched_chunks")
     if sample.height:
         sample = (

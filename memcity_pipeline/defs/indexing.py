@@ -25,7 +25,9 @@ from memcity_pipeline.lake.tables import (
 )
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.resources.lake import LakeResource
+from memcity_pipeline.search.embeddings import Embedder
 from memcity_pipeline.search.indexes import (
+    EmbedStats,
     build_bm25,
     index_texts,
     sync_embeddings,
@@ -73,6 +75,29 @@ def _refresh_bm25(directory: Path, ids: list[str], texts: list[str]) -> bool:
     return True
 
 
+def _refresh_vectors(
+    context: dg.AssetExecutionContext,
+    path: Path,
+    scope: tuple[str, str],
+    ids: list[str],
+    texts: list[str],
+    embedder: Embedder,
+    items: str,
+) -> EmbedStats:
+    """Bring one scope's embeddings table at `path` in step with `texts`; write it only when
+    something changed. A model change re-embeds everything, with a warning."""
+    old = read_parquet(path, EMBEDDINGS)
+    frame, stats = sync_embeddings(*scope, ids, texts, old, embedder)
+    if stats.model_changed_from:
+        context.log.warning(
+            f"{scope[0]}/{scope[1]}: embeddings model changed from {stats.model_changed_from} "
+            f"to {embedder.model_name}: re-embedding all {stats.items} {items}"
+        )
+    if stats.changed or not path.exists():
+        write_parquet_atomic(frame, path, EMBEDDINGS)
+    return stats
+
+
 def _bm25_scopes(root: Path) -> list[tuple[str, str]]:
     """The (org, scope) folders of BM25 indexes under `root`."""
     if not root.is_dir():
@@ -106,22 +131,20 @@ def chunk_embeddings(
     def update(scope: tuple[str, str]) -> None:
         org, kb = scope
         rows = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
-        path = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
-        old = read_parquet(path, EMBEDDINGS)
-        frame, stats = sync_embeddings(
-            org, kb, rows["chunk_id"].to_list(), index_texts(rows), old, embedder
+        stats = _refresh_vectors(
+            context,
+            kb_table_path(lake.lake, "chunk_embeddings", org, kb),
+            scope,
+            rows["chunk_id"].to_list(),
+            index_texts(rows),
+            embedder,
+            "chunks",
         )
         if stats.model_changed_from:
             changed_models.add(stats.model_changed_from)
-            context.log.warning(
-                f"{org}/{kb}: embeddings model changed from {stats.model_changed_from} to "
-                f"{embedder.model_name}: re-embedding all {stats.items} chunks"
-            )
         totals["chunks"] += stats.items
         totals["embedded"] += stats.embedded
         totals["reused"] += stats.reused
-        if stats.changed or not path.exists():
-            write_parquet_atomic(frame, path, EMBEDDINGS)
 
     started = time.perf_counter()
     with lake.writing(context, "chunk_embeddings"):
@@ -205,16 +228,15 @@ def memory_index(
         org, user = scope
         rows = read_parquet(kb_table_path(lake.lake, "memories", org, user), MEMORIES)
         ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
-        path = kb_table_path(lake.lake, "memory_embeddings", org, user)
-        old = read_parquet(path, EMBEDDINGS)
-        frame, stats = sync_embeddings(org, user, ids, texts, old, embedder)
-        if stats.model_changed_from:
-            context.log.warning(
-                f"{org}/{user}: embeddings model changed from {stats.model_changed_from}: "
-                f"re-embedding all {stats.items} memories"
-            )
-        if stats.changed or not path.exists():
-            write_parquet_atomic(frame, path, EMBEDDINGS)
+        stats = _refresh_vectors(
+            context,
+            kb_table_path(lake.lake, "memory_embeddings", org, user),
+            scope,
+            ids,
+            texts,
+            embedder,
+            "memories",
+        )
         if _refresh_bm25(bm25_dir(lake.lake, "memories", org, user), ids, texts):
             totals["bm25_rebuilt"] += 1
         totals["memories"] += stats.items

@@ -84,13 +84,12 @@ def sync_embeddings(
         if todo.height
         else np.zeros((0, 0), np.float32)
     )
-    dim = (
-        fresh.shape[1]
-        if todo.height
-        else int(plan.reuse["dimension"][0])
-        if plan.reuse.height
-        else getattr(embedder, "dimension", 0)
-    )
+    if todo.height:
+        dim = fresh.shape[1]
+    elif plan.reuse.height:
+        dim = int(plan.reuse["dimension"][0])
+    else:
+        dim = getattr(embedder, "dimension", 0)
     computed = pa.table(
         {
             "org_id": [org_id] * todo.height,
