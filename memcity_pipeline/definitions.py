@@ -8,7 +8,14 @@ load with a one-line error naming it.
 import dagster as dg
 
 from memcity_pipeline.defs import enrichment, indexing, ingestion, rlm
-from memcity_pipeline.defs.ingest import daily_ingest_schedule, ingest_job, landing_sensor
+from memcity_pipeline.defs.ingest import (
+    daily_schedules,
+    ingest_knowledge_bases,
+    ingest_users,
+    landing_sensor,
+    memcity_automation,
+    sync_landing_layout_job,
+)
 from memcity_pipeline.settings import Settings, SettingsError, build_resources, load_settings
 
 STAGE_MODULES = [ingestion, enrichment, indexing, rlm]
@@ -20,9 +27,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         # Modules are not searched for AssetSpecs: `rlm_sessions` (reported by rlm_query) is added.
         assets=[*dg.load_assets_from_modules(STAGE_MODULES), rlm.rlm_sessions],
         asset_checks=dg.load_asset_checks_from_modules(STAGE_MODULES),
-        jobs=[ingest_job, rlm.rlm_query_job],
-        schedules=[daily_ingest_schedule],
-        sensors=[landing_sensor],
+        jobs=[ingest_knowledge_bases, ingest_users, sync_landing_layout_job, rlm.rlm_query_job],
+        schedules=daily_schedules,
+        sensors=[landing_sensor, memcity_automation],
         resources=build_resources(settings or load_settings()),
     )
 

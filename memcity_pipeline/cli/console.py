@@ -1,7 +1,20 @@
 """Where the `memcity` command prints: results on stdout, progress and messages on stderr."""
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
 
 
 def spinner(console: Console, label: str, *, disable: bool = False) -> Progress:
@@ -14,3 +27,130 @@ def spinner(console: Console, label: str, *, disable: bool = False) -> Progress:
         transient=True,
         disable=disable,
     )
+
+
+@contextmanager
+def partition_progress(
+    console: Console, partitions: list[Any], *, disable: bool = False
+) -> Iterator[Callable[[Any, str, str], None]]:
+    """A progress bar per partition (steps done of its job's steps, the step now running);
+    yields the callback that `run_ingest` calls with (partition, step, event)."""
+    from memcity_pipeline.cli.ingest import STEPS
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[key]}[/bold]"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        disable=disable or not partitions,
+    )
+    tasks = {
+        p.key: progress.add_task("queued", total=STEPS[p.scope], key=p.key) for p in partitions
+    }
+    running: dict[str, set[str]] = {p.key: set() for p in partitions}
+    lock = threading.Lock()
+
+    def on_step(partition: Any, step: str, event: str) -> None:
+        with lock:
+            now = running[partition.key]
+            if event == "started":
+                now.add(step)
+            else:
+                now.discard(step)
+                progress.advance(tasks[partition.key])
+            if event == "failed":
+                text = f"[red]{step} failed[/red]"
+            elif now:
+                text = ", ".join(sorted(now))
+            else:
+                done = progress.tasks[tasks[partition.key]].finished
+                text = "[green]done[/green]" if done else "between steps"
+            progress.update(tasks[partition.key], description=text)
+
+    with progress:
+        yield on_step
+
+
+def print_plan(console: Console, plan: Any) -> None:
+    """What `memcity ingest` is about to do: new and removed partitions, layout problems."""
+    for part in plan.added:
+        console.print(f"new partition: {part.key}", highlight=False)
+    for part in plan.removed:
+        console.print(
+            f"removed from the landing folder: {part.key} (its data goes)", highlight=False
+        )
+    for problem in plan.layout_problems:
+        console.print(
+            f"[yellow]landing: {problem.rel_path}: {problem.reason}[/yellow]", highlight=False
+        )
+    if not plan.runs:
+        console.print(
+            f"nothing changed in the landing folder ({len(plan.unchanged)} partitions up to date;"
+            " --all runs every one)",
+            highlight=False,
+        )
+    elif plan.unchanged:
+        console.print(
+            f"{len(plan.runs)} partitions to ingest, {len(plan.unchanged)} up to date",
+            highlight=False,
+        )
+
+
+def outcome_json(outcome: Any) -> dict[str, Any]:
+    """`memcity ingest --json`: each partition's run, and what was added and removed."""
+    return {
+        "success": outcome.success,
+        "partitions": [
+            {
+                "partition": p.partition.key,
+                "job": p.partition.job,
+                "run_id": p.run_id,
+                "success": p.success,
+                "failure": p.failure,
+                "assets": p.materializations,
+                "checks": p.check_results,
+            }
+            for p in outcome.partitions
+        ],
+        "added": [p.key for p in outcome.plan.added],
+        "removed": [p.key for p in outcome.plan.removed],
+        "unchanged": [p.key for p in outcome.plan.unchanged],
+        "layout_problems": [
+            {"path": p.rel_path, "reason": p.reason} for p in outcome.plan.layout_problems
+        ],
+    }
+
+
+def print_outcome(out: Console, outcome: Any) -> None:
+    """What each partition's run made, its ingestion errors, and the asset checks."""
+    if not outcome.partitions:
+        return
+    table = Table(title="What this run made")
+    table.add_column("partition")
+    table.add_column("asset")
+    table.add_column("summary")
+    for part in outcome.partitions:
+        for key, meta in part.materializations.items():
+            table.add_row(part.partition.key, key, str(meta.get("summary", "")))
+    out.print(table)
+    for part in outcome.partitions:
+        for key, meta in part.materializations.items():
+            if meta.get("warnings"):
+                out.print(
+                    f"[yellow]{part.partition.key} {key}: ingestion errors "
+                    "(also in the ingestion_errors table)[/yellow]"
+                )
+                out.print(str(meta["warnings"]))
+    checks = [
+        (p.partition.key, n, ok) for p in outcome.partitions for n, ok in p.check_results.items()
+    ]
+    failed = [f"{key} {name}" for key, name, ok in checks if not ok]
+    if checks:
+        out.print(
+            f"asset checks: {len(checks) - len(failed)} passed"
+            + (f", [red]{len(failed)} failed: {', '.join(failed)}[/red]" if failed else "")
+        )

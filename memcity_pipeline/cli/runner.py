@@ -1,18 +1,16 @@
-"""Running the pipeline's jobs outside the UI, on the same definitions and Dagster instance.
+"""The Dagster instance and jobs that the `memcity` command runs, outside the UI.
 
 The instance is the one `DAGSTER_HOME` names (the UI uses the same); with no `DAGSTER_HOME` it is
-the embedded SQLite instance under `$MEMCITY_HOME/dagster_home`.
+the embedded SQLite instance under `$MEMCITY_HOME/dagster_home`. The job factories rebuild a job
+of the definitions from the environment, so that `dg.reconstructable` can rebuild it in the step
+processes of the multiprocess executor. `cli.ingest` plans and runs ingestion with them.
 """
 
 import os
 import shutil
-import threading
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 from filelock import FileLock
@@ -23,6 +21,10 @@ EMBEDDED_DAGSTER_YAML = """\
 # Embedded default: SQLite run/event storage in this folder. See the README for Postgres.
 telemetry:
   enabled: false
+# LLM-calling steps share the `llm` pool: at most this many run at once across all runs.
+concurrency:
+  pools:
+    default_limit: 2
 """
 
 
@@ -74,110 +76,28 @@ def copy_sample_corpus(landing: Path) -> int:
     return count
 
 
-@dataclass
-class JobOutcome:
-    """What a job run did: its status and each materialized asset's metadata."""
-
-    run_id: str
-    success: bool
-    materializations: dict[str, dict[str, Any]] = field(default_factory=dict)
-    check_results: dict[str, bool] = field(default_factory=dict)
-    failure: str | None = None
-
-
-def run_job(
-    job_name: str,
-    settings: Settings,
-    *,
-    run_config: dict[str, Any] | None = None,
-    on_event: Callable[[str], None] | None = None,
-    definitions: dg.Definitions | None = None,
-    log_level: str = "WARNING",
-) -> JobOutcome:
-    """Execute a job of the definitions in this process, recorded in the shared instance.
-
-    `on_event` receives a line for every step start/success/failure and log message while the
-    run goes (from a thread that follows the run's event log).
-    """
+def _job(name: str) -> dg.JobDefinition:
     from memcity_pipeline.definitions import build_definitions
 
-    instance = get_instance(settings)
-    defs = definitions or build_definitions(settings)
-    job = defs.resolve_job_def(job_name)
-    run_config = {
-        "loggers": {"console": {"config": {"log_level": log_level}}},
-        **(run_config or {}),
-    }
-    run_id = str(uuid.uuid4())
-    stop = threading.Event()
-    follower = None
-    if on_event is not None:
-        follower = threading.Thread(
-            target=_follow_run, args=(instance, run_id, on_event, stop), daemon=True
-        )
-        follower.start()
-    try:
-        result = job.execute_in_process(
-            instance=instance, run_config=run_config, run_id=run_id, raise_on_error=False
-        )
-    finally:
-        stop.set()
-        if follower is not None:
-            follower.join(timeout=5)
-    outcome = JobOutcome(run_id=run_id, success=result.success)
-    for event in result.get_asset_materialization_events():
-        mat = event.materialization
-        outcome.materializations[mat.asset_key.to_user_string()] = {
-            k: getattr(v, "value", v) for k, v in mat.metadata.items()
-        }
-    for event in result.all_events:
-        if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
-            data = event.event_specific_data
-            outcome.check_results[data.check_name] = bool(data.passed)  # type: ignore[union-attr]
-        if event.is_step_failure and outcome.failure is None:
-            err = event.step_failure_data.error  # type: ignore[union-attr]
-            outcome.failure = f"{event.step_key}: {err.message.strip() if err else 'failed'}"
-    return outcome
+    return build_definitions().resolve_job_def(name)
 
 
-def _follow_run(
-    instance: dg.DagsterInstance,
-    run_id: str,
-    on_event: Callable[[str], None],
-    stop: threading.Event,
-) -> None:
-    seen = 0
-    while True:
-        finished = stop.wait(0.3)
-        try:
-            records = instance.all_logs(run_id)
-        except Exception:  # the run may not exist yet
-            records = []
-        for record in records[seen:]:
-            line = _describe(record)
-            if line:
-                on_event(line)
-        seen = len(records)
-        if finished:
-            return
+def ingest_knowledge_bases_job() -> dg.JobDefinition:
+    """The `ingest_knowledge_bases` job, rebuilt from the environment (for `dg.reconstructable`)."""
+    return _job("ingest_knowledge_bases")
 
 
-def _describe(record: Any) -> str | None:
-    event = record.dagster_event
-    if event is None:
-        return record.user_message or None
-    kind = event.event_type
-    if kind == dg.DagsterEventType.STEP_START:
-        return f"started {event.step_key}"
-    if kind == dg.DagsterEventType.STEP_SUCCESS:
-        return f"finished {event.step_key}"
-    if kind == dg.DagsterEventType.STEP_FAILURE:
-        return f"FAILED {event.step_key}"
-    return None
+def ingest_users_job() -> dg.JobDefinition:
+    """The `ingest_users` job, rebuilt from the environment (for `dg.reconstructable`)."""
+    return _job("ingest_users")
 
 
-def ingest_job_def() -> dg.JobDefinition:
-    """The `ingest` job, rebuilt from the environment (for `dg.reconstructable`, e.g. multiprocess)."""
-    from memcity_pipeline.definitions import build_definitions
+def sync_landing_layout_job() -> dg.JobDefinition:
+    """The `sync_landing_layout_job`, rebuilt from the environment (for `dg.reconstructable`)."""
+    return _job("sync_landing_layout_job")
 
-    return build_definitions().resolve_job_def("ingest")
+
+JOB_FACTORIES: dict[str, Callable[[], dg.JobDefinition]] = {
+    "ingest_knowledge_bases": ingest_knowledge_bases_job,
+    "ingest_users": ingest_users_job,
+}

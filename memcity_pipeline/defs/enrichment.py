@@ -1,7 +1,10 @@
 """Enrichment assets: phase 1 `document_structure`, phase 2 `chunks`, phase 3 `enriched_chunks`.
 
-Each runs one knowledge base at a time, reuses every row whose inputs did not change, and
-rewrites a knowledge base's table only when something in it changed.
+Partitioned per knowledge base: a step handles its partitions one at a time, reuses every row
+whose inputs did not change, and rewrites a knowledge base's table only when something in it
+changed. The LLM-calling phases (1 and 3) run in the `llm` concurrency pool; the checks that guard
+LLM spend (no empty chunk, every chunk within budget) are blocking, so phase 3 does not run on a
+broken chunking. Downstream assets follow upstream by declarative automation (`eager`).
 
 This module stays whole: the three phases' assets and the checks beside them share the per-
 knowledge-base table plumbing and the LLM metadata helpers.
@@ -16,6 +19,7 @@ from pydantic import BaseModel
 
 from memcity_pipeline.defs.ingestion import raw_documents
 from memcity_pipeline.defs.metadata import markdown_table
+from memcity_pipeline.defs.partitions import backfill_policy, knowledge_bases, partition_scopes
 from memcity_pipeline.enrichment.builders import (
     StageStats,
     build_chunks,
@@ -33,12 +37,7 @@ from memcity_pipeline.enrichment.structure import (
 )
 from memcity_pipeline.enrichment.tokens import count_tokens
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
-from memcity_pipeline.lake.reconcile import reconcile_scopes
-from memcity_pipeline.lake.tables import (
-    KB_TABLE_SCHEMAS,
-    kb_partitions,
-    kb_table_path,
-)
+from memcity_pipeline.lake.tables import KB_TABLE_SCHEMAS, kb_table_path
 from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
@@ -58,43 +57,39 @@ def _structured_call(client: Any, max_tokens: int) -> StructuredCall:
     return call
 
 
+LLM_POOL = "llm"  # the Dagster concurrency pool of every step that calls an LLM
+UPSTREAM = {"document_structure": "raw_documents", "chunks": "raw_documents"}
+UPSTREAM["enriched_chunks"] = "chunks"
+
+
 def _sync_tables(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
     table: str,
     build: Callable[[str, str], tuple[pl.DataFrame, StageStats]],
 ) -> tuple[StageStats, list[str]]:
-    """Bring `table` in step with raw_documents, one knowledge base at a time: build each,
-    write it when it changed, drop the knowledge bases that left.
+    """Bring this step's partitions of `table` in step with their upstream table, one at a time:
+    build each, write it when it changed; a partition whose upstream is gone loses its table.
 
-    The table's write lock is held throughout, so a concurrent run waits for this one.
+    The partition's write lock is held throughout, so a concurrent run on it waits for this one.
     """
     total = StageStats()
     written: list[str] = []
-
-    def update(scope: tuple[str, str]) -> None:
-        org, kb = scope
+    for org, kb in partition_scopes(context):
         path = kb_table_path(lake.lake, table, org, kb)
-        new, stats = build(org, kb)
-        total.merge(stats)
-        if stats.changed or not path.exists():
-            write_parquet_atomic(new, path, KB_TABLE_SCHEMAS[table])
-            written.append(f"{org}/{kb}")
-            context.log.info(
-                f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
-            )
-
-    def drop(scope: tuple[str, str]) -> None:
-        delete_table(kb_table_path(lake.lake, table, *scope))
-        written.append(f"{scope[0]}/{scope[1]} (removed)")
-
-    with lake.writing(context, table):
-        reconcile_scopes(
-            kb_partitions(lake.lake, "raw_documents"),
-            kb_partitions(lake.lake, table),
-            update=update,
-            drop=drop,
-        )
+        with lake.writing(context, table, (org, kb)):
+            if not kb_table_path(lake.lake, UPSTREAM[table], org, kb).exists():
+                if delete_table(path):
+                    written.append(f"{org}/{kb} (removed)")
+                continue
+            new, stats = build(org, kb)
+            total.merge(stats)
+            if stats.changed or not path.exists():
+                write_parquet_atomic(new, path, KB_TABLE_SCHEMAS[table])
+                written.append(f"{org}/{kb}")
+                context.log.info(
+                    f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
+                )
     return total, written
 
 
@@ -195,7 +190,15 @@ def _rlm_reader(
     return read
 
 
-@dg.asset(group_name="enrichment", kinds={"parquet", "openai"}, deps=[raw_documents])
+@dg.asset(
+    group_name="enrichment",
+    kinds={"parquet", "openai"},
+    deps=[raw_documents],
+    partitions_def=knowledge_bases,
+    backfill_policy=backfill_policy,
+    pool=LLM_POOL,
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def document_structure(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
@@ -275,7 +278,31 @@ def document_structure(
 
 
 @dg.asset(
-    group_name="enrichment", kinds={"parquet", "polars"}, deps=[raw_documents, document_structure]
+    group_name="enrichment",
+    kinds={"parquet", "polars"},
+    deps=[raw_documents, document_structure],
+    partitions_def=knowledge_bases,
+    backfill_policy=backfill_policy,
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "chunks_not_empty",
+            asset="chunks",
+            blocking=True,
+            description="No chunk is empty or only white space (blocks enrichment).",
+        ),
+        dg.AssetCheckSpec(
+            "chunks_within_token_budget",
+            asset="chunks",
+            blocking=True,
+            description="Every chunk fits the token budget (blocks enrichment).",
+        ),
+        dg.AssetCheckSpec(
+            "chunk_offsets_valid",
+            asset="chunks",
+            description="Chunk offsets lie inside their document and are in order.",
+        ),
+    ],
 )
 def chunks(
     context: dg.AssetExecutionContext, lake: LakeResource, enrichment: EnrichmentResource
@@ -298,8 +325,14 @@ def chunks(
         )
 
     stats, written = _sync_tables(context, lake, "chunks", build)
-    sample = _first_table(lake, "chunks")
+    scopes = partition_scopes(context)
+    sample = _first_table(lake, "chunks", scopes)
     return dg.MaterializeResult(
+        check_results=[
+            _chunks_not_empty(lake, scopes),
+            _chunks_within_token_budget(lake, scopes, enrichment.chunk_tokens),
+            _chunk_offsets_valid(lake, scopes),
+        ],
         metadata={
             "summary": f"{stats.rows} chunks from {stats.documents} documents "
             f"({stats.processed} re-chunked, {stats.reused} unchanged)",
@@ -323,11 +356,26 @@ def chunks(
                     ],
                 )
             ),
-        }
+        },
     )
 
 
-@dg.asset(group_name="enrichment", kinds={"parquet", "openai"}, deps=[chunks, document_structure])
+@dg.asset(
+    group_name="enrichment",
+    kinds={"parquet", "openai"},
+    deps=[chunks, document_structure],
+    partitions_def=knowledge_bases,
+    backfill_policy=backfill_policy,
+    pool=LLM_POOL,
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "chunks_enriched_or_explained",
+            asset="enriched_chunks",
+            description="Every chunk is enriched, or failed with a reason.",
+        )
+    ],
+)
 def enriched_chunks(
     context: dg.AssetExecutionContext,
     lake: LakeResource,
@@ -374,7 +422,8 @@ def enriched_chunks(
     for reason in sorted(set(stats.failure_reasons))[:20]:
         context.log.warning(f"enriched_chunks: chunk failed: {reason}")
     after = _reading(client)
-    sample = _first_table(lake, "enriched_chunks")
+    scopes = partition_scopes(context)
+    sample = _first_table(lake, "enriched_chunks", scopes)
     if sample.height:
         sample = (
             sample.filter(pl.col("enrichment_status") == "enriched").head(3)
@@ -382,6 +431,7 @@ def enriched_chunks(
             else sample.head(3)
         )
     return dg.MaterializeResult(
+        check_results=[_chunks_enriched_or_explained(lake, scopes)],
         metadata={
             "summary": (
                 f"{stats.processed} chunks enriched now ({stats.failures} failed), "
@@ -389,7 +439,7 @@ def enriched_chunks(
                 else f"{stats.processed} chunks passed through (enrichment off), "
             )
             + f"{stats.reused} unchanged",
-            "dagster/row_count": _count_rows(lake, "enriched_chunks"),
+            "dagster/row_count": _count_rows(lake, "enriched_chunks", scopes),
             "documents": stats.documents,
             "chunks_processed": stats.processed,
             "chunks_unchanged": stats.reused,
@@ -402,7 +452,7 @@ def enriched_chunks(
                     max_chars=160,
                 )
             ),
-        }
+        },
     )
 
 
@@ -411,62 +461,53 @@ def _read(lake: LakeResource, table: str, org: str, kb: str) -> pl.DataFrame:
     return read_parquet(kb_table_path(lake.lake, table, org, kb), KB_TABLE_SCHEMAS[table])
 
 
-def _first_table(lake: LakeResource, table: str) -> pl.DataFrame:
-    parts = kb_partitions(lake.lake, table)
-    return read_parquet(kb_table_path(lake.lake, table, *parts[0])) if parts else pl.DataFrame()
+Scopes = list[tuple[str, str]]
 
 
-def _count_rows(lake: LakeResource, table: str) -> int:
-    return sum(
-        pl.scan_parquet(kb_table_path(lake.lake, table, o, k)).select(pl.len()).collect().item()
-        for o, k in kb_partitions(lake.lake, table)
-    )
+def _first_table(lake: LakeResource, table: str, scopes: Scopes) -> pl.DataFrame:
+    paths = [p for o, k in scopes if (p := kb_table_path(lake.lake, table, o, k)).exists()]
+    return read_parquet(paths[0]) if paths else pl.DataFrame()
 
 
-def _all_rows(lake: LakeResource, table: str, columns: list[str] | None = None) -> pl.DataFrame:
-    frames = [
-        pl.read_parquet(kb_table_path(lake.lake, table, o, k), columns=columns)
-        for o, k in kb_partitions(lake.lake, table)
-    ]
-    return pl.concat(frames) if frames else pl.DataFrame()
+def _count_rows(lake: LakeResource, table: str, scopes: Scopes) -> int:
+    return sum(_read(lake, table, o, k).height for o, k in scopes)
 
 
-# ---------------------------------------------------------------- checks
+def _rows(lake: LakeResource, table: str, scopes: Scopes, columns: list[str]) -> pl.DataFrame:
+    """This step's partitions' rows of `table`, only `columns`."""
+    return pl.concat([_read(lake, table, o, k).select(columns) for o, k in scopes])
 
 
-@dg.asset_check(asset=chunks, description="No chunk is empty or only white space.")
-def chunks_not_empty(lake: LakeResource) -> dg.AssetCheckResult:
-    frame = _all_rows(lake, "chunks", ["chunk_id", "text"])
-    empty = frame.filter(pl.col("text").str.strip_chars() == "").height if frame.height else 0
-    return dg.AssetCheckResult(passed=empty == 0, metadata={"chunks": frame.height, "empty": empty})
+# ---------------------------------------------------------------- checks (run with their asset)
 
 
-@dg.asset_check(asset=chunks, description="Every chunk fits the token budget.")
-def chunks_within_token_budget(
-    lake: LakeResource, enrichment: EnrichmentResource
-) -> dg.AssetCheckResult:
-    frame = _all_rows(lake, "chunks", ["chunk_id", "token_count"])
-    over = (
-        frame.filter(pl.col("token_count") > enrichment.chunk_tokens).height if frame.height else 0
-    )
-    biggest = int(frame["token_count"].max()) if frame.height else 0
+def _chunks_not_empty(lake: LakeResource, scopes: Scopes) -> dg.AssetCheckResult:
+    frame = _rows(lake, "chunks", scopes, ["chunk_id", "text"])
+    empty = frame.filter(pl.col("text").str.strip_chars() == "").height
     return dg.AssetCheckResult(
-        passed=over == 0,
-        metadata={
-            "over_budget": over,
-            "largest_chunk_tokens": biggest,
-            "budget": enrichment.chunk_tokens,
-        },
+        check_name="chunks_not_empty",
+        passed=empty == 0,
+        metadata={"chunks": frame.height, "empty": empty},
     )
 
 
-@dg.asset_check(
-    asset=chunks, description="Chunk offsets lie inside their document and are in order."
-)
-def chunk_offsets_valid(lake: LakeResource) -> dg.AssetCheckResult:
+def _chunks_within_token_budget(
+    lake: LakeResource, scopes: Scopes, budget: int
+) -> dg.AssetCheckResult:
+    frame = _rows(lake, "chunks", scopes, ["chunk_id", "token_count"])
+    over = frame.filter(pl.col("token_count") > budget).height
+    biggest = int(frame["token_count"].max() or 0) if frame.height else 0  # type: ignore[arg-type]
+    return dg.AssetCheckResult(
+        check_name="chunks_within_token_budget",
+        passed=over == 0,
+        metadata={"over_budget": over, "largest_chunk_tokens": biggest, "budget": budget},
+    )
+
+
+def _chunk_offsets_valid(lake: LakeResource, scopes: Scopes) -> dg.AssetCheckResult:
     bad = 0
     total = 0
-    for org, kb in kb_partitions(lake.lake, "chunks"):
+    for org, kb in scopes:
         ch = _read(lake, "chunks", org, kb)
         docs = _read(lake, "raw_documents", org, kb)
         lengths = dict(
@@ -486,18 +527,20 @@ def chunk_offsets_valid(lake: LakeResource) -> dg.AssetCheckResult:
                 )
                 bad += 0 if ok else 1
                 prev_start = r["start"]
-    return dg.AssetCheckResult(passed=bad == 0, metadata={"chunks": total, "invalid": bad})
-
-
-@dg.asset_check(
-    asset=enriched_chunks, description="Every chunk is enriched, or failed with a reason."
-)
-def chunks_enriched_or_explained(lake: LakeResource) -> dg.AssetCheckResult:
-    frame = _all_rows(
-        lake, "enriched_chunks", ["enrichment_status", "enrichment_error", "resolved_text"]
+    return dg.AssetCheckResult(
+        check_name="chunk_offsets_valid",
+        passed=bad == 0,
+        metadata={"chunks": total, "invalid": bad},
     )
-    if frame.height == 0:
-        return dg.AssetCheckResult(passed=True, metadata={"chunks": 0})
+
+
+def _chunks_enriched_or_explained(lake: LakeResource, scopes: Scopes) -> dg.AssetCheckResult:
+    frame = _rows(
+        lake,
+        "enriched_chunks",
+        scopes,
+        ["enrichment_status", "enrichment_error", "resolved_text"],
+    )
     bad = frame.filter(
         ((pl.col("enrichment_status") == "enriched") & pl.col("resolved_text").is_null())
         | ((pl.col("enrichment_status") == "failed") & pl.col("enrichment_error").is_null())
@@ -507,4 +550,8 @@ def chunks_enriched_or_explained(lake: LakeResource) -> dg.AssetCheckResult:
         r["enrichment_status"]: r["len"]
         for r in frame.group_by("enrichment_status").len().to_dicts()
     }
-    return dg.AssetCheckResult(passed=bad == 0, metadata={"unexplained": bad, **counts})
+    return dg.AssetCheckResult(
+        check_name="chunks_enriched_or_explained",
+        passed=bad == 0,
+        metadata={"chunks": frame.height, "unexplained": bad, **counts},
+    )

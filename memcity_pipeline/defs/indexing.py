@@ -1,5 +1,6 @@
-"""Indexing assets: vectors and BM25 indexes over enriched chunks (per knowledge base) and over
-memories (per user), built from the enriched text, kept in step incrementally."""
+"""Indexing assets: vectors and BM25 indexes over enriched chunks (one partition per knowledge
+base) and over memories (one per user), built from the enriched text, kept in step incrementally
+and brought up to date by declarative automation when their upstream changes."""
 
 import hashlib
 import os
@@ -8,19 +9,23 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
 from memcity_pipeline.defs.enrichment import enriched_chunks
 from memcity_pipeline.defs.ingestion import memories
+from memcity_pipeline.defs.partitions import (
+    backfill_policy,
+    knowledge_bases,
+    partition_scopes,
+    users,
+)
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
-from memcity_pipeline.lake.reconcile import reconcile_scopes
+from memcity_pipeline.lake.scopes import drop_bm25_dir
 from memcity_pipeline.lake.tables import (
     EMBEDDINGS,
     ENRICHED_CHUNKS,
     MEMORIES,
     bm25_dir,
     bm25_root,
-    kb_partitions,
     kb_table_path,
 )
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
@@ -98,25 +103,21 @@ def _refresh_vectors(
     return stats
 
 
-def _bm25_scopes(root: Path) -> list[tuple[str, str]]:
-    """The (org, scope) folders of BM25 indexes under `root`."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        (org.name, scope.name)
-        for org in root.iterdir()
-        if org.is_dir()
-        for scope in org.iterdir()
-        if scope.is_dir()
-    )
-
-
-def _drop_bm25(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
-    (directory.parent / f"{directory.name}.source").unlink(missing_ok=True)
-
-
-@dg.asset(group_name="indexing", kinds={"parquet", "pytorch"}, deps=[enriched_chunks])
+@dg.asset(
+    group_name="indexing",
+    kinds={"parquet", "pytorch"},
+    deps=[enriched_chunks],
+    partitions_def=knowledge_bases,
+    backfill_policy=backfill_policy,
+    automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        dg.AssetCheckSpec(
+            "every_chunk_embedded",
+            asset="chunk_embeddings",
+            description="Every enriched chunk has exactly one vector.",
+        )
+    ],
+)
 def chunk_embeddings(
     context: dg.AssetExecutionContext, lake: LakeResource, embeddings: EmbeddingsResource
 ) -> dg.MaterializeResult:
@@ -128,34 +129,33 @@ def chunk_embeddings(
     totals = {"chunks": 0, "embedded": 0, "reused": 0}
     changed_models: set[str] = set()
 
-    def update(scope: tuple[str, str]) -> None:
-        org, kb = scope
-        rows = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
-        stats = _refresh_vectors(
-            context,
-            kb_table_path(lake.lake, "chunk_embeddings", org, kb),
-            scope,
-            rows["chunk_id"].to_list(),
-            index_texts(rows),
-            embedder,
-            "chunks",
-        )
+    started = time.perf_counter()
+    scopes = partition_scopes(context)
+    for org, kb in scopes:
+        source = kb_table_path(lake.lake, "enriched_chunks", org, kb)
+        path = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
+        with lake.writing(context, "chunk_embeddings", (org, kb)):
+            if not source.exists():  # the knowledge base left: its vectors go too
+                delete_table(path)
+                continue
+            rows = read_parquet(source, ENRICHED_CHUNKS)
+            stats = _refresh_vectors(
+                context,
+                path,
+                (org, kb),
+                rows["chunk_id"].to_list(),
+                index_texts(rows),
+                embedder,
+                "chunks",
+            )
         if stats.model_changed_from:
             changed_models.add(stats.model_changed_from)
         totals["chunks"] += stats.items
         totals["embedded"] += stats.embedded
         totals["reused"] += stats.reused
-
-    started = time.perf_counter()
-    with lake.writing(context, "chunk_embeddings"):
-        reconcile_scopes(
-            kb_partitions(lake.lake, "enriched_chunks"),
-            kb_partitions(lake.lake, "chunk_embeddings"),
-            update=update,
-            drop=lambda scope: delete_table(kb_table_path(lake.lake, "chunk_embeddings", *scope)),
-        )
     seconds = time.perf_counter() - started
     return dg.MaterializeResult(
+        check_results=[_every_chunk_embedded(lake, scopes)],
         metadata={
             "summary": f"{totals['embedded']} chunks embedded, {totals['reused']} unchanged"
             + (
@@ -171,11 +171,18 @@ def chunk_embeddings(
             "chunks_per_second": round(totals["embedded"] / seconds, 2)
             if totals["embedded"]
             else 0.0,
-        }
+        },
     )
 
 
-@dg.asset(group_name="indexing", kinds={"bm25s"}, deps=[enriched_chunks])
+@dg.asset(
+    group_name="indexing",
+    kinds={"bm25s"},
+    deps=[enriched_chunks],
+    partitions_def=knowledge_bases,
+    backfill_policy=backfill_policy,
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """A BM25 index (bm25s, English stopwords, Snowball stemming) per knowledge base over the
     same enriched text as the embeddings, saved in the lake under `indexes/chunks_bm25/<org>/<kb>/`
@@ -184,25 +191,23 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     built: list[str] = []
     counts = {"unchanged": 0, "chunks": 0}
 
-    def update(scope: tuple[str, str]) -> None:
-        org, kb = scope
-        rows = read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)
-        ids, texts = rows["chunk_id"].to_list(), index_texts(rows)
-        counts["chunks"] += len(ids)
-        if _refresh_bm25(bm25_dir(lake.lake, "chunks", org, kb), ids, texts):
+    started = time.perf_counter()
+    for org, kb in partition_scopes(context):
+        source = kb_table_path(lake.lake, "enriched_chunks", org, kb)
+        directory = bm25_dir(lake.lake, "chunks", org, kb)
+        with lake.writing(context, "bm25_index", (org, kb)):
+            if not source.exists():  # the knowledge base left: its index goes too
+                drop_bm25_dir(directory)
+                continue
+            rows = read_parquet(source, ENRICHED_CHUNKS)
+            ids, texts = rows["chunk_id"].to_list(), index_texts(rows)
+            counts["chunks"] += len(ids)
+            rebuilt = _refresh_bm25(directory, ids, texts)
+        if rebuilt:
             built.append(f"{org}/{kb}")
             context.log.info(f"bm25_index: {org}/{kb}: {len(ids)} chunks indexed")
         else:
             counts["unchanged"] += 1
-
-    started = time.perf_counter()
-    with lake.writing(context, "bm25_index"):
-        reconcile_scopes(
-            kb_partitions(lake.lake, "enriched_chunks"),
-            _bm25_scopes(root),
-            update=update,
-            drop=lambda scope: _drop_bm25(bm25_dir(lake.lake, "chunks", *scope)),
-        )
     return dg.MaterializeResult(
         metadata={
             "summary": f"{len(built)} knowledge bases indexed, {counts['unchanged']} unchanged",
@@ -215,7 +220,14 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     )
 
 
-@dg.asset(group_name="indexing", kinds={"parquet", "bm25s"}, deps=[memories])
+@dg.asset(
+    group_name="indexing",
+    kinds={"parquet", "bm25s"},
+    deps=[memories],
+    partitions_def=users,
+    backfill_policy=backfill_policy,
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def memory_index(
     context: dg.AssetExecutionContext, lake: LakeResource, embeddings: EmbeddingsResource
 ) -> dg.MaterializeResult:
@@ -224,63 +236,50 @@ def memory_index(
     embedder = embeddings.get_embedder()
     totals = {"memories": 0, "embedded": 0, "reused": 0, "bm25_rebuilt": 0}
 
-    def update(scope: tuple[str, str]) -> None:
-        org, user = scope
-        rows = read_parquet(kb_table_path(lake.lake, "memories", org, user), MEMORIES)
-        ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
-        stats = _refresh_vectors(
-            context,
-            kb_table_path(lake.lake, "memory_embeddings", org, user),
-            scope,
-            ids,
-            texts,
-            embedder,
-            "memories",
-        )
-        if _refresh_bm25(bm25_dir(lake.lake, "memories", org, user), ids, texts):
-            totals["bm25_rebuilt"] += 1
+    scopes = partition_scopes(context)
+    for org, user in scopes:
+        source = kb_table_path(lake.lake, "memories", org, user)
+        path = kb_table_path(lake.lake, "memory_embeddings", org, user)
+        directory = bm25_dir(lake.lake, "memories", org, user)
+        with lake.writing(context, "memory_embeddings", (org, user)):
+            if not source.exists():  # the user left (or has no memories): the index goes
+                delete_table(path)
+                drop_bm25_dir(directory)
+                continue
+            rows = read_parquet(source, MEMORIES)
+            ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
+            stats = _refresh_vectors(context, path, (org, user), ids, texts, embedder, "memories")
+            if _refresh_bm25(directory, ids, texts):
+                totals["bm25_rebuilt"] += 1
         totals["memories"] += stats.items
         totals["embedded"] += stats.embedded
         totals["reused"] += stats.reused
-
-    def drop(scope: tuple[str, str]) -> None:
-        delete_table(kb_table_path(lake.lake, "memory_embeddings", *scope))
-        _drop_bm25(bm25_dir(lake.lake, "memories", *scope))
-
-    wanted = kb_partitions(lake.lake, "memories")
-    with lake.writing(context, "memory_embeddings"):
-        reconcile_scopes(
-            wanted,
-            set(kb_partitions(lake.lake, "memory_embeddings"))
-            | set(_bm25_scopes(bm25_root(lake.lake, "memories"))),
-            update=update,
-            drop=drop,
-        )
     return dg.MaterializeResult(
         metadata={
             "summary": f"{totals['embedded']} memories embedded, {totals['reused']} unchanged, "
             f"{totals['bm25_rebuilt']} user indexes rebuilt",
             "dagster/row_count": totals["memories"],
-            "users": len(wanted),
+            "users": len(scopes),
             **{k: v for k, v in totals.items() if k != "memories"},
             "model": embedder.model_name,
         }
     )
 
 
-@dg.asset_check(asset=chunk_embeddings, description="Every enriched chunk has exactly one vector.")
-def every_chunk_embedded(lake: LakeResource) -> dg.AssetCheckResult:
+def _every_chunk_embedded(lake: LakeResource, scopes: list[tuple[str, str]]) -> dg.AssetCheckResult:
     missing = extra = 0
-    for org, kb in kb_partitions(lake.lake, "enriched_chunks"):
+    for org, kb in scopes:
         chunk_ids = set(
-            pl.read_parquet(
-                kb_table_path(lake.lake, "enriched_chunks", org, kb), columns=["chunk_id"]
-            )["chunk_id"].to_list()
+            read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)[
+                "chunk_id"
+            ].to_list()
         )
         emb = read_parquet(kb_table_path(lake.lake, "chunk_embeddings", org, kb), EMBEDDINGS)
         ids = emb["item_id"].to_list()
         missing += len(chunk_ids - set(ids))
         extra += len(ids) - len(set(ids) & chunk_ids)
     return dg.AssetCheckResult(
-        passed=missing == 0 and extra == 0, metadata={"missing": missing, "extra": extra}
+        check_name="every_chunk_embedded",
+        passed=missing == 0 and extra == 0,
+        metadata={"missing": missing, "extra": extra},
     )

@@ -6,9 +6,15 @@ import dagster as dg
 import polars as pl
 
 from memcity_pipeline.defs.metadata import markdown_table, preview
+from memcity_pipeline.defs.partitions import (
+    backfill_policy,
+    knowledge_bases,
+    partition_scopes,
+    users,
+)
 from memcity_pipeline.ingestion.sync import SyncReport, sync_sources
 from memcity_pipeline.lake.io import read_parquet
-from memcity_pipeline.lake.tables import SOURCE_SCHEMAS, SOURCE_TABLES, SourceKind
+from memcity_pipeline.lake.tables import SOURCE_SCHEMAS, SOURCE_TABLES, SourceKind, kb_table_path
 from memcity_pipeline.resources.lake import LakeResource
 
 PREVIEW_COLUMNS: dict[SourceKind, list[str]] = {
@@ -16,25 +22,37 @@ PREVIEW_COLUMNS: dict[SourceKind, list[str]] = {
     "memories": ["org_id", "user_id", "memory_id", "text", "created_at"],
     "conversations": ["org_id", "user_id", "session_id", "turn", "role", "content"],
 }
+UNIQUE_KEYS: dict[SourceKind, list[str]] = {
+    "documents": ["org_id", "document_id"],
+    "memories": ["org_id", "user_id", "memory_id"],
+}
 
 
 def _sync(
     context: dg.AssetExecutionContext, lake: LakeResource, kind: SourceKind
 ) -> dg.MaterializeResult:
-    with lake.writing(context, SOURCE_TABLES[kind]):
-        report = sync_sources(
-            kind,
-            lake.landing,
-            lake.lake,
-            lake.limits,
-            on_progress=context.log.debug,
-            include_layout_problems=(kind == "documents"),
-        )
-    for err in report.new_errors:
-        where = f"{err['path']}:{err['line']}" if err["line"] else err["path"]
-        context.log.warning(f"{kind}: {where}: {err['reason']}")
-    context.log.info(_summary(report))
-    return dg.MaterializeResult(metadata=_metadata(lake, report))
+    """Sync each partition of this step (its own folder and tables only); one result for all."""
+    table = SOURCE_TABLES[kind]
+    reports: list[SyncReport] = []
+    for org, scope in partition_scopes(context):
+        with lake.writing(context, table, (org, scope)):
+            report = sync_sources(
+                kind,
+                lake.landing,
+                lake.lake,
+                lake.limits,
+                org,
+                scope,
+                on_progress=context.log.debug,
+            )
+        for err in report.new_errors:
+            where = f"{err['path']}:{err['line']}" if err["line"] else err["path"]
+            context.log.warning(f"{kind}: {where}: {err['reason']}")
+        context.log.info(f"{org}/{scope}: {_summary(report)}")
+        reports.append(report)
+    total = SyncReport.combined(kind, reports)
+    checks = [_unique_check(kind, reports, lake)] if kind in UNIQUE_KEYS else []
+    return dg.MaterializeResult(metadata=_metadata(lake, total, reports), check_results=checks)
 
 
 def _summary(report: SyncReport) -> str:
@@ -45,9 +63,10 @@ def _summary(report: SyncReport) -> str:
     )
 
 
-def _metadata(lake: LakeResource, report: SyncReport) -> dict[str, Any]:
-    table_dir = lake.lake / SOURCE_TABLES[report.kind]
-    first = sorted(table_dir.glob("*/*.parquet"))[:1]
+def _metadata(lake: LakeResource, report: SyncReport, parts: list[SyncReport]) -> dict[str, Any]:
+    table = SOURCE_TABLES[report.kind]
+    paths = [kb_table_path(lake.lake, table, p.org_id, p.scope_id) for p in parts]
+    first = [p for p in paths if p.exists()][:1]
     sample = read_parquet(first[0]) if first else pl.DataFrame()
     meta: dict[str, Any] = {
         "summary": _summary(report),
@@ -62,7 +81,7 @@ def _metadata(lake: LakeResource, report: SyncReport) -> dict[str, Any]:
         "rows_written": report.rows_written,
         "tables_written": report.tables_written,
         "tables_deleted": report.tables_deleted,
-        "lake_path": dg.MetadataValue.path(str(table_dir)),
+        "lake_path": dg.MetadataValue.path(str(paths[0] if len(paths) == 1 else lake.lake / table)),
         "preview": preview(sample, PREVIEW_COLUMNS[report.kind]),
     }
     if report.errors:
@@ -72,10 +91,43 @@ def _metadata(lake: LakeResource, report: SyncReport) -> dict[str, Any]:
     return meta
 
 
-@dg.asset(group_name="ingestion", kinds={"parquet", "polars"})
+def _unique_check(
+    kind: SourceKind, reports: list[SyncReport], lake: LakeResource
+) -> dg.AssetCheckResult:
+    keys = UNIQUE_KEYS[kind]
+    table = SOURCE_TABLES[kind]
+    files = [kb_table_path(lake.lake, table, r.org_id, r.scope_id) for r in reports]
+    frames = [pl.read_parquet(f, columns=keys) for f in files if f.exists()]
+    frame = (
+        pl.concat(frames)
+        if frames
+        else pl.from_arrow(SOURCE_SCHEMAS[kind].empty_table()).select(keys)
+    )
+    dupes = frame.group_by(keys).len().filter(pl.col("len") > 1)
+    return dg.AssetCheckResult(
+        check_name=f"{table}_unique_ids",
+        passed=dupes.height == 0,
+        metadata={"rows": frame.height, "duplicated_ids": dupes.height},
+    )
+
+
+@dg.asset(
+    group_name="ingestion",
+    kinds={"parquet", "polars"},
+    partitions_def=knowledge_bases,
+    backfill_policy=backfill_policy,
+    check_specs=[
+        dg.AssetCheckSpec(
+            "raw_documents_unique_ids",
+            asset="raw_documents",
+            description="Every document id appears once per org.",
+        )
+    ],
+)
 def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Knowledge-base documents from the landing folder (txt, md, html, pdf, json, jsonl),
     normalised to UTF-8 text, one row per document, in `raw_documents/<org>/<kb>.parquet`.
+    One partition per knowledge base (`<org>/<kb>`).
 
     Incremental: unchanged files are not read again; edited files replace their rows; deleted
     files lose theirs. Unusable files and lines become rows of `ingestion_errors`.
@@ -83,40 +135,34 @@ def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.M
     return _sync(context, lake, "documents")
 
 
-@dg.asset(group_name="ingestion", kinds={"parquet", "polars"})
+@dg.asset(
+    group_name="ingestion",
+    kinds={"parquet", "polars"},
+    partitions_def=users,
+    backfill_policy=backfill_policy,
+    check_specs=[
+        dg.AssetCheckSpec(
+            "memories_unique_ids",
+            asset="memories",
+            description="Every memory id appears once per user.",
+        )
+    ],
+)
 def memories(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Users' memories (`users/<user>/memories.jsonl`), one row per memory, in
-    `memories/<org>/<user>.parquet`. Incremental like `raw_documents`."""
+    `memories/<org>/<user>.parquet`. One partition per user (`<org>/<user>`). Incremental like
+    `raw_documents`."""
     return _sync(context, lake, "memories")
 
 
-@dg.asset(group_name="ingestion", kinds={"parquet", "polars"})
+@dg.asset(
+    group_name="ingestion",
+    kinds={"parquet", "polars"},
+    partitions_def=users,
+    backfill_policy=backfill_policy,
+)
 def conversations(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Users' conversation sessions (`users/<user>/conversations/<session>.jsonl`), one row per
-    message, in `conversations/<org>/<user>.parquet`. Incremental like `raw_documents`."""
+    message, in `conversations/<org>/<user>.parquet`. One partition per user. Incremental like
+    `raw_documents`."""
     return _sync(context, lake, "conversations")
-
-
-def _unique_check(kind: SourceKind, keys: list[str], lake: LakeResource) -> dg.AssetCheckResult:
-    table_dir = lake.lake / SOURCE_TABLES[kind]
-    files = sorted(table_dir.glob("*/*.parquet"))
-    frame = (
-        pl.concat([pl.read_parquet(f, columns=keys) for f in files])
-        if files
-        else pl.from_arrow(SOURCE_SCHEMAS[kind].empty_table()).select(keys)
-    )
-    dupes = frame.group_by(keys).len().filter(pl.col("len") > 1)
-    return dg.AssetCheckResult(
-        passed=dupes.height == 0,
-        metadata={"rows": frame.height, "duplicated_ids": dupes.height},
-    )
-
-
-@dg.asset_check(asset=raw_documents, description="Every document id appears once per org.")
-def raw_documents_unique_ids(lake: LakeResource) -> dg.AssetCheckResult:
-    return _unique_check("documents", ["org_id", "document_id"], lake)
-
-
-@dg.asset_check(asset=memories, description="Every memory id appears once per user.")
-def memories_unique_ids(lake: LakeResource) -> dg.AssetCheckResult:
-    return _unique_check("memories", ["org_id", "user_id", "memory_id"], lake)

@@ -136,6 +136,7 @@ def session_metadata(result: dict[str, Any]) -> dict[str, Any]:
     name="run_rlm_query",
     description="Answer a question over an org's context with a Recursive Language Model.",
     out=dg.Out(dict, description="The RLMResult as a dict."),
+    pool="llm",
 )
 def run_rlm_query(
     context: dg.OpExecutionContext,
@@ -254,6 +255,8 @@ def summary_markdown(summary: pl.DataFrame) -> str:
     kinds={"polars"},
     deps=[rlm_sessions],
     description="Latency, iterations and cost of RLM sessions by context type (from the lake).",
+    # Hourly, once new sessions were reported since the last tick (the automation sensor runs it).
+    automation_condition=dg.AutomationCondition.on_cron("0 * * * *"),
 )
 def rlm_session_report(lake: LakeResource) -> dg.MaterializeResult:
     """Latency, iterations and cost of RLM sessions by context type, with charts.

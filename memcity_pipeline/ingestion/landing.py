@@ -8,16 +8,24 @@
 
 Symbolic links are never followed out of the landing folder: a link whose target lies outside it
 is reported as a problem and not read. Hidden files and folders (a leading `.`) are ignored.
+
+Each knowledge base folder and each user folder is one scope (one Dagster partition, keyed
+`<org>/<id>`); `landing_scopes` lists them with a fingerprint of their files (paths, sizes,
+mtimes), which is how the sensor and `memcity ingest` tell which partitions changed.
 """
 
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from memcity_pipeline.lake.io import check_id
-from memcity_pipeline.lake.tables import SourceKind
+from memcity_pipeline.lake.tables import ScopeKind, SourceKind, scope_key
+
+AREAS: dict[str, ScopeKind] = {"knowledge_bases": "knowledge_base", "users": "user"}
+_FOLDERS = {scope: area for area, scope in AREAS.items()}
 
 
 @dataclass(frozen=True)
@@ -47,12 +55,37 @@ class LandingProblem:
     scope_id: str | None
     rel_path: str
     reason: str
+    scope_kind: ScopeKind | None = None  # the knowledge base or user folder it lies in, if any
+
+    @property
+    def scope(self) -> tuple[ScopeKind, str, str] | None:
+        """(scope kind, org, id) of the folder the path lies in; None outside any."""
+        if self.scope_kind and self.org_id and self.scope_id:
+            return (self.scope_kind, self.org_id, self.scope_id)
+        return None
+
+
+_OUTSIDE = (
+    "not in the landing layout (orgs/<org>/knowledge_bases/<kb>/... or orgs/<org>/users/<user>/...)"
+)
+
+
+def _scope_of(parts: tuple[str, ...]) -> tuple[ScopeKind, str, str] | None:
+    """The (scope kind, org, id) of the knowledge base or user folder that `parts` lie in."""
+    if len(parts) < 4 or parts[1] not in AREAS:
+        return None
+    try:
+        check_id("org id", parts[0])
+        check_id("id", parts[2])
+    except ValueError:
+        return None
+    return (AREAS[parts[1]], parts[0], parts[2])
 
 
 def _classify(parts: tuple[str, ...]) -> tuple[SourceKind, str, str] | str:
     """Map a path (parts below `orgs/`) to (kind, org, scope), or return why it does not fit."""
     if len(parts) < 3:
-        return "not in the landing layout (orgs/<org>/knowledge_bases/<kb>/... or orgs/<org>/users/<user>/...)"
+        return _OUTSIDE
     org, area, scope = parts[0], parts[1], parts[2]
     try:
         check_id("org id", org)
@@ -72,18 +105,31 @@ def _classify(parts: tuple[str, ...]) -> tuple[SourceKind, str, str] | str:
         except ValueError as exc:
             return str(exc)
         return ("conversations", org, scope)
-    return "not in the landing layout (orgs/<org>/knowledge_bases/<kb>/... or orgs/<org>/users/<user>/...)"
+    return _OUTSIDE
 
 
-def scan_landing(root: Path) -> tuple[list[SourceFile], list[LandingProblem]]:
-    """Every source file under `root/orgs`, sorted by path, and the paths that were refused."""
+def _problem(
+    kind: SourceKind | None, parts: tuple[str, ...], rel: str, reason: str
+) -> LandingProblem:
+    where = _scope_of(parts)
+    if where is None:
+        return LandingProblem(kind, None, None, rel, reason)
+    return LandingProblem(kind, where[1], where[2], rel, reason, where[0])
+
+
+def scan_landing(
+    root: Path, only: tuple[ScopeKind, str, str] | None = None
+) -> tuple[list[SourceFile], list[LandingProblem]]:
+    """Every source file under `root/orgs` (or only under one knowledge base's or user's folder,
+    `only=(scope kind, org, id)`), sorted by path, and the paths that were refused."""
     root = root.resolve()
     files: list[SourceFile] = []
     problems: list[LandingProblem] = []
     orgs_dir = root / "orgs"
-    if not orgs_dir.is_dir():
+    start = orgs_dir if only is None else orgs_dir / only[1] / _FOLDERS[only[0]] / only[2]
+    if not start.is_dir() or start.is_symlink():
         return files, problems
-    for dirpath, dirnames, filenames in os.walk(orgs_dir, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
         here = Path(dirpath)
         # Symlinked folders are never entered (os.walk lists them in dirnames without following).
         for name in list(dirnames):
@@ -92,8 +138,9 @@ def scan_landing(root: Path) -> tuple[list[SourceFile], list[LandingProblem]]:
             elif (here / name).is_symlink():
                 dirnames.remove(name)
                 rel = (here / name).relative_to(root).as_posix()
+                parts = (here / name / "_").relative_to(orgs_dir).parts
                 problems.append(
-                    LandingProblem(None, None, None, rel, "symbolic link to a folder: not followed")
+                    _problem(None, parts, rel, "symbolic link to a folder: not followed")
                 )
         dirnames.sort()
         for name in sorted(filenames):
@@ -101,9 +148,10 @@ def scan_landing(root: Path) -> tuple[list[SourceFile], list[LandingProblem]]:
                 continue
             entry = here / name
             rel = entry.relative_to(root).as_posix()
-            where = _classify(entry.relative_to(orgs_dir).parts)
+            parts = entry.relative_to(orgs_dir).parts
+            where = _classify(parts)
             if isinstance(where, str):
-                problems.append(LandingProblem(None, None, None, rel, where))
+                problems.append(_problem(None, parts, rel, where))
                 continue
             kind, org, scope = where
             target = entry
@@ -124,26 +172,57 @@ def scan_landing(root: Path) -> tuple[list[SourceFile], list[LandingProblem]]:
             try:
                 st = target.stat()
             except OSError as exc:
-                problems.append(
-                    LandingProblem(kind, org, scope, rel, f"cannot stat: {exc.strerror}")
-                )
+                problems.append(_problem(kind, parts, rel, f"cannot stat: {exc.strerror}"))
                 continue
             if not stat.S_ISREG(st.st_mode):
-                problems.append(LandingProblem(kind, org, scope, rel, "not a regular file"))
+                problems.append(_problem(kind, parts, rel, "not a regular file"))
                 continue
             files.append(SourceFile(kind, org, scope, rel, target, st.st_size, st.st_mtime_ns))
     return files, problems
 
 
-def landing_fingerprint(root: Path) -> str:
-    """A cheap fingerprint of the landing folder (paths, sizes, mtimes) for change detection."""
-    files, problems = scan_landing(root)
+def files_fingerprint(entries: Iterable[tuple[str, int, int]]) -> str:
+    """A cheap fingerprint of a set of files: their (path, size, mtime_ns), in any order."""
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.rel_path}\0{f.size}\0{f.mtime_ns}\n".encode())
-    for p in problems:
-        digest.update(f"!{p.rel_path}\0{p.reason}\n".encode())
+    for path, size, mtime_ns in sorted(entries):
+        digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+@dataclass
+class LandingScopes:
+    """The knowledge bases and users of the landing folder, each with its files' fingerprint."""
+
+    knowledge_bases: dict[str, str] = field(default_factory=dict)  # "<org>/<kb>" -> fingerprint
+    users: dict[str, str] = field(default_factory=dict)  # "<org>/<user>" -> fingerprint
+    unscoped: list[LandingProblem] = field(default_factory=list)  # in no kb or user folder
+
+    def of(self, scope: ScopeKind) -> dict[str, str]:
+        return self.knowledge_bases if scope == "knowledge_base" else self.users
+
+
+def landing_scopes(root: Path) -> LandingScopes:
+    """Every knowledge base and user that has a file (or a refused path) in the landing folder,
+    fingerprinted by its files' paths, sizes and mtimes and its refused paths."""
+    files, problems = scan_landing(root)
+    entries: dict[tuple[ScopeKind, str], list[tuple[str, int, int]]] = {}
+    for f in files:
+        scope: ScopeKind = "knowledge_base" if f.kind == "documents" else "user"
+        entries.setdefault((scope, scope_key(f.org_id, f.scope_id)), []).append(
+            (f.rel_path, f.size, f.mtime_ns)
+        )
+    found = LandingScopes()
+    for p in problems:  # a refused path is part of its folder's state (its error row)
+        if p.scope is None:
+            found.unscoped.append(p)
+        else:
+            scope, org, scope_id = p.scope
+            entries.setdefault((scope, scope_key(org, scope_id)), []).append(
+                (f"!{p.rel_path}\0{p.reason}", 0, 0)
+            )
+    for (scope, key), items in sorted(entries.items()):
+        found.of(scope)[key] = files_fingerprint(items)
+    return found
 
 
 def file_sha256(path: Path) -> str:
@@ -153,3 +232,31 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ScopeChanges:
+    """How the landing folder's scopes of one kind compare with the known partitions."""
+
+    added: list[str]  # in the landing folder, not yet a partition
+    removed: list[str]  # a partition whose folder is gone
+    changed: list[str]  # new, or whose fingerprint differs from the one last seen
+
+
+def compare_scopes(
+    current: dict[str, str], partitions: Iterable[str], seen: dict[str, str]
+) -> ScopeChanges:
+    """Compare `current` (key -> fingerprint, from `landing_scopes`) with the `partitions` that
+    exist and the fingerprints `seen` when they were last requested."""
+    known = set(partitions)
+    added = sorted(set(current) - known)
+    return ScopeChanges(
+        added=added,
+        removed=sorted(known - set(current)),
+        changed=sorted(k for k, fp in current.items() if k in added or seen.get(k) != fp),
+    )
+
+
+def problems_fingerprint(problems: Iterable[LandingProblem]) -> str:
+    """A fingerprint of refused paths (to tell when the layout errors changed)."""
+    return files_fingerprint((f"{p.rel_path}\0{p.reason}", 0, 0) for p in problems)

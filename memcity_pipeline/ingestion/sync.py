@@ -1,20 +1,24 @@
-"""Incremental ingestion of one kind of source from the landing folder into the lake.
+"""Incremental ingestion of one knowledge base's or one user's sources into the lake.
 
 For each kind (documents, memories, conversations) the lake holds one table file per scope
-(`<table>/<org>/<kb or user>.parquet`) and a bookkeeping table of the files it came from
-(`_state/source_files_<kind>.parquet`: path, size, mtime, sha256, status).
+(`<table>/<org>/<kb or user>.parquet`), the bookkeeping of the files it came from
+(`_state/source_files/<kind>/<org>/<scope>.parquet`: path, size, mtime, sha256, status) and the
+errors found in them (`ingestion_errors/<kind>/<org>/<scope>.parquet`). One scope is one Dagster
+partition; a sync reads and writes only that scope's files.
 
-A run:
-1. scans the landing folder; a file whose size and mtime, or else whose sha256, are unchanged
+A run for one scope:
+1. scans its landing folder; a file whose size and mtime, or else whose sha256, are unchanged
    is not read again;
 2. parses new and changed files; a file that cannot be used becomes rows of `ingestion_errors`;
-3. rewrites only the scope tables that gained, changed or lost a file (rows of a deleted file are
-   removed: deletion is a rebuild of the scope's table without them, not a tombstone); a scope
-   whose files are all gone loses its table file;
-4. rewrites `ingestion_errors/<kind>.parquet` only when the set of errors changed.
+3. rewrites the scope's table when a file was added, changed or removed (rows of a deleted file
+   are removed: deletion is a rebuild of the table without them, not a tombstone); a scope whose
+   files are all gone loses its table file;
+4. rewrites the scope's errors only when they changed.
 
-This module stays whole: comparing with the manifest, parsing into rows, rewriting the scope
-tables and the errors are one pass over one report.
+`sync_layout_errors` records the landing paths that lie in no knowledge base or user folder.
+
+This module stays whole: comparing with the manifest, parsing into rows, rewriting the scope's
+table and its errors are one pass over one report.
 """
 
 import hashlib
@@ -33,6 +37,7 @@ from memcity_pipeline.ingestion.landing import (
     SourceFile,
     SourceKind,
     file_sha256,
+    files_fingerprint,
     scan_landing,
 )
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
@@ -41,10 +46,20 @@ from memcity_pipeline.lake.tables import (
     INGESTION_ERRORS,
     SOURCE_FILES,
     SOURCE_SCHEMAS,
+    ScopeKind,
     ingestion_errors_path,
+    layout_errors_path,
     source_files_path,
     source_table_path,
 )
+
+KINDS_OF_SCOPE: dict[ScopeKind, tuple[SourceKind, ...]] = {
+    "knowledge_base": ("documents",),
+    "user": ("memories", "conversations"),
+}
+SCOPE_OF_KIND: dict[SourceKind, ScopeKind] = {
+    kind: scope for scope, kinds in KINDS_OF_SCOPE.items() for kind in kinds
+}
 
 
 @dataclass(frozen=True)
@@ -55,9 +70,11 @@ class Limits:
 
 @dataclass
 class SyncReport:
-    """What one run did for one kind of source."""
+    """What one run did for one kind of source in one knowledge base or user."""
 
     kind: SourceKind
+    org_id: str = ""
+    scope_id: str = ""
     files: int = 0
     new: int = 0
     changed: int = 0
@@ -75,6 +92,21 @@ class SyncReport:
     def changed_total(self) -> int:
         """New, edited and deleted files: what "N changed" counts."""
         return self.new + self.changed + self.deleted
+
+    @classmethod
+    def combined(cls, kind: SourceKind, reports: list["SyncReport"]) -> "SyncReport":
+        """One report adding up the reports of several scopes."""
+        total = cls(kind)
+        for r in reports:
+            for name in ("files", "new", "changed", "unchanged", "deleted", "failed_files"):
+                setattr(total, name, getattr(total, name) + getattr(r, name))
+            total.rows += r.rows
+            total.rows_written += r.rows_written
+            total.tables_written += r.tables_written
+            total.tables_deleted += r.tables_deleted
+            total.errors += r.errors
+            total.new_errors += r.new_errors
+        return total
 
 
 def _sha(text: str) -> str:
@@ -210,11 +242,6 @@ class _Changes:
     deleted: set[str]  # paths gone since the last run
     unchanged: set[str]  # paths whose errors (if any) still stand
 
-    def touched_scopes(self, known: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
-        """The (org, scope) tables that gained, changed or lost a file."""
-        scopes = {(e["org_id"], e["scope_id"]) for e in self.manifest if e["path"] in self.parsed}
-        return scopes | {(known[p]["org_id"], known[p]["scope_id"]) for p in self.deleted}
-
 
 def _stat_key(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(
@@ -318,38 +345,34 @@ def _parse(
         return [], [parsing.Problem(f"unexpected error: {type(exc).__name__}: {exc}", None)]
 
 
-def _rewrite_scopes(
-    kind: SourceKind,
-    lake: Path,
-    files: list[SourceFile],
-    changes: _Changes,
-    scopes: set[tuple[str, str]],
-    report: SyncReport,
+def _rewrite_scope(
+    kind: SourceKind, lake: Path, files: list[SourceFile], changes: _Changes, report: SyncReport
 ) -> None:
-    """Rewrite the tables of the scopes that changed: their rows minus those of changed or
-    deleted files, plus the new rows; a scope left with no file loses its table."""
+    """Rewrite the scope's table: its rows minus those of changed or deleted files, plus the new
+    rows; a scope left with no file loses its table."""
     schema = SOURCE_SCHEMAS[kind]
+    table_path = source_table_path(lake, kind, report.org_id, report.scope_id)
+    rel_table = table_path.relative_to(lake).as_posix()
+    if not files:
+        if delete_table(table_path):
+            report.tables_deleted.append(rel_table)
+        return
+    if not (changes.parsed or changes.deleted) and table_path.exists():
+        return
     changed_paths = list(set(changes.parsed) | changes.deleted)
-    live_scopes = {(f.org_id, f.scope_id) for f in files}
-    for org, scope in sorted(scopes):
-        table_path = source_table_path(lake, kind, org, scope)
-        rel_table = table_path.relative_to(lake).as_posix()
-        if (org, scope) not in live_scopes:
-            if delete_table(table_path):
-                report.tables_deleted.append(rel_table)
-            continue
-        kept = read_parquet(table_path, schema).filter(~pl.col("source_path").is_in(changed_paths))
-        fresh = [
-            row
-            for rows in changes.parsed.values()
-            for row in rows
-            if row["org_id"] == org and _scope_of(kind, row) == scope
-        ]
-        combined = pl.concat([kept, _frame(fresh, schema)], how="vertical_relaxed")
-        sort_cols = ["source_path", "line"] if "line" in combined.columns else ["source_path"]
-        write_parquet_atomic(combined.sort(sort_cols, nulls_last=True), table_path, schema)
-        report.tables_written.append(rel_table)
-        report.rows_written += len(fresh)
+    kept = read_parquet(table_path, schema).filter(~pl.col("source_path").is_in(changed_paths))
+    fresh = [row for rows in changes.parsed.values() for row in rows]
+    combined = pl.concat([kept, _frame(fresh, schema)], how="vertical_relaxed")
+    sort_cols = ["source_path", "line"] if "line" in combined.columns else ["source_path"]
+    write_parquet_atomic(combined.sort(sort_cols, nulls_last=True), table_path, schema)
+    report.tables_written.append(rel_table)
+    report.rows_written += len(fresh)
+
+
+def _records_problem(kind: SourceKind, problem: LandingProblem) -> bool:
+    """Whether a sync of `kind` records this refused path of its folder (each is recorded once:
+    by its kind, and a user folder's path of no kind by `memories`)."""
+    return problem.kind == kind or (problem.kind is None and kind in ("documents", "memories"))
 
 
 def sync_sources(
@@ -357,33 +380,30 @@ def sync_sources(
     landing: Path,
     lake: Path,
     limits: Limits,
+    org_id: str,
+    scope_id: str,
     *,
     on_progress: Callable[[str], None] | None = None,
-    include_layout_problems: bool = False,
 ) -> SyncReport:
-    """Bring the lake's tables of `kind` in line with the landing folder. Never raises for bad input."""
+    """Bring the lake's `kind` table of one knowledge base or user in line with its landing
+    folder. Never raises for bad input."""
     now = datetime.now(UTC)
-    report = SyncReport(kind)
-    found, landing_problems = scan_landing(landing)
+    report = SyncReport(kind, org_id, scope_id)
+    found, landing_problems = scan_landing(landing, only=(SCOPE_OF_KIND[kind], org_id, scope_id))
     files = [f for f in found if f.kind == kind]
     report.files = len(files)
 
-    manifest_path = source_files_path(lake, kind)
+    manifest_path = source_files_path(lake, kind, org_id, scope_id)
     manifest = read_parquet(manifest_path, SOURCE_FILES)
     changes = _find_changes(kind, files, manifest, limits, now, report, on_progress)
-    known = {r["path"]: r for r in manifest.iter_rows(named=True)}
-    _rewrite_scopes(kind, lake, files, changes, changes.touched_scopes(known), report)
+    _rewrite_scope(kind, lake, files, changes, report)
 
     # Errors: keep those of unchanged files, replace those of changed ones.
-    errors_path = ingestion_errors_path(lake, kind)
+    errors_path = ingestion_errors_path(lake, kind, org_id, scope_id)
     old_errors = read_parquet(errors_path, INGESTION_ERRORS)
     kept = old_errors.filter(pl.col("path").is_in(list(changes.unchanged)))
     error_rows = kept.to_dicts() + changes.errors
-    error_rows += [
-        _landing_error(p, now)
-        for p in landing_problems
-        if include_layout_problems or p.kind == kind
-    ]
+    error_rows += [_landing_error(p, now) for p in landing_problems if _records_problem(kind, p)]
     _write_errors_if_changed(errors_path, old_errors, error_rows)
     report.errors = error_rows
     old_keys = {_error_key(e) for e in old_errors.iter_rows(named=True)}
@@ -391,17 +411,50 @@ def sync_sources(
     report.failed_files = len({e["path"] for e in error_rows})
 
     new_manifest = sorted(changes.manifest, key=lambda e: e["path"])
-    if changes.parsed or changes.deleted or new_manifest != manifest.sort("path").to_dicts():
+    if not new_manifest:
+        delete_table(manifest_path)
+    elif changes.parsed or changes.deleted or new_manifest != manifest.sort("path").to_dicts():
         write_parquet_atomic(_frame(new_manifest, SOURCE_FILES), manifest_path, SOURCE_FILES)
-    report.rows = sum(
-        read_parquet(source_table_path(lake, kind, o, s), SOURCE_SCHEMAS[kind]).height
-        for o, s in sorted({(f.org_id, f.scope_id) for f in files})
-    )
+    report.rows = read_parquet(
+        source_table_path(lake, kind, org_id, scope_id), SOURCE_SCHEMAS[kind]
+    ).height
     return report
 
 
-def _scope_of(kind: SourceKind, row: dict[str, Any]) -> str:
-    return row["knowledge_base_id"] if kind == "documents" else row["user_id"]
+def scope_is_current(
+    landing: Path, lake: Path, scope: ScopeKind, org_id: str, scope_id: str
+) -> bool:
+    """Whether the lake's bookkeeping of one knowledge base or user matches its landing files
+    (same paths, sizes and mtimes): then a sync of it would read nothing."""
+    files, _ = scan_landing(landing, only=(scope, org_id, scope_id))
+    landed = files_fingerprint((f.rel_path, f.size, f.mtime_ns) for f in files)
+    manifests = [
+        read_parquet(source_files_path(lake, kind, org_id, scope_id), SOURCE_FILES)
+        for kind in KINDS_OF_SCOPE[scope]
+    ]
+    known = files_fingerprint(
+        (r["path"], r["size"], r["mtime_ns"]) for m in manifests for r in m.iter_rows(named=True)
+    )
+    return landed == known
+
+
+def layout_errors_current(lake: Path, problems: list[LandingProblem]) -> bool:
+    """Whether the recorded layout errors are exactly `problems` (paths and reasons)."""
+    recorded = read_parquet(layout_errors_path(lake), INGESTION_ERRORS)
+    return sorted(zip(recorded["path"].to_list(), recorded["reason"].to_list(), strict=True)) == (
+        sorted((p.rel_path, p.reason) for p in problems)
+    )
+
+
+def sync_layout_errors(lake: Path, problems: list[LandingProblem]) -> int:
+    """Record the landing paths that lie in no knowledge base or user folder (rewritten only when
+    they changed); how many there are."""
+    now = datetime.now(UTC)
+    path = layout_errors_path(lake)
+    _write_errors_if_changed(
+        path, read_parquet(path, INGESTION_ERRORS), [_landing_error(p, now) for p in problems]
+    )
+    return len(problems)
 
 
 def _error_key(row: dict[str, Any]) -> tuple[Any, ...]:

@@ -1,8 +1,9 @@
 """The Parquet lake: atomic writes and reads of Polars frames under one root folder.
 
 Every table file is written to a temporary file beside it and moved into place with
-`os.replace`, so a reader (or a crash) never sees half a file. Writers of one table take its
-lock (`table_lock`) for their whole read-compute-write, so two runs never interleave on it.
+`os.replace`, so a reader (or a crash) never sees half a file. A writer of one knowledge base's
+(or user's) part of a table takes that part's lock (`table_lock` with a scope) for its whole
+read-compute-write, so two runs never interleave on it, while runs on other partitions go on.
 """
 
 import logging
@@ -77,31 +78,39 @@ class LakeBusyError(RuntimeError):
 def table_lock(
     lake: Path,
     table: str,
+    scope: tuple[str, str] | None = None,
     *,
     timeout_s: float,
     holder: str = "",
     on_wait: Callable[[str], None] | None = None,
+    label: str | None = None,
 ) -> Iterator[None]:
-    """Hold the exclusive write lock of `table` (an OS file lock, freed when the process dies).
+    """Hold the exclusive write lock of `table`, or of one `(org, kb or user)` part of it (an OS
+    file lock, freed when the process dies).
 
     Waits up to `timeout_s` for another holder (telling `on_wait` who it is), then raises
-    LakeBusyError. `holder` (e.g. a run id) is shown to whoever waits.
+    LakeBusyError. `holder` (e.g. a run id) is shown to whoever waits; `label` names what is
+    locked in those messages (the table, by default).
     """
-    folder = lake / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(folder / f"{table}.lock")
-    who = folder / f"{table}.holder"
+    name = table if scope is None else f"{table}/{scope[0]}/{scope[1]}"
+    what = label or (
+        f"lake table {table!r}" + ("" if scope is None else f" of {scope[0]}/{scope[1]}")
+    )
+    lock_file = lake / ".locks" / f"{name}.lock"
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file)
+    who = lock_file.with_suffix(".holder")
     try:
         lock.acquire(timeout=0)
     except Timeout:
         current = _holder(who)
         if on_wait is not None:
-            on_wait(f"lake table {table!r} is being written by {current}; waiting")
+            on_wait(f"{what} is being written by {current}; waiting")
         try:
             lock.acquire(timeout=timeout_s)
         except Timeout:
             raise LakeBusyError(
-                f"lake table {table!r} is still being written by {_holder(who)} after "
+                f"{what} is still being written by {_holder(who)} after "
                 f"{timeout_s:g} s; try again when that run ends (MEMCITY_LAKE_LOCK_TIMEOUT_S "
                 "sets the wait)"
             ) from None
@@ -110,16 +119,19 @@ def table_lock(
         who.write_text(
             f"{holder or 'a run'} (pid {os.getpid()} on {socket.gethostname()}, since {stamp})"
         )
-        _remove_stale_temporaries(lake / table)
+        if scope is None:
+            _remove_stale_temporaries(lake / table, ".*.tmp")
+        else:
+            _remove_stale_temporaries(lake / table / scope[0], f".{scope[1]}.parquet.*.tmp")
         yield
     finally:
         who.unlink(missing_ok=True)
         lock.release()
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Temporary files of writes that a crash interrupted (safe: we hold the table's lock)."""
-    for tmp in folder.rglob(".*.tmp") if folder.is_dir() else []:
+def _remove_stale_temporaries(folder: Path, pattern: str) -> None:
+    """Temporary files of writes that a crash interrupted (safe: we hold their lock)."""
+    for tmp in folder.rglob(pattern) if folder.is_dir() else []:
         log.info("removing %s, left by an interrupted write", tmp)
         tmp.unlink(missing_ok=True)
 

@@ -1,28 +1,20 @@
 """Reconcile, "rebuild what changed, drop what left": the one step of every incremental stage.
 
-Two levels, the same idea:
+`plan_rows` compares the rows a stage wants now (`wanted`, one per key, each with a fingerprint
+of what its output depends on) with the rows the table holds (`existing`). A row whose key is
+still wanted, whose fingerprint is unchanged and which passes `reusable` is kept as it is; every
+other wanted key is to be computed; existing keys no longer wanted drop out. Done with polars
+joins, so a knowledge base of many thousand chunks costs no Python loop.
 
-- **rows** (`plan_rows`): the rows a stage wants now (`wanted`, one per key, each with a
-  fingerprint of what its output depends on) against the rows the table holds (`existing`). A
-  row whose key is still wanted, whose fingerprint is unchanged and which passes `reusable` is
-  kept as it is; every other wanted key is to be computed; existing keys no longer wanted drop
-  out. Done with polars joins, so a knowledge base of many thousand chunks costs no Python loop.
-- **scopes** (`reconcile_scopes`): the knowledge bases or users a stage wants (those its upstream
-  table has) against those its own table has: each wanted scope is updated, each that left is
-  dropped, in a stable order.
-
-A stage then writes a scope's table only when its plan `changed` (something computed, something
-dropped, or no table yet), so a rerun on unchanged input writes nothing.
+A stage then writes a partition's table only when its plan `changed` (something computed,
+something dropped, or no table yet), so a rerun on unchanged input writes nothing. Knowledge
+bases and users that leave are not reconciled here: their partitions are deleted and their files
+removed by `lake.scopes.drop_scope`.
 """
 
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from dataclasses import dataclass
 
 import polars as pl
-
-S = TypeVar("S", bound=Hashable)
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -82,29 +74,3 @@ def plan_rows(
     reuse = existing.join(matched, on=keys, how="semi")
     todo = wanted.join(matched, on=keys, how="anti")
     return RowPlan(reuse, todo, existing.height - reuse.height)
-
-
-@dataclass
-class ScopeReport(Generic[S, R]):
-    """What `reconcile_scopes` did: each wanted scope's result, and the scopes dropped."""
-
-    results: dict[S, R] = field(default_factory=dict)
-    dropped: list[S] = field(default_factory=list)
-
-
-def reconcile_scopes(
-    wanted: Iterable[S],
-    present: Iterable[S],
-    *,
-    update: Callable[[S], R],
-    drop: Callable[[S], None],
-) -> ScopeReport[S, R]:
-    """Drop every present scope that is not wanted, then update every wanted one (sorted)."""
-    want = set(wanted)
-    report: ScopeReport[S, R] = ScopeReport()
-    for scope in sorted(set(present) - want):  # type: ignore[type-var]
-        drop(scope)
-        report.dropped.append(scope)
-    for scope in sorted(want):  # type: ignore[type-var]
-        report.results[scope] = update(scope)
-    return report

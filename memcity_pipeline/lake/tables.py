@@ -9,7 +9,12 @@ Layout under the lake root (`MEMCITY_LAKE_URI`, default `$MEMCITY_HOME/lake`):
   `indexes/memories_bm25/<org>/<user>/`;
 - sessions: `rlm_sessions/date=<YYYY-MM-DD>/<session_id>.parquet`, trajectories in
   `rlm_trajectories/<session_id>.jsonl`;
-- bookkeeping: `ingestion_errors/<kind>.parquet`, `_state/source_files_<kind>.parquet`.
+- bookkeeping, per knowledge base or user like the data: `ingestion_errors/<kind>/<org>/<scope>.parquet`,
+  `_state/source_files/<kind>/<org>/<scope>.parquet`; and `ingestion_errors/layout.parquet` for
+  landing paths that belong to no knowledge base or user.
+
+Each knowledge base and each user is one Dagster partition, keyed `<org>/<kb>` or `<org>/<user>`
+(`scope_key`, `parse_scope_key`); a partition's step reads and writes only its own files.
 
 An org exists when any org-scoped table has a folder for it; a knowledge base (a user) when any
 table of that scope has a file for it. Search, RLM context gathering and the CLI all ask
@@ -318,14 +323,25 @@ def source_table_path(lake: Path, kind: SourceKind, org_id: str, scope_id: str) 
     return kb_table_path(lake, SOURCE_TABLES[kind], org_id, scope_id)
 
 
-def source_files_path(lake: Path, kind: SourceKind) -> Path:
-    """Bookkeeping of the landing files one kind of source was read from."""
-    return lake / "_state" / f"source_files_{kind}.parquet"
+def source_files_path(lake: Path, kind: SourceKind, org_id: str, scope_id: str) -> Path:
+    """Bookkeeping of the landing files one scope's source of `kind` was read from."""
+    return lake / "_state" / "source_files" / kind / org_id / f"{scope_id}.parquet"
 
 
-def ingestion_errors_path(lake: Path, kind: SourceKind | None) -> Path:
-    """The errors of one kind of source (`layout` for paths outside the landing layout)."""
-    return lake / "ingestion_errors" / f"{kind or 'layout'}.parquet"
+def ingestion_errors_path(lake: Path, kind: SourceKind, org_id: str, scope_id: str) -> Path:
+    """The errors found in one knowledge base's (or user's) files of `kind`."""
+    return lake / "ingestion_errors" / kind / org_id / f"{scope_id}.parquet"
+
+
+def layout_errors_path(lake: Path) -> Path:
+    """Landing paths that belong to no knowledge base or user (outside the layout)."""
+    return lake / "ingestion_errors" / "layout.parquet"
+
+
+def ingestion_error_files(lake: Path) -> list[Path]:
+    """Every file of the `ingestion_errors` table (per scope, and the layout's)."""
+    root = lake / "ingestion_errors"
+    return sorted(root.glob("*/*/*.parquet")) + sorted(root.glob("layout.parquet"))
 
 
 def bm25_dir(lake: Path, items: Literal["chunks", "memories"], org_id: str, scope_id: str) -> Path:
@@ -349,6 +365,23 @@ def trajectory_path(lake: Path, session_id: str) -> Path:
 
 
 # ---------------------------------------------------------------- what exists
+
+
+PARTITIONS: dict[str, str] = {"knowledge_base": "knowledge_bases", "user": "users"}
+"""The Dagster partitions definition of each scope kind."""
+
+
+def scope_key(org_id: str, scope_id: str) -> str:
+    """The partition key of a knowledge base or user: `<org>/<kb or user>`."""
+    return f"{org_id}/{scope_id}"
+
+
+def parse_scope_key(key: str) -> tuple[str, str]:
+    """`(org, kb or user)` of a partition key; ValueError when it is not `<org>/<id>`."""
+    org, sep, scope_id = key.partition("/")
+    if not sep:
+        raise ValueError(f"invalid partition key {key!r}: expected <org>/<knowledge base or user>")
+    return check_id("org id", org), check_id("id", scope_id)
 
 
 class UnknownScopeError(ValueError):

@@ -19,7 +19,7 @@ class LakeResource(dg.ConfigurableResource):
     max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0, description="Larger: refused.")
     max_document_chars: int = Field(default=2_000_000, gt=0, description="Longer: refused.")
     lock_timeout_s: float = Field(
-        default=1800.0, ge=0, description="Wait for another run writing the same table."
+        default=1800.0, ge=0, description="Wait for another run writing the same partition."
     )
 
     @property
@@ -35,11 +35,16 @@ class LakeResource(dg.ConfigurableResource):
         return Limits(self.max_file_bytes, self.max_document_chars)
 
     @contextmanager
-    def writing(self, context: dg.AssetExecutionContext, table: str) -> Iterator[None]:
-        """Hold `table`'s write lock for an asset's whole run (another run's write waits)."""
+    def writing(
+        self, context: dg.AssetExecutionContext, table: str, scope: tuple[str, str]
+    ) -> Iterator[None]:
+        """Hold the write lock of one partition's (`scope`'s) part of `table` while a step
+        reads, computes and writes it (another run's write of that part waits; other
+        partitions go on)."""
         with table_lock(
             self.lake,
             table,
+            scope,
             timeout_s=self.lock_timeout_s,
             holder=f"run {context.run_id}",
             on_wait=context.log.warning,

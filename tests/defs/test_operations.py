@@ -415,7 +415,7 @@ def test_two_ingestion_runs_at_once_wait_for_each_other_and_match_a_clean_run(
     finally:
         ops_server.responder = smart_responder
     assert code1 == 0 and code2 == 0, (out1[-2000:], out2[-2000:])
-    assert "is being written by run" in out1 + out2, "the runs did not meet at a table"
+    assert "is being written by memcity ingest" in out1 + out2, "the runs did not meet"
     _assert_lake_whole(home)
     for name in COMPARED:
         assert _comparable(home, name).equals(_comparable(clean_home, name)), name

@@ -10,22 +10,18 @@ import polars as pl
 import pytest
 
 from memcity_pipeline.cli.runner import sample_corpus_dir
-from memcity_pipeline.defs import enrichment
 from memcity_pipeline.defs.enrichment import chunks, document_structure, enriched_chunks
 from memcity_pipeline.defs.ingestion import raw_documents
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.settings import build_resources, get_settings
+from tests.partitioned import materialize_partitions
 from tests.scripted_llm_server import ScriptedLLMServer
 
 KB = "orgs/acme/knowledge_bases/handbook"
-ASSETS = [
-    raw_documents,
-    document_structure,
-    chunks,
-    enriched_chunks,
-    *dg.load_asset_checks_from_modules([enrichment]),
-]
+PARTITION = "acme/handbook"  # the knowledge base's partition key
+# The checks are check specs of these assets: their results come with the materializations.
+ASSETS = [raw_documents, document_structure, chunks, enriched_chunks]
 
 DOC_A = """# Acme Widget
 
@@ -146,6 +142,15 @@ def _table(name: str) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
 
 
+def _materialize(
+    resources: dict[str, Any], partition: str = PARTITION
+) -> dg.ExecuteInProcessResult:
+    """The enrichment assets materialized for the landing folder's one knowledge base."""
+    results = materialize_partitions(ASSETS, resources, get_settings().landing_dir)
+    assert list(results) == [partition]
+    return results[partition]
+
+
 def _meta(result: dg.ExecuteInProcessResult, key: str) -> dict[str, Any]:
     for event in result.get_asset_materialization_events():
         if event.asset_key.to_user_string() == key:
@@ -157,7 +162,7 @@ def test_three_phases_enrich_and_a_rerun_makes_no_llm_call(scripted_llm: Scripte
     scripted_llm.responder = smart_responder
     landing = get_settings().landing_dir
     _write(landing, f"{KB}/widget.md", DOC_A)
-    result = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    result = _materialize(_resources(scripted_llm))
     assert result.success
 
     structure = _table("document_structure").row(0, named=True)
@@ -182,7 +187,7 @@ def test_three_phases_enrich_and_a_rerun_makes_no_llm_call(scripted_llm: Scripte
     assert "resolved_text" in meta["preview"]
 
     calls_before = scripted_llm.call_count
-    again = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    again = _materialize(_resources(scripted_llm))
     assert again.success and scripted_llm.call_count == calls_before
     assert _meta(again, "document_structure")["processed"] == 0
     assert _meta(again, "enriched_chunks")["chunks_processed"] == 0
@@ -191,7 +196,7 @@ def test_three_phases_enrich_and_a_rerun_makes_no_llm_call(scripted_llm: Scripte
     for table in ("document_structure", "enriched_chunks"):
         for f in (get_settings().lake_dir / table).glob("*/*.parquet"):
             f.unlink()
-    third = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    third = _materialize(_resources(scripted_llm))
     assert third.success and scripted_llm.call_count == calls_before
     assert _meta(third, "enriched_chunks")["cache_hits"] >= 1
 
@@ -203,7 +208,7 @@ def test_a_failed_chunk_keeps_its_text_and_only_it_is_retried(
     landing = get_settings().landing_dir
     _write(landing, f"{KB}/widget.md", DOC_A)
     _write(landing, f"{KB}/returns.md", DOC_B)
-    result = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    result = _materialize(_resources(scripted_llm))
     assert result.success
     enriched = _table("enriched_chunks")
     failed = enriched.filter(pl.col("enrichment_status") == "failed")
@@ -217,7 +222,7 @@ def test_a_failed_chunk_keeps_its_text_and_only_it_is_retried(
 
     scripted_llm.reset()
     scripted_llm.responder = smart_responder
-    again = dg.materialize(ASSETS, resources=_resources(scripted_llm, use_cache=False))
+    again = _materialize(_resources(scripted_llm, use_cache=False))
     assert again.success
     prompts = [_user_text(r.body) for r in scripted_llm.chat_requests]
     assert prompts and all("POISON" in p for p in prompts)  # only the failed chunk went again
@@ -229,7 +234,7 @@ def test_enrichment_off_calls_no_llm_and_chunks_by_headings(
 ) -> None:
     landing = get_settings().landing_dir
     _write(landing, f"{KB}/widget.md", DOC_A)
-    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, mode="off"))
+    result = _materialize(_resources(scripted_llm, mode="off"))
     assert result.success and scripted_llm.call_count == 0
     structure = _table("document_structure").row(0, named=True)
     assert structure["method"] == "headings" and structure["summary"] == ""
@@ -289,7 +294,7 @@ def _sessions() -> pl.DataFrame:
 def test_a_long_document_is_read_whole_by_the_rlm_engine(scripted_llm: ScriptedLLMServer) -> None:
     scripted_llm.responder = rlm_structure_responder(RLM_STRUCTURE_PROGRAM)
     _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
-    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, context_window=1200))
+    result = _materialize(_resources(scripted_llm, context_window=1200))
     assert result.success
     structure = _table("document_structure").row(0, named=True)
     assert structure["status"] == "ok" and structure["method"] == "llm-rlm"
@@ -314,7 +319,7 @@ def test_a_long_document_falls_back_to_windows_when_the_rlm_answer_is_invalid(
 ) -> None:
     scripted_llm.responder = rlm_structure_responder("```repl\nFINAL('no structure here')\n```")
     _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
-    result = dg.materialize(ASSETS, resources=_resources(scripted_llm, context_window=1200))
+    result = _materialize(_resources(scripted_llm, context_window=1200))
     assert result.success
     structure = _table("document_structure").row(0, named=True)
     assert structure["status"] == "ok" and structure["method"] == "llm-windowed"
@@ -327,9 +332,7 @@ def test_a_long_document_falls_back_to_windows_when_the_rlm_answer_is_invalid(
 def test_a_long_document_is_read_in_windows_and_merged(scripted_llm: ScriptedLLMServer) -> None:
     scripted_llm.responder = smart_responder
     _write(get_settings().landing_dir, f"{KB}/long.md", LONG_DOC)
-    result = dg.materialize(
-        ASSETS, resources=_resources(scripted_llm, long_documents="windowed", context_window=1200)
-    )
+    result = _materialize(_resources(scripted_llm, long_documents="windowed", context_window=1200))
     assert result.success and _sessions().height == 0
     structure = _table("document_structure").row(0, named=True)
     assert structure["method"] == "llm-windowed" and structure["llm_calls"] > 2
@@ -346,7 +349,7 @@ def test_unusable_structure_answers_fall_back_to_headings_and_are_retried(
     scripted_llm.responder = lambda request: "this is not JSON at all"
     landing = get_settings().landing_dir
     _write(landing, f"{KB}/widget.md", DOC_A)
-    result = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    result = _materialize(_resources(scripted_llm))
     assert result.success
     structure = _table("document_structure").row(0, named=True)
     assert structure["status"] == "failed" and "StructuredOutputError" in structure["error"]
@@ -354,7 +357,7 @@ def test_unusable_structure_answers_fall_back_to_headings_and_are_retried(
     assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"failed"}
 
     scripted_llm.responder = smart_responder
-    again = dg.materialize(ASSETS, resources=_resources(scripted_llm))
+    again = _materialize(_resources(scripted_llm))
     assert again.success
     assert _table("document_structure").row(0, named=True)["status"] == "ok"
     assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"enriched"}
@@ -382,7 +385,7 @@ def test_phases_one_to_three_with_the_real_local_model(local_llm_server: Any) ->
             mode="llm", chunk_tokens=256, chunk_overlap_tokens=32, chunks_per_call=2
         ),
     }
-    result = dg.materialize(ASSETS, resources=resources)
+    result = _materialize(resources, partition="acme/kb")
     assert result.success
     structure = _table("document_structure")
     assert structure.height == 2

@@ -1,8 +1,8 @@
-"""`plan_rows` and `reconcile_scopes`: what is kept, what is computed, what drops out."""
+"""`plan_rows`: what is kept, what is computed, what drops out."""
 
 import polars as pl
 
-from memcity_pipeline.lake.reconcile import plan_rows, reconcile_scopes
+from memcity_pipeline.lake.reconcile import plan_rows
 
 
 def frame(rows: list[dict[str, object]]) -> pl.DataFrame:
@@ -63,16 +63,3 @@ def test_an_empty_table_computes_everything() -> None:
     wanted = pl.DataFrame({"id": ["a", "b"], "fp": ["1", "2"]})
     plan = plan_rows(wanted, frame([]), key="id", fingerprint="fp")
     assert plan.todo.height == 2 and plan.reuse.height == 0 and plan.dropped == 0
-
-
-def test_scopes_that_left_are_dropped_and_the_others_updated_in_order() -> None:
-    calls: list[str] = []
-    report = reconcile_scopes(
-        [("o", "b"), ("o", "a")],
-        [("o", "a"), ("o", "gone")],
-        update=lambda scope: calls.append(f"update {scope[1]}") or scope[1].upper(),
-        drop=lambda scope: calls.append(f"drop {scope[1]}"),
-    )
-    assert calls == ["drop gone", "update a", "update b"]
-    assert report.dropped == [("o", "gone")]
-    assert report.results == {("o", "a"): "A", ("o", "b"): "B"}

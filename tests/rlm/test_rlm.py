@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from memcity_pipeline.api import rlm_query
-from memcity_pipeline.ingestion.sync import Limits, sync_sources
+from memcity_pipeline.ingestion.sync import Limits
 from memcity_pipeline.lake.io import write_parquet_atomic
 from memcity_pipeline.lake.tables import ENRICHED_CHUNKS
 from memcity_pipeline.llm.client import LLMClient
@@ -27,6 +27,7 @@ from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
 from memcity_pipeline.settings import build_resources, get_settings
 from tests.conftest import POSTGRES_TEST_URL
 from tests.fixtures_sandbox import BWRAP
+from tests.partitioned import sync_every_scope
 from tests.scripted_llm_server import Fault, ScriptedLLMServer
 
 ROOT = "root-model"
@@ -83,7 +84,7 @@ def lake(memcity_home: Path) -> Path:
     shutil.copytree(SAMPLE / "saltmarsh", landing / "orgs" / "saltmarsh")
     lake_dir = get_settings().lake_dir
     for kind in ("documents", "memories", "conversations"):
-        sync_sources(kind, landing, lake_dir, Limits(10_000_000, 2_000_000))
+        sync_every_scope(kind, landing, lake_dir, Limits(10_000_000, 2_000_000))
     now = datetime.now(UTC)
     rows = [
         {

@@ -5,18 +5,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 import polars as pl
 import pytest
 
 from memcity_pipeline.api import SearchError, get_context, search_memories
-from memcity_pipeline.cli.runner import copy_sample_corpus, run_job
+from memcity_pipeline.cli.ingest import IngestOutcome, PartitionRef, ingest
+from memcity_pipeline.cli.runner import copy_sample_corpus
 from memcity_pipeline.defs.indexing import chunk_embeddings
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.settings import build_resources, get_settings
+from tests.partitioned import materialize_partitions, metadata, scope_keys
 from tests.scripted_llm_server import ScriptedLLMServer
 
 ORG, KB = "brambleway", "company_docs"
+
+
+def _failures(outcome: IngestOutcome) -> list[str]:
+    """Why an ingestion did not succeed: the layout run's failure and each failed partition's."""
+    failed = [f"{p.partition.key}: {p.failure}" for p in outcome.partitions if not p.success]
+    return [outcome.layout_failure, *failed] if outcome.layout_failure else failed
 
 
 @pytest.fixture
@@ -24,8 +31,12 @@ def built_lake() -> Path:
     """The sample corpus ingested through every stage (enrichment off, local embeddings)."""
     settings = get_settings()
     copy_sample_corpus(settings.landing_dir)
-    outcome = run_job("ingest", settings)
-    assert outcome.success, outcome.failure
+    outcome = ingest(settings)
+    assert outcome.success, _failures(outcome)
+    keys = scope_keys(settings.landing_dir)
+    assert sorted(p.partition.key for p in outcome.partitions) == sorted(
+        keys["knowledge_bases"] + keys["users"]
+    )
     return settings.lake_dir
 
 
@@ -71,7 +82,8 @@ def test_an_index_not_built_yet_is_an_error_not_an_empty_list() -> None:
     from memcity_pipeline.defs.ingestion import raw_documents
 
     lake = build_resources(settings)["lake"]
-    assert dg.materialize([raw_documents], resources={"lake": lake}).success
+    results = materialize_partitions([raw_documents], {"lake": lake}, settings.landing_dir)
+    assert f"{ORG}/{KB}" in results and all(r.success for r in results.values())
     with pytest.raises(SearchError, match="not built yet"):
         get_context(ORG, KB, "warranty")
 
@@ -96,28 +108,42 @@ def test_embeddings_are_incremental_and_a_model_change_re_embeds_all(
     built_lake: Path, scripted_llm: ScriptedLLMServer
 ) -> None:
     settings = get_settings()
-    again = run_job("ingest", settings)
-    assert again.materializations["chunk_embeddings"]["embedded"] == 0
+    # Nothing changed in the landing folder: no partition is run again ...
+    again = ingest(settings)
+    assert again.success and again.partitions == [] and again.plan.runs == []
+    assert PartitionRef("knowledge_base", f"{ORG}/{KB}") in again.plan.unchanged
+    # ... and when every partition is run all the same, no chunk is embedded again.
+    forced = ingest(settings, everything=True)
+    assert forced.success, _failures(forced)
+    rerun = forced.materializations("chunk_embeddings")
+    assert len(rerun) == len(scope_keys(settings.landing_dir)["knowledge_bases"])
+    assert all(m["embedded"] == 0 and m["dagster/row_count"] > 0 for m in rerun)
 
     doc = next(settings.landing_dir.rglob("warranty.md"))
     doc.write_text(
         doc.read_text("utf-8") + "\n\nA new closing paragraph about hive scales.\n", "utf-8"
     )
-    edited = run_job("ingest", settings)
-    meta = edited.materializations["chunk_embeddings"]
+    edited = ingest(settings)
+    assert edited.success, _failures(edited)
+    assert edited.plan.runs == [PartitionRef("knowledge_base", f"{ORG}/{KB}")]  # only its KB
+    [meta] = edited.materializations("chunk_embeddings")
     total = meta["dagster/row_count"]
     assert 0 < meta["embedded"] < total and meta["model_changed"] is False
 
     other = EmbeddingsResource(
         setting="openai:scripted-embed", base_url=scripted_llm.base_url, api_key="x"
     )
-    result = dg.materialize(
+    results = materialize_partitions(
         [chunk_embeddings],
-        resources={"lake": build_resources(settings)["lake"], "embeddings": other},
+        {"lake": build_resources(settings)["lake"], "embeddings": other},
+        settings.landing_dir,
     )
-    changed = result.get_asset_materialization_events()[0].materialization.metadata
-    assert changed["model_changed"].value is True
-    assert changed["embedded"].value == changed["dagster/row_count"].value
+    assert all(r.success for r in results.values())
+    changed = metadata(results, "chunk_embeddings")
+    assert sorted(changed) == scope_keys(settings.landing_dir)["knowledge_bases"]
+    for meta in changed.values():  # every knowledge base re-embedded whole
+        assert meta["model_changed"] is True
+        assert meta["embedded"] == meta["dagster/row_count"] > 0
     table = pl.read_parquet(built_lake / "chunk_embeddings" / ORG / f"{KB}.parquet")
     assert set(table["model"].to_list()) == {"openai:scripted-embed"}
     with pytest.raises(SearchError, match="embedded with"):

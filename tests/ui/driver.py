@@ -4,9 +4,10 @@ Used by `tests/ui/test_ui.py` and by `python -m tests.ui.driver --screenshots do
 (`make screenshots`), which refreshes the README's screenshots with the same steps.
 
 The UI runs from this virtualenv's `dagster dev -w workspace.yaml` in its own process group, with
-its own `MEMCITY_HOME` and `DAGSTER_HOME`, the sample corpus in the landing folder and every LLM
-call sent to a scripted OpenAI-compatible server of the calling process. The browser is Debian's
-`/usr/bin/chromium`, driven by Playwright (no browser download).
+its own `MEMCITY_HOME` and `DAGSTER_HOME`, the sample corpus in the landing folder, its knowledge
+bases and users registered as the instance's dynamic partitions before the UI starts, and every
+LLM call sent to a scripted OpenAI-compatible server of the calling process. The browser is
+Debian's `/usr/bin/chromium`, driven by Playwright (no browser download).
 """
 
 import argparse
@@ -26,7 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import dagster as dg
 from playwright.sync_api import (
     BrowserContext,
     Locator,
@@ -37,6 +40,7 @@ from playwright.sync_api import (
 )
 
 from memcity_pipeline.cli.runner import EMBEDDED_DAGSTER_YAML, copy_sample_corpus
+from tests.partitioned import scope_keys
 from tests.scripted_llm_server import ScriptedLLMServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,12 +98,26 @@ def ui_environment(home: Path, llm_base_url: str) -> dict[str, str]:
     return env
 
 
-def prepare_home(home: Path) -> None:
-    """An embedded Dagster instance and the sample corpus in the landing folder."""
+def prepare_home(home: Path) -> dict[str, list[str]]:
+    """An embedded Dagster instance, the sample corpus in the landing folder, and its knowledge
+    bases and users added to the instance as partitions; the partition keys by partitions name.
+
+    A run of a dynamic partition needs the partition in the instance. They are added here, before
+    `dagster dev` opens the same SQLite storage, the way `memcity ingest` or the landing sensor
+    would add them (the sensor is off in the UI, so that every run is one the test launches).
+    """
     dagster_home = home / "dagster_home"
     dagster_home.mkdir(parents=True, exist_ok=True)
     (dagster_home / "dagster.yaml").write_text(EMBEDDED_DAGSTER_YAML)
     copy_sample_corpus(home / "landing")
+    keys = scope_keys(home / "landing")
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    try:
+        for name, partition_keys in keys.items():
+            instance.add_dynamic_partitions(name, partition_keys)
+    finally:
+        instance.dispose()
+    return keys
 
 
 @dataclass
@@ -108,6 +126,7 @@ class DagsterUI:
 
     home: Path
     env: dict[str, str]
+    partitions: dict[str, list[str]] = field(default_factory=dict)  # keys by partitions name
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -219,8 +238,8 @@ def processes_mentioning(text: str) -> list[int]:
 @contextlib.contextmanager
 def running_ui(home: Path, llm_base_url: str) -> Iterator[DagsterUI]:
     """A started UI on a prepared `home`; always stopped on exit."""
-    prepare_home(home)
-    ui = DagsterUI(home=home, env=ui_environment(home, llm_base_url))
+    partitions = prepare_home(home)
+    ui = DagsterUI(home=home, env=ui_environment(home, llm_base_url), partitions=partitions)
     try:
         ui.start()
         yield ui
@@ -281,9 +300,11 @@ def rlm_query_config() -> str:
     )
 
 
-# ``execution`` of the `ingest` job in one process: its default, one process per step, takes
-# minutes on two cores for the few files of the sample corpus.
-INGEST_IN_PROCESS = "execution:\n  config:\n    in_process: {}\n"
+# The ingestion jobs, each over its own partitions (knowledge bases, users).
+INGEST_JOBS = ("ingest_knowledge_bases", "ingest_users")
+# The partition materialized alone from its asset page, before the ingestion jobs run.
+ONE_PARTITION_ASSET = "raw_documents"
+ONE_PARTITION = "saltmarsh/operations"
 
 
 # -- driving the pages ---------------------------------------------------------------------------
@@ -291,9 +312,24 @@ INGEST_IN_PROCESS = "execution:\n  config:\n    in_process: {}\n"
 RUN_ID = re.compile(r"/runs/([0-9a-f-]{36})")
 RUN_STATUS = re.compile(r"^(Success|Failure|Canceled)$")
 RUN_TIMEOUT_MS = 180_000
+BACKFILL_ID = re.compile(r"Created backfill ([a-z]{8})")
+# A backfill's status tag once it has ended (COMPLETED_SUCCESS reads "Succeeded").
+BACKFILL_STATUS = re.compile(r"^(Succeeded|Completed|Failed|Canceled)$")
+BACKFILL_TIMEOUT_MS = 240_000
+# For a page's data to load (`expect` waits 5 s by default; the UI shares two cores with runs).
+LOAD_TIMEOUT_MS = 30_000
+# The status filters of an asset's Partitions tab: their label, and their value in the URL.
+PARTITION_STATUSES = {
+    "Failed": "FAILED",
+    "Materialized": "MATERIALIZED",
+    "Materializing": "MATERIALIZING",
+    "Missing": "MISSING",
+}
+# The counts of a partitioned asset's row in a list, in their order on screen.
+PARTITION_COUNTS = ("materialized", "missing", "failed", "materializing")
 
 
-def button(page: Page, text: str) -> Locator:
+def button(page: Page | Locator, text: str) -> Locator:
     """The button whose visible text is exactly `text` (icons carry their own labels)."""
     return page.get_by_role("button").filter(has_text=re.compile(f"^{re.escape(text)}$"))
 
@@ -309,6 +345,36 @@ def group_assets(page: Page, base_url: str, group: str) -> dict[str, str]:
         if match:
             shown[match.group(2)] = match.group(1)
     return shown
+
+
+def group_partition_counts(page: Page, base_url: str, group: str) -> dict[str, dict[str, int]]:
+    """Asset key -> its partitions' counts (`partitions`, `materialized`, `missing`, `failed`,
+    `materializing`), as the list tab of `group`'s page shows them (once they are loaded)."""
+    page.goto(f"{base_url}/locations/{LOCATION}/asset-groups/{group}/list")
+    group_links = page.locator('a[href^="/asset-groups~group"]')
+    group_links.first.wait_for()
+    counts: dict[str, dict[str, int]] = {}
+    for link in group_links.all():
+        match = re.fullmatch(
+            r'/asset-groups~group%3A"[^"]+"/(.+)', link.get_attribute("href") or ""
+        )
+        if not match:
+            continue
+        # The row: the nearest ancestor with the partition count labels.
+        row = link.locator("xpath=ancestor::*[.//*[@aria-label='partition_missing']][1]")
+        total = row.get_by_text(re.compile(r"^[\d,]+ partitions?$"))
+        expect(total).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+        partitions = int(total.inner_text().split()[0].replace(",", ""))
+        labels = row.locator("span[data-state]").filter(
+            has=page.locator('[aria-label^="partition_"]')
+        )
+        expect(labels).to_have_count(len(PARTITION_COUNTS), timeout=LOAD_TIMEOUT_MS)
+        shown = {"partitions": partitions}
+        for name, text in zip(PARTITION_COUNTS, labels.all_inner_texts(), strict=True):
+            # A count equal to the number of partitions reads "All".
+            shown[name] = partitions if text.strip() == "All" else int(text.replace(",", ""))
+        counts[match.group(1)] = shown
+    return counts
 
 
 def open_global_lineage(page: Page, base_url: str) -> None:
@@ -367,10 +433,8 @@ def launch_run(page: Page) -> str:
     return match.group(1)
 
 
-def materialize_asset(page: Page, base_url: str, key: str) -> str:
-    """Press "Materialize" on the asset's page and follow the toast to the run; its id."""
-    page.goto(f"{base_url}/assets/{key}")
-    button(page, "Materialize").click()
+def follow_run_toast(page: Page) -> str:
+    """Follow the "Launched run" toast to the run's page; the run's id."""
     expect(page.get_by_text(re.compile(r"Launched run [0-9a-f]{8}"))).to_be_visible()
     page.get_by_role("link", name="View", exact=True).or_(
         page.get_by_role("button", name="View", exact=True)
@@ -379,6 +443,104 @@ def materialize_asset(page: Page, base_url: str, key: str) -> str:
     match = RUN_ID.search(page.url)
     assert match is not None
     return match.group(1)
+
+
+def materialize_asset(page: Page, base_url: str, key: str) -> str:
+    """Press "Materialize" on the asset's page and follow the toast to the run; its id."""
+    page.goto(f"{base_url}/assets/{key}")
+    button(page, "Materialize").click()
+    return follow_run_toast(page)
+
+
+def materialize_partition(page: Page, base_url: str, key: str, partition: str) -> str:
+    """Press "Materialize…" on a partitioned asset's page, pick `partition` alone in the dialog,
+    launch its run and follow the toast to it; the run's id."""
+    page.goto(f"{base_url}/assets/{key}")
+    button(page, "Materialize…").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_text("Select a partition or create one").click()
+    page.get_by_role("menuitem").filter(has_text=re.compile(f"^{re.escape(partition)}")).click()
+    page.keyboard.press("Escape")  # closes the list of partitions, not the dialog
+    expect(dialog.get_by_text("1 partition", exact=True)).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+    button(dialog, "Launch 1 run").click()
+    return follow_run_toast(page)
+
+
+@dataclass
+class Backfill:
+    """A backfill launched from the UI: its job, id, partitions selected and final status."""
+
+    job: str
+    id: str
+    partitions: int
+    status: str = ""
+
+
+def launch_backfill_of_every_partition(page: Page, base_url: str, job: str) -> Backfill:
+    """From the Partitions tab of a partitioned job: "Materialize…", "All", "Launch backfill";
+    the backfill (its id, and the number of partitions the dialog selected)."""
+    page.goto(f"{base_url}/locations/{LOCATION}/jobs/{job}/partitions")
+    button(page, "Materialize…").click()
+    dialog = page.get_by_role("dialog")
+    button(dialog, "All").click()
+    selected = dialog.get_by_text(re.compile(r"^\d+ partitions?$"))
+    expect(button(dialog, "Launch backfill")).to_be_enabled(timeout=LOAD_TIMEOUT_MS)
+    count = int(selected.inner_text().split()[0])
+    button(dialog, "Launch backfill").click()
+    toast = page.get_by_text(BACKFILL_ID)
+    expect(toast).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+    match = BACKFILL_ID.search(toast.inner_text())
+    assert match is not None
+    expect(dialog).to_have_count(0)
+    return Backfill(job=job, id=match.group(1), partitions=count)
+
+
+def wait_for_backfill_end(
+    page: Page, base_url: str, backfill_id: str, timeout_ms: int = BACKFILL_TIMEOUT_MS
+) -> str:
+    """Open a backfill's page and wait until it ends; its status as shown (Succeeded...)."""
+    page.goto(f"{base_url}/runs/b/{backfill_id}")
+    status = page.get_by_text("Status", exact=True).first.locator("xpath=following-sibling::*[1]")
+    expect(status).to_have_text(BACKFILL_STATUS, timeout=timeout_ms)
+    return status.inner_text().strip()
+
+
+def partition_view(page: Page, base_url: str, key: str) -> dict[str, str]:
+    """Partition key -> status ("Materialized", "Missing"...), as the asset's Partitions tab lists
+    them with one status filter ticked at a time."""
+    shown: dict[str, str] = {}
+    for label, value in PARTITION_STATUSES.items():
+        page.goto(f"{base_url}/assets/{key}?view=partitions&status={value}")
+        page.get_by_text(re.compile(r"^[\d,]+ Partitions? Selected$")).wait_for()
+        page.wait_for_load_state("networkidle")
+        count = page.get_by_text(re.compile(rf"^{label} \(([\d,]+)\)$"))
+        number = int(re.sub(r"\D", "", count.inner_text()))
+        # The list on the left: one truncated title per partition of the ticked status (the
+        # selected partition's heading has its title one level further down).
+        listed = page.locator("[data-tooltip] > [title]")
+        expect(listed).to_have_count(number, timeout=LOAD_TIMEOUT_MS)
+        for partition in listed.evaluate_all("els => els.map(e => e.getAttribute('title'))"):
+            shown[partition] = label
+    return shown
+
+
+def partition_detail(page: Page, base_url: str, key: str, partition: str) -> tuple[str, str]:
+    """The status tag of `partition` on the asset's Partitions tab, with the partition selected,
+    and the id of the run of its latest materialization ("" where the view shows none: a missing
+    partition has no tag, and "None" as its run)."""
+    page.goto(f"{base_url}/assets/{key}?view=partitions&partition={quote(partition, safe='')}")
+    # The heading of the selected partition (its name in the list has no span around it).
+    heading = page.locator(f'[data-tooltip="{partition}"]').filter(
+        has=page.locator(f'span > [title="{partition}"]')
+    )
+    run = page.get_by_text("Run", exact=True).locator("xpath=..")  # the label and the run
+    expect(run).to_have_text(re.compile(r"^Run\s*(None|[0-9a-f]{8})$"), timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_load_state("networkidle")
+    expect(heading).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+    tag = heading.locator(".BaseTag")
+    links = run.locator('a[href^="/runs/"]')
+    match = RUN_ID.search(links.first.get_attribute("href") or "") if links.count() else None
+    return (tag.inner_text().strip() if tag.count() else ""), (match.group(1) if match else "")
 
 
 def wait_for_run_end(page: Page, timeout_ms: int = RUN_TIMEOUT_MS) -> str:
@@ -391,12 +553,31 @@ def wait_for_run_end(page: Page, timeout_ms: int = RUN_TIMEOUT_MS) -> str:
 # -- the stories the tests and the screenshots share ---------------------------------------------
 
 
-def ingest_from_launchpad(page: Page, base_url: str) -> tuple[str, str]:
-    """Launch the `ingest` job from its launchpad (in one process); run id and final status."""
-    open_launchpad(page, base_url, "ingest")
-    replace_config(page, INGEST_IN_PROCESS)
-    run_id = launch_run(page)
-    return run_id, wait_for_run_end(page)
+def one_partition_from_its_asset_page(
+    page: Page, base_url: str, screenshot: Path | None = None
+) -> tuple[str, str]:
+    """Materialize `ONE_PARTITION` of `ONE_PARTITION_ASSET` from the asset's page; run id and
+    final status. With `screenshot`, the asset's Partitions tab with that partition selected."""
+    run_id = materialize_partition(page, base_url, ONE_PARTITION_ASSET, ONE_PARTITION)
+    status = wait_for_run_end(page)
+    if screenshot is not None and status == "Success":
+        tag, _ = partition_detail(page, base_url, ONE_PARTITION_ASSET, ONE_PARTITION)
+        if tag != "Materialized":
+            raise RuntimeError(f"{ONE_PARTITION} of {ONE_PARTITION_ASSET} reads {tag!r}")
+        metadata = page.get_by_text("summary", exact=True)  # the first entry of its metadata
+        expect(metadata).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+        settle(page, page.get_by_text("Latest materialization", exact=True))
+        page.screenshot(path=screenshot)
+    return run_id, status
+
+
+def ingest_every_partition_from_the_ui(page: Page, base_url: str) -> list[Backfill]:
+    """A backfill of every partition of each ingestion job, launched from the job's Partitions
+    tab (both launched, then both waited for); the backfills with their final status."""
+    backfills = [launch_backfill_of_every_partition(page, base_url, job) for job in INGEST_JOBS]
+    for backfill in backfills:
+        backfill.status = wait_for_backfill_end(page, base_url, backfill.id)
+    return backfills
 
 
 def rlm_query_from_launchpad(
@@ -427,6 +608,7 @@ def settle(page: Page, locator: Locator, rounds: int = 50) -> None:
 def take_screenshots(out_dir: Path) -> list[Path]:
     """Run the whole story on a scratch instance and save the README's screenshots."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    partitions = out_dir / "partitions.png"
     launchpad = out_dir / "rlm-query-launchpad.png"
     session = out_dir / "rlm-session-answer.png"
     graph = out_dir / "asset-graph.png"
@@ -436,12 +618,15 @@ def take_screenshots(out_dir: Path) -> list[Path]:
         ui = stack.enter_context(running_ui(tmp / "home", llm.base_url))
         browser = stack.enter_context(chromium(stack.enter_context(sync_playwright()), tmp / "p"))
         page = browser.new_page()
-        for name, (run_id, status) in [
-            ("ingest", ingest_from_launchpad(page, ui.base_url)),
-            ("rlm_query", rlm_query_from_launchpad(page, ui.base_url, screenshot=launchpad)),
-        ]:
-            if status != "Success":
-                raise RuntimeError(f"the {name} run {run_id} ended with {status}")
+        run_id, status = one_partition_from_its_asset_page(page, ui.base_url, screenshot=partitions)
+        if status != "Success":
+            raise RuntimeError(f"the {ONE_PARTITION} run {run_id} ended with {status}")
+        for backfill in ingest_every_partition_from_the_ui(page, ui.base_url):
+            if backfill.status != "Succeeded":
+                raise RuntimeError(f"the {backfill.job} backfill {backfill.id}: {backfill.status}")
+        run_id, status = rlm_query_from_launchpad(page, ui.base_url, screenshot=launchpad)
+        if status != "Success":
+            raise RuntimeError(f"the rlm_query run {run_id} ended with {status}")
         materialize_asset(page, ui.base_url, "rlm_session_report")
         if (status := wait_for_run_end(page)) != "Success":
             raise RuntimeError(f"the rlm_session_report run ended with {status}")
@@ -456,7 +641,7 @@ def take_screenshots(out_dir: Path) -> list[Path]:
         expect(page.get_by_role("menuitem")).to_have_count(0)
         settle(page, page.get_by_text("memory_index", exact=True))
         page.screenshot(path=graph)
-    return [graph, launchpad, session]
+    return [graph, partitions, launchpad, session]
 
 
 def main(argv: list[str] | None = None) -> int:

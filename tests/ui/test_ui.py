@@ -1,8 +1,12 @@
 """The Dagster UI as a person uses it: `dagster dev -w workspace.yaml` driven in Chromium.
 
 One UI (and one scripted OpenAI-compatible server) serves the whole module; each test opens its
-own page and, when it fails, leaves `failure.png` in its tmp folder. The ingestion and the RLM
-query are launched from the UI once (module fixtures) and checked by the tests that need them.
+own page and, when it fails, leaves `failure.png` in its tmp folder. The sample corpus's knowledge
+bases and users are the instance's partitions before the UI starts. One knowledge-base partition
+materialized from its asset page, the backfills of every partition of both ingestion jobs, and
+the RLM query are launched from the UI once each (module fixtures) and checked by the tests that
+need them; the backfills wait for the one-partition run, so that its test reads the partitions as
+that run alone left them.
 """
 
 import enum
@@ -16,6 +20,7 @@ import yaml
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
 from memcity_pipeline.definitions import defs
+from memcity_pipeline.defs.partitions import knowledge_bases
 from memcity_pipeline.defs.rlm import RLMQueryConfig
 from memcity_pipeline.rlm.sessions import read_sessions
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -84,10 +89,60 @@ def _launched(ui: UISession, name: str, story: Callable[[Page], tuple[str, str]]
     return f"{status} ({name} run {run_id}; log {ui.ui.log_path})"
 
 
+@dataclass
+class OnePartition:
+    """The run of one knowledge-base partition launched from its asset's page, and what the UI
+    and the lake showed right after it (before any other ingestion run)."""
+
+    outcome: str
+    run_id: str
+    view: dict[str, str]  # partition -> the status filter of the Partitions tab that lists it
+    details: dict[str, tuple[str, str]]  # partition -> its status tag and latest run, selected
+    raw_documents: list[str]  # the files of the raw_documents table
+
+
 @pytest.fixture(scope="module")
-def ingest_outcome(ui: UISession) -> str:
-    """The `ingest` job launched from its launchpad, once."""
-    return _launched(ui, "ingest", lambda tab: driver.ingest_from_launchpad(tab, ui.base_url))
+def one_partition(ui: UISession) -> OnePartition:
+    """`ONE_PARTITION` of `raw_documents` materialized from the asset's page, once."""
+    asset = driver.ONE_PARTITION_ASSET
+    ran: dict[str, str] = {}
+
+    def story(tab: Page) -> tuple[str, str]:
+        ran["run_id"], ran["status"] = driver.one_partition_from_its_asset_page(tab, ui.base_url)
+        return ran["run_id"], ran["status"]
+
+    outcome = _launched(ui, "one_partition", story)
+    tab = ui.browser.new_page()
+    try:
+        view = driver.partition_view(tab, ui.base_url, asset)
+        details = {
+            key: driver.partition_detail(tab, ui.base_url, asset, key)
+            for key in ui.ui.partitions[knowledge_bases.name]
+        }
+    except Exception:
+        tab.screenshot(path=ui.artifacts / "partition-view-failure.png")
+        raise
+    finally:
+        tab.close()
+    files = sorted(p.relative_to(ui.lake).as_posix() for p in ui.lake.glob(f"{asset}/*/*"))
+    return OnePartition(outcome, ran["run_id"], view, details, files)
+
+
+@pytest.fixture(scope="module")
+def ingest_backfills(ui: UISession, one_partition: OnePartition) -> list[driver.Backfill]:
+    """A backfill of every partition of each ingestion job, launched from the job's Partitions
+    tab, once; after the one-partition run (`one_partition`), which must see the lake before."""
+    tab = ui.browser.new_page()
+    try:
+        backfills = driver.ingest_every_partition_from_the_ui(tab, ui.base_url)
+        if any(b.status != "Succeeded" for b in backfills):
+            tab.screenshot(path=ui.artifacts / "ingest-failure.png")
+    except Exception:
+        tab.screenshot(path=ui.artifacts / "ingest-failure.png")
+        raise
+    finally:
+        tab.close()
+    return backfills
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +169,70 @@ def test_every_asset_shows_in_its_group(ui: UISession, page: Page) -> None:
             expect(page.get_by_text(key, exact=True)).to_be_visible()
 
 
-def test_ingest_launched_from_the_ui_fills_the_lake(
-    ui: UISession, page: Page, ingest_outcome: str
+def test_one_knowledge_base_partition_materialized_from_its_asset_page(
+    ui: UISession, one_partition: OnePartition
 ) -> None:
-    assert ingest_outcome.startswith("Success"), ingest_outcome
-    for table in ("raw_documents", "document_structure", "chunks", "enriched_chunks"):
-        assert (ui.lake / table / "brambleway" / "company_docs.parquet").is_file(), table
-    for table in ("memories", "conversations", "memory_embeddings"):
-        assert (ui.lake / table / "brambleway" / "helene.parquet").is_file(), table
-    assert (ui.lake / "chunk_embeddings" / "brambleway" / "company_docs.parquet").is_file()
-    assert (ui.lake / "indexes" / "chunks_bm25" / "brambleway" / "company_docs").is_dir()
+    chosen = driver.ONE_PARTITION
+    partitions = ui.ui.partitions[knowledge_bases.name]
+    assert chosen in partitions and len(partitions) > 1, partitions  # others to stay missing
+    assert one_partition.outcome.startswith("Success"), one_partition.outcome
 
-    # Each group's list shows every asset of the job as materialized.
-    by_group: dict[str, set[str]] = {}
+    # The Partitions tab lists the chosen partition as materialized, every other as missing.
+    expected = {key: "Missing" for key in partitions} | {chosen: "Materialized"}
+    assert one_partition.view == expected
+    # Selected there, the chosen one is tagged materialized by the run launched from its page.
+    assert one_partition.details[chosen] == ("Materialized", one_partition.run_id)
+    for key in set(partitions) - {chosen}:
+        assert one_partition.details[key] == ("", ""), key  # no tag, no run
+    # The run wrote that knowledge base's table and no other.
+    assert one_partition.raw_documents == [f"raw_documents/{chosen}.parquet"]
+
+
+def test_ingest_launched_from_the_ui_fills_the_lake(
+    ui: UISession, page: Page, ingest_backfills: list[driver.Backfill]
+) -> None:
+    # Each job's dialog selected every partition of the instance; each backfill succeeded.
+    partitions = {
+        job: ui.ui.partitions[defs.resolve_job_def(job).partitions_def.name]  # type: ignore[union-attr]
+        for job in driver.INGEST_JOBS
+    }
+    assert [b.job for b in ingest_backfills] == list(driver.INGEST_JOBS)
+    for backfill in ingest_backfills:
+        assert backfill.partitions == len(partitions[backfill.job]), backfill
+        assert backfill.status == "Succeeded", f"{backfill}; log {ui.ui.log_path}"
+
+    # Every knowledge base and every user of the sample corpus is in the lake.
+    for key in partitions["ingest_knowledge_bases"]:
+        for table in (
+            "raw_documents",
+            "document_structure",
+            "chunks",
+            "enriched_chunks",
+            "chunk_embeddings",
+        ):
+            assert (ui.lake / table / f"{key}.parquet").is_file(), (table, key)
+        assert (ui.lake / "indexes" / "chunks_bm25" / key).is_dir(), key
+    for key in partitions["ingest_users"]:
+        for table in ("memories", "conversations", "memory_embeddings"):
+            assert (ui.lake / table / f"{key}.parquet").is_file(), (table, key)
+        assert (ui.lake / "indexes" / "memories_bm25" / key).is_dir(), key
+
+    # Each group's list shows every asset of the jobs with all its partitions materialized.
+    by_group: dict[str, dict[str, int]] = {}
     graph = defs.resolve_asset_graph()
-    for key in defs.resolve_job_def("ingest").asset_layer.executable_asset_keys:
-        by_group.setdefault(graph.get(key).group_name, set()).add(key.to_user_string())
+    for job in driver.INGEST_JOBS:
+        for key in defs.resolve_job_def(job).asset_layer.executable_asset_keys:
+            assets = by_group.setdefault(graph.get(key).group_name, {})
+            assets[key.to_user_string()] = len(partitions[job])
     assert set(by_group) == {"ingestion", "enrichment", "indexing"}
-    for group, keys in by_group.items():
-        assert set(driver.group_assets(page, ui.base_url, group)) == keys
-        expect(page.get_by_text("Materialized", exact=True)).to_have_count(len(keys))
+    for group, assets in by_group.items():
+        shown = driver.group_partition_counts(page, ui.base_url, group)
+        assert set(shown) == set(assets), group
+        for key, count in assets.items():
+            all_materialized = {"partitions": count, "materialized": count}
+            assert shown[key] == all_materialized | dict.fromkeys(
+                ("missing", "failed", "materializing"), 0
+            ), key
 
 
 def config_defaults(model: Any) -> dict[str, Any]:

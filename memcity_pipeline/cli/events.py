@@ -1,0 +1,57 @@
+"""Following runs as they go: each run's step events, read from the instance's event log with a
+cursor per run (an event is read once, however long the run), from a thread of the command."""
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+import dagster as dg
+
+PARTITION_TAG = "dagster/partition"  # the tag Dagster gives a run of one partition
+
+_STEP_EVENTS = {
+    dg.DagsterEventType.STEP_START: "started",
+    dg.DagsterEventType.STEP_SUCCESS: "finished",
+    dg.DagsterEventType.STEP_FAILURE: "failed",
+    dg.DagsterEventType.STEP_SKIPPED: "skipped",
+}
+
+
+class RunFollower(threading.Thread):
+    """Follows the step events of the runs carrying `tags` until stopped (`stop.set()`, then
+    `join`), calling `on_step(partition key, step key, event)` once per event."""
+
+    def __init__(self, tags: dict[str, str], on_step: Callable[[str, str, str], None]) -> None:
+        super().__init__(daemon=True)
+        self.tags, self.on_step = tags, on_step
+        self.cursors: dict[str, str | None] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        with dg.DagsterInstance.get() as instance:
+            while True:
+                finished = self.stop.wait(0.3)
+                with contextlib.suppress(Exception):  # a run being created: next tick
+                    self._poll(instance)
+                if finished:
+                    return
+
+    def _poll(self, instance: dg.DagsterInstance) -> None:
+        for run in instance.get_runs(dg.RunsFilter(tags=self.tags)):
+            key = run.tags.get(PARTITION_TAG)
+            if key is None:
+                continue
+            while True:
+                conn = instance.get_records_for_run(
+                    run.run_id,
+                    cursor=self.cursors.get(run.run_id),
+                    of_type=set(_STEP_EVENTS),
+                    limit=200,
+                )
+                for record in conn.records:
+                    event = record.event_log_entry.dagster_event
+                    if event is not None and event.step_key:
+                        self.on_step(key, event.step_key, _STEP_EVENTS[event.event_type])
+                self.cursors[run.run_id] = conn.cursor
+                if not conn.has_more:
+                    break
