@@ -23,9 +23,15 @@ from typing import Any, Literal
 import dagster as dg
 
 from memcity_pipeline.cli.events import PARTITION_TAG, RunFollower
+from memcity_pipeline.cli.freshness import (
+    SETTINGS_TAG,
+    finished_partitions,
+    settings_fingerprint,
+    up_to_date,
+)
 from memcity_pipeline.cli.runner import JOB_FACTORIES, get_instance, sync_landing_layout_job
 from memcity_pipeline.ingestion.landing import LandingProblem, compare_scopes, landing_scopes
-from memcity_pipeline.ingestion.sync import layout_errors_current, scope_is_current
+from memcity_pipeline.ingestion.sync import layout_errors_current
 from memcity_pipeline.lake.io import table_lock
 from memcity_pipeline.lake.tables import PARTITIONS, ScopeKind, parse_scope_key
 from memcity_pipeline.settings import Settings
@@ -34,11 +40,6 @@ BATCH_TAG = "memcity/ingest"  # every run of one `memcity ingest` carries the sa
 JOB_OF_SCOPE: dict[ScopeKind, str] = {
     "knowledge_base": "ingest_knowledge_bases",
     "user": "ingest_users",
-}
-# Steps whose status says whether a partition was brought up to date to the end.
-LAST_STEPS: dict[ScopeKind, list[str]] = {
-    "knowledge_base": ["chunk_embeddings", "bm25_index"],
-    "user": ["conversations", "memory_index"],
 }
 STEPS: dict[ScopeKind, int] = {"knowledge_base": 6, "user": 3}
 
@@ -134,18 +135,6 @@ def _selected(
     return picked
 
 
-def _finished(instance: dg.DagsterInstance, scope: ScopeKind, keys: list[str]) -> set[str]:
-    """The partitions whose last steps all materialized in their latest run."""
-    if not keys:
-        return set()
-    done = set(keys)
-    pdef = dg.DynamicPartitionsDefinition(name=PARTITIONS[scope])
-    for asset in LAST_STEPS[scope]:
-        status = instance.get_status_by_partition(dg.AssetKey(asset), keys, pdef)
-        done &= {k for k, v in (status or {}).items() if v == dg.AssetPartitionStatus.MATERIALIZED}
-    return done
-
-
 def _add_partitions(instance: dg.DagsterInstance, name: str, keys: list[str]) -> None:
     """Register partitions; another command registering the same ones at once is no error."""
     try:
@@ -189,11 +178,9 @@ def plan_ingest(
         if everything or explicit:
             plan.runs += [PartitionRef(scope, k) for k in keys]
             continue
-        finished = _finished(instance, scope, [k for k in keys if k not in changes.added])
+        finished = finished_partitions(instance, scope, [k for k in keys if k not in changes.added])
         for key in keys:
-            current = key in finished and scope_is_current(
-                settings.landing_dir, settings.lake_dir, scope, *parse_scope_key(key)
-            )
+            current = key in finished and up_to_date(instance, settings, scope, key)
             (plan.unchanged if current else plan.runs).append(PartitionRef(scope, key))
     return plan
 
@@ -226,7 +213,7 @@ def _plain(value: Any) -> Any:
 
 
 def _execute_partition(
-    part: PartitionRef, batch: str, run_config: dict[str, Any]
+    part: PartitionRef, batch: str, run_config: dict[str, Any], fingerprint: str
 ) -> PartitionOutcome:
     """One run of one partition with its job's own executor (in a worker process: Dagster's
     run execution is not safe in two threads of one process)."""
@@ -237,7 +224,7 @@ def _execute_partition(
             dg.reconstructable(JOB_FACTORIES[part.job]),
             instance=instance,
             run_config=run_config,
-            tags={PARTITION_TAG: part.key, BATCH_TAG: batch},
+            tags={PARTITION_TAG: part.key, BATCH_TAG: batch, SETTINGS_TAG: fingerprint},
         ) as result,
     ):
         _outcome(result, outcome)
@@ -262,7 +249,8 @@ def _run_partition(
         on_wait=on_wait,
         label=f"partition {part.key}",
     ):
-        return workers.submit(_execute_partition, part, batch, run_config).result()
+        fingerprint = settings_fingerprint(settings)
+        return workers.submit(_execute_partition, part, batch, run_config, fingerprint).result()
 
 
 def _remove_and_record_layout(
