@@ -20,7 +20,8 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memcity_pipeline.cli.runner import copy_sample_corpus, run_job, sample_corpus_dir
+from memcity_pipeline.cli.ingest import ingest
+from memcity_pipeline.cli.runner import copy_sample_corpus, sample_corpus_dir
 from memcity_pipeline.search.fusion import vector_top_k
 from memcity_pipeline.search.retrieval import _load
 from memcity_pipeline.settings import get_settings
@@ -45,9 +46,11 @@ def evaluate(mode: str, home: Path) -> dict[str, dict[str, float]]:
     settings = get_settings()
     copy_sample_corpus(settings.landing_dir)
     started = time.perf_counter()
-    outcome = run_job("ingest", settings)
+    outcome = ingest(settings)
     if not outcome.success:
-        raise SystemExit(f"ingestion failed ({mode}): {outcome.failure}")
+        failed = [f"{p.partition.key}: {p.failure}" for p in outcome.partitions if not p.success]
+        why = "; ".join([outcome.layout_failure, *failed] if outcome.layout_failure else failed)
+        raise SystemExit(f"ingestion failed ({mode}): {why}")
     print(f"  ingest ({mode}) took {time.perf_counter() - started:.1f} s", flush=True)
 
     from memcity_pipeline.settings import build_resources
