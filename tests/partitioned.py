@@ -8,8 +8,8 @@ from typing import Any
 import dagster as dg
 
 from memcity_pipeline.ingestion.landing import landing_scopes
-from memcity_pipeline.ingestion.sync import SCOPE_OF_KIND, Limits, SyncReport, sync_sources
-from memcity_pipeline.lake.tables import PARTITIONS, SourceKind, parse_scope_key
+from memcity_pipeline.ingestion.sync import Limits, SyncReport, sync_sources
+from memcity_pipeline.lake.tables import PARTITIONS, SCOPE_OF_KIND, SourceKind, parse_scope_key
 
 
 def scope_keys(landing: Path) -> dict[str, list[str]]:

@@ -26,6 +26,16 @@ out = Console()
 # Measured on 2 cores with enrichment off: the sample corpus took 45 s with one run at a time
 # and 58 s with two (each run process imports torch and loads the model, then they share cores).
 DEFAULT_PARALLEL = max(1, (os.cpu_count() or 2) // 2)
+ParallelOption = Annotated[
+    int,
+    typer.Option(
+        "--parallel",
+        min=1,
+        max=64,
+        help="Runs at once, one per partition (default: a run per 2 cores; each run loads "
+        "its own embedding model and uses several cores).",
+    ),
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 ExecutorChoice = enum.Enum(  # type: ignore[misc]
     "ExecutorChoice", {name: name for name in ("in_process", "multiprocess")}
@@ -133,16 +143,7 @@ def ingest(
     everything: Annotated[
         bool, typer.Option("--all", help="Run every partition, changed or not.")
     ] = False,
-    parallel: Annotated[
-        int,
-        typer.Option(
-            "--parallel",
-            min=1,
-            max=64,
-            help="Runs at once, one per partition (default: a run per 2 cores; each run loads "
-            "its own embedding model and uses several cores).",
-        ),
-    ] = DEFAULT_PARALLEL,
+    parallel: ParallelOption = DEFAULT_PARALLEL,
     executor: Annotated[
         ExecutorChoice,
         typer.Option(
@@ -174,16 +175,7 @@ def ingest(
 @app.command()
 def demo(
     ctx: typer.Context,
-    parallel: Annotated[
-        int,
-        typer.Option(
-            "--parallel",
-            min=1,
-            max=64,
-            help="Runs at once, one per partition (default: a run per 2 cores; each run loads "
-            "its own embedding model and uses several cores).",
-        ),
-    ] = DEFAULT_PARALLEL,
+    parallel: ParallelOption = DEFAULT_PARALLEL,
     as_json: JsonFlag = False,
 ) -> None:
     """Copy the bundled sample corpus into the landing folder and ingest it (as `ingest`)."""

@@ -58,8 +58,11 @@ def _structured_call(client: Any, max_tokens: int) -> StructuredCall:
 
 
 LLM_POOL = "llm"  # the Dagster concurrency pool of every step that calls an LLM
-UPSTREAM = {"document_structure": "raw_documents", "chunks": "raw_documents"}
-UPSTREAM["enriched_chunks"] = "chunks"
+UPSTREAM = {
+    "document_structure": "raw_documents",
+    "chunks": "raw_documents",
+    "enriched_chunks": "chunks",
+}
 
 
 def _sync_tables(
@@ -470,12 +473,14 @@ def _first_table(lake: LakeResource, table: str, scopes: Scopes) -> pl.DataFrame
 
 
 def _count_rows(lake: LakeResource, table: str, scopes: Scopes) -> int:
-    return sum(_read(lake, table, o, k).height for o, k in scopes)
+    return _rows(lake, table, scopes, ["chunk_id"]).height
 
 
 def _rows(lake: LakeResource, table: str, scopes: Scopes, columns: list[str]) -> pl.DataFrame:
-    """This step's partitions' rows of `table`, only `columns`."""
-    return pl.concat([_read(lake, table, o, k).select(columns) for o, k in scopes])
+    """This step's partitions' rows of `table`, only `columns` read."""
+    empty = pl.from_arrow(KB_TABLE_SCHEMAS[table].empty_table()).select(columns)
+    paths = [p for o, k in scopes if (p := kb_table_path(lake.lake, table, o, k)).exists()]
+    return pl.concat([empty, *(pl.read_parquet(p, columns=columns) for p in paths)])
 
 
 # ---------------------------------------------------------------- checks (run with their asset)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from memcity_pipeline.defs.enrichment import enriched_chunks
 from memcity_pipeline.defs.ingestion import memories
@@ -269,13 +270,18 @@ def memory_index(
 def _every_chunk_embedded(lake: LakeResource, scopes: list[tuple[str, str]]) -> dg.AssetCheckResult:
     missing = extra = 0
     for org, kb in scopes:
-        chunk_ids = set(
-            read_parquet(kb_table_path(lake.lake, "enriched_chunks", org, kb), ENRICHED_CHUNKS)[
-                "chunk_id"
-            ].to_list()
+        chunks = kb_table_path(lake.lake, "enriched_chunks", org, kb)
+        vectors = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
+        chunk_ids = (
+            set(pl.read_parquet(chunks, columns=["chunk_id"])["chunk_id"])
+            if chunks.exists()
+            else set()
         )
-        emb = read_parquet(kb_table_path(lake.lake, "chunk_embeddings", org, kb), EMBEDDINGS)
-        ids = emb["item_id"].to_list()
+        ids = (
+            pl.read_parquet(vectors, columns=["item_id"])["item_id"].to_list()
+            if vectors.exists()
+            else []
+        )
         missing += len(chunk_ids - set(ids))
         extra += len(ids) - len(set(ids) & chunk_ids)
     return dg.AssetCheckResult(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memcity_pipeline.lake.io import check_id
-from memcity_pipeline.lake.tables import ScopeKind, SourceKind, scope_key
+from memcity_pipeline.lake.tables import SCOPE_OF_KIND, ScopeKind, SourceKind, scope_key
 
 AREAS: dict[str, ScopeKind] = {"knowledge_bases": "knowledge_base", "users": "user"}
 _FOLDERS = {scope: area for area, scope in AREAS.items()}
@@ -207,8 +207,7 @@ def landing_scopes(root: Path) -> LandingScopes:
     files, problems = scan_landing(root)
     entries: dict[tuple[ScopeKind, str], list[tuple[str, int, int]]] = {}
     for f in files:
-        scope: ScopeKind = "knowledge_base" if f.kind == "documents" else "user"
-        entries.setdefault((scope, scope_key(f.org_id, f.scope_id)), []).append(
+        entries.setdefault((SCOPE_OF_KIND[f.kind], scope_key(f.org_id, f.scope_id)), []).append(
             (f.rel_path, f.size, f.mtime_ns)
         )
     found = LandingScopes()

@@ -44,6 +44,8 @@ from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_a
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import (
     INGESTION_ERRORS,
+    KINDS_OF_SCOPE,
+    SCOPE_OF_KIND,
     SOURCE_FILES,
     SOURCE_SCHEMAS,
     ScopeKind,
@@ -52,14 +54,6 @@ from memcity_pipeline.lake.tables import (
     source_files_path,
     source_table_path,
 )
-
-KINDS_OF_SCOPE: dict[ScopeKind, tuple[SourceKind, ...]] = {
-    "knowledge_base": ("documents",),
-    "user": ("memories", "conversations"),
-}
-SCOPE_OF_KIND: dict[SourceKind, ScopeKind] = {
-    kind: scope for scope, kinds in KINDS_OF_SCOPE.items() for kind in kinds
-}
 
 
 @dataclass(frozen=True)

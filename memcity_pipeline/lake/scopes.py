@@ -11,7 +11,7 @@ from pathlib import Path
 
 from memcity_pipeline.lake.io import delete_table
 from memcity_pipeline.lake.tables import (
-    SOURCE_KINDS,
+    KINDS_OF_SCOPE,
     TABLES,
     ScopeKind,
     bm25_dir,
@@ -19,7 +19,6 @@ from memcity_pipeline.lake.tables import (
     source_files_path,
 )
 
-_KINDS_OF_SCOPE = {"knowledge_base": ("documents",), "user": ("memories", "conversations")}
 _BM25_ITEMS = {"knowledge_base": "chunks", "user": "memories"}
 
 
@@ -37,9 +36,7 @@ def drop_scope(lake: Path, scope: ScopeKind, org_id: str, scope_id: str) -> list
     for table in TABLES.values():
         if table.scope == scope and delete_table(path := table.path(lake, org_id, scope_id)):
             removed.append(path)
-    for kind in SOURCE_KINDS:
-        if kind not in _KINDS_OF_SCOPE[scope]:
-            continue
+    for kind in KINDS_OF_SCOPE[scope]:
         for path in (
             source_files_path(lake, kind, org_id, scope_id),
             ingestion_errors_path(lake, kind, org_id, scope_id),

@@ -389,6 +389,13 @@ class UnknownScopeError(ValueError):
 
 
 ScopeKind = Literal["knowledge_base", "user"]
+KINDS_OF_SCOPE: dict[ScopeKind, tuple[SourceKind, ...]] = {
+    "knowledge_base": ("documents",),
+    "user": ("memories", "conversations"),
+}
+SCOPE_OF_KIND: dict[SourceKind, ScopeKind] = {
+    kind: scope for scope, kinds in KINDS_OF_SCOPE.items() for kind in kinds
+}
 _SCOPE_WORDS = {"knowledge_base": "knowledge base", "user": "user"}
 
 
