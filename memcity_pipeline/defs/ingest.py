@@ -45,9 +45,8 @@ KNOWLEDGE_BASE_ASSETS = [
 USER_ASSETS = [memories, conversations, memory_index]
 
 # Steps in child processes, forked from a server that imported the pipeline (and the local
-# embedding model's library) once, so a step does not re-import them: about 2 s a step instead
-# of 6 s on 2 cores.
-PRELOAD = ["memcity_pipeline.definitions", "sentence_transformers"]
+# embedding model's runtime) once, so a step does not re-import them.
+PRELOAD = ["memcity_pipeline.definitions", "onnxruntime", "tokenizers"]
 
 
 def execution_config(max_concurrent: int = 2, *, in_process: bool = False) -> dict[str, Any]:

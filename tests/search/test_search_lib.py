@@ -1,6 +1,8 @@
 """BM25, vectors, reciprocal rank fusion, the hybrid index and the embedders."""
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -123,6 +125,50 @@ def test_local_minilm_embeds_unit_vectors_offline(minilm: LocalMiniLMEmbedder) -
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
     assert minilm.embed([]).shape == (0, 384)
     assert minilm.model_name == "all-MiniLM-L6-v2"
+
+
+def _sample_corpus_paragraphs() -> list[str]:
+    from memcity_pipeline.cli.runner import sample_corpus_dir
+
+    texts: list[str] = []
+    for path in sorted(sample_corpus_dir().rglob("*")):
+        if path.suffix in (".md", ".txt", ".html"):
+            body = path.read_text(encoding="utf-8", errors="replace")
+            texts += [p for p in body.split("\n\n") if p.strip()]
+    return texts
+
+
+@pytest.mark.slow
+def test_onnx_and_torch_give_the_same_vectors(minilm: LocalMiniLMEmbedder) -> None:
+    texts = _sample_corpus_paragraphs()
+    texts += ["", "ünïcödé – “quotes” 東京", "word " * 600]  # empty, non-ASCII, over the window
+    torch_vectors = LocalMiniLMEmbedder(backend="torch").embed(texts, batch_size=16)
+    onnx_vectors = minilm.embed(texts, batch_size=16)
+    assert len(texts) > 100 and minilm.backend == "onnx"
+    cosines = (onnx_vectors * torch_vectors).sum(axis=1)
+    assert cosines.min() >= 0.999
+
+
+@pytest.mark.slow
+def test_onnx_export_is_cached_and_embedding_imports_no_torch(tmp_path: Path) -> None:
+    from memcity_pipeline.search.onnx_minilm import ensure_model, model_path
+
+    path = ensure_model(tmp_path)
+    assert path == model_path(tmp_path) and path.is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".onnx"] == [path.name]
+    exported_at = path.stat().st_mtime_ns
+    assert ensure_model(tmp_path).stat().st_mtime_ns == exported_at  # not exported twice
+
+    code = (
+        "import sys; from pathlib import Path;"
+        "from memcity_pipeline.search.embeddings import LocalMiniLMEmbedder;"
+        f"v = LocalMiniLMEmbedder(cache_dir=Path({str(tmp_path)!r})).embed(['a cat']);"
+        "print(v.shape, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["(1,", "384)", "False", "False"]
 
 
 @pytest.mark.slow
@@ -285,6 +331,8 @@ def test_openai_embedder_gives_up_after_its_retries(embeddings_server: _Embeddin
 def test_embedder_from_setting_rejects_unknown_values() -> None:
     with pytest.raises(ValueError, match="unknown embeddings setting"):
         embedder_from_setting("bert", base_url=None, api_key=None)
-    assert isinstance(
-        embedder_from_setting("local", base_url=None, api_key=None), LocalMiniLMEmbedder
-    )
+    local = embedder_from_setting("local", base_url=None, api_key=None)
+    on_torch = embedder_from_setting("local-torch", base_url=None, api_key=None)
+    assert isinstance(local, LocalMiniLMEmbedder) and local.backend == "onnx"
+    assert isinstance(on_torch, LocalMiniLMEmbedder) and on_torch.backend == "torch"
+    assert on_torch.model_name == local.model_name  # the same vectors: no re-embedding
