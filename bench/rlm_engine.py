@@ -2,7 +2,7 @@
 
 (Not named `bench/rlm.py`: run as a script, that file would shadow the `rlm` package.)
 
-    python bench/rlm_engine.py [--iterations 10] [--chunks 5000] [--isolation auto|bwrap|none]
+    python bench/rlm_engine.py [--iterations 10] [--chunks 5000] [--isolation bwrap|none]
 
 1. Harness overhead per iteration: the same scripted root LLM (no latency, on loopback) drives
    `--iterations` iterations over a 5,000-chunk (about 5 MB) context, once through our engine
@@ -160,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--chunks", type=int, default=5000)
-    parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "none"])
+    parser.add_argument("--isolation", default="bwrap", choices=["bwrap", "none"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-rlm-") as tmp:
         lake = Path(tmp) / "lake"

@@ -1,6 +1,6 @@
 """Local sandbox overhead: a trivial statement per execution, and loading a 5,000-chunk context.
 
-    python bench/sandbox.py [--runs 200] [--isolation auto|bwrap|none]
+    python bench/sandbox.py [--runs 200] [--isolation bwrap|none]
 
 Prints the median and p95 of one `execute("x = 1")` round trip next to a bare in-process
 `exec` of the same statement measured in the same run (the ratio is what to compare across
@@ -56,7 +56,7 @@ def line(label: str, values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--isolation", default="auto", choices=["auto", "bwrap", "none"])
+    parser.add_argument("--isolation", default="bwrap", choices=["bwrap", "none"])
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="memcity-bench-sandbox-") as root:

@@ -62,13 +62,19 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(default=64, ge=0)
     embeddings: str = Field(
         default="local",
-        pattern=r"^(local|openai:\S.*)$",
-        description="`local` (all-MiniLM-L6-v2) or `openai:<model>`.",
+        pattern=r"^(local|local-torch|openai:\S.*)$",
+        description="`local` (all-MiniLM-L6-v2 on ONNX Runtime), `local-torch` (the same model "
+        "on sentence-transformers) or `openai:<model>`.",
     )
     rerank: Literal["off", "llm"] = "off"
 
     # Sandboxes
     sandbox: Literal["local", "daytona"] = "local"
+    sandbox_isolation: Literal["bwrap", "none"] = Field(
+        default="bwrap",
+        description="Local sandbox: `bwrap` (LLM-written code is refused when bubblewrap cannot "
+        "isolate it) or `none` (runs it without isolation, with a loud warning).",
+    )
     daytona_api_key: str | None = Field(
         default=None, validation_alias=AliasChoices("DAYTONA_API_KEY", "MEMCITY_DAYTONA_API_KEY")
     )
@@ -120,8 +126,17 @@ def describe_settings_error(exc: ValidationError) -> str:
         variable = _variable(str(loc[0]) if loc else "", loc)
         value = err.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
-        parts.append(f"{variable}{shown}: {err.get('msg')}")
+        parts.append(f"{variable}{shown}: {_problem(err, loc)}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+def _problem(err: Any, loc: tuple[Any, ...]) -> str:
+    """What is wrong with a value; for a value that does not match a field's pattern, what the
+    field takes (its description) rather than the regular expression."""
+    info = Settings.model_fields.get(str(loc[0])) if loc else None
+    if err.get("type") == "string_pattern_mismatch" and info is not None and info.description:
+        return f"should be {info.description.rstrip('.')}"
+    return str(err.get("msg"))
 
 
 def load_settings() -> Settings:
@@ -171,7 +186,9 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             api_url=s.daytona_api_url,
         )
         if s.sandbox == "daytona"
-        else LocalSandboxResource(sessions_root=str(s.home.resolve() / "sandboxes"))
+        else LocalSandboxResource(
+            sessions_root=str(s.home.resolve() / "sandboxes"), isolation=s.sandbox_isolation
+        )
     )
     return {
         "lake": LakeResource(

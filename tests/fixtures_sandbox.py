@@ -1,5 +1,7 @@
 """Sandbox fixtures: real local sandbox backends (bwrap processes) and a recording LLM handler."""
 
+import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -8,9 +10,26 @@ from typing import Any
 
 import pytest
 
-from memcity_pipeline.sandbox.local import LocalSandboxBackend
+from memcity_pipeline.sandbox.local import (
+    Isolation,
+    LocalSandboxBackend,
+    bwrap_trial,
+    default_python,
+    find_bwrap,
+)
 
 BWRAP = "/usr/bin/bwrap"
+BROKEN_BWRAP = "/bin/false"  # exists, runs, and fails: bubblewrap that cannot isolate
+
+
+@functools.cache
+def isolation_for_tests() -> Isolation:
+    """`bwrap` where bubblewrap isolates on this machine, else the explicit opt-out `none`.
+
+    For tests whose subject is not the sandbox (enrichment, crash safety): they run their RLM
+    sessions isolated where they can, and still run where bubblewrap cannot isolate.
+    """
+    return "bwrap" if bwrap_trial(find_bwrap(), str(default_python())) is None else "none"
 
 
 class RecordingLLM:
@@ -56,13 +75,14 @@ def sandbox_backend_factory(
 ) -> Iterator[Callable[..., LocalSandboxBackend]]:
     """Build local sandbox backends (small limits; bwrap required unless isolation='none').
 
+    Skips when bubblewrap is required and not installed (unless the test names its own `bwrap`).
     Every backend built is closed at teardown, so no sandbox process outlives a test.
     """
     built: list[LocalSandboxBackend] = []
 
     def make(**options: Any) -> LocalSandboxBackend:
         options.setdefault("isolation", "bwrap")
-        if options["isolation"] == "bwrap" and not Path(BWRAP).exists():
+        if options["isolation"] == "bwrap" and "bwrap" not in options and not Path(BWRAP).exists():
             pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
         defaults: dict[str, Any] = {
             "cpu_seconds": 60,
@@ -88,3 +108,21 @@ def sandbox_backend(
 ) -> LocalSandboxBackend:
     """An isolated (bwrap) local sandbox backend with test-sized limits."""
     return sandbox_backend_factory()
+
+
+NO_NAMESPACES = (
+    "bwrap: No permissions to create new namespace, likely because the kernel does not allow "
+    "non-privileged user namespaces."
+)
+
+
+@pytest.fixture
+def path_without_namespaces(tmp_path: Path) -> str:
+    """A PATH whose first `bwrap` fails as bubblewrap does in a container without user
+    namespaces (for code that finds bwrap on PATH: the CLI, `memcity doctor`)."""
+    bin_dir = tmp_path / "bin-without-namespaces"
+    bin_dir.mkdir()
+    fake = bin_dir / "bwrap"
+    fake.write_text(f"#!/bin/sh\necho '{NO_NAMESPACES}' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"

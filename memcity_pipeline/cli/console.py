@@ -1,11 +1,18 @@
-"""Where the `memcity` command prints: results on stdout, progress and messages on stderr."""
+"""Where the `memcity` command prints: results on stdout, progress and messages on stderr.
 
+An error is one line on stderr (`error: <what is wrong>`), or with `--json` one JSON object on
+stdout (`{"error": "<what is wrong>", "code": <exit code>}`); see :func:`print_error`.
+"""
+
+import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -14,18 +21,48 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.segment import Segments
 from rich.table import Table
+
+# Widest a table is printed off a terminal (a pipe or a file has no width to fit).
+MAX_PIPE_WIDTH = 100_000
+
+
+def print_error(message: str, code: int, *, as_json: bool, out: Console, err: Console) -> int:
+    """Report a failed command: one line `error: <message>` on `err`, or with `as_json` the
+    object `{"error": message, "code": code}` on `out`. Returns `code` (the exit code)."""
+    line = " ".join(message.split())
+    if as_json:
+        out.print(
+            json.dumps({"error": line, "code": code}), markup=False, highlight=False, soft_wrap=True
+        )
+    else:
+        err.print(f"[red]error[/red]: {escape(line)}", highlight=False, soft_wrap=True)
+    return code
+
+
+def print_wide(out: Console, renderable: RenderableType) -> None:
+    """Print a table whole: fitted to a terminal (cells wrap), and at its natural width
+    anywhere else, so a pipe or a file gets every cell uncut rather than 80 columns."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    options = out.options.update_width(MAX_PIPE_WIDTH)
+    width = Measurement.get(out, options, renderable).maximum
+    lines = out.render_lines(renderable, options.update_width(width), pad=False, new_lines=True)
+    out.print(Segments([segment for line in lines for segment in line]), crop=False)
 
 
 def spinner(console: Console, label: str, *, disable: bool = False) -> Progress:
-    """A one-line spinner `label: <what is happening>` with the time elapsed; gone when done."""
+    """A one-line spinner `label: <what is happening>` with the time elapsed; gone when done.
+    Only on a terminal: a pipe or a file would keep what a terminal erases."""
     return Progress(
         SpinnerColumn(),
         TextColumn(f"[bold]{label}[/bold] {{task.description}}"),
         TimeElapsedColumn(),
         console=console,
         transient=True,
-        disable=disable,
+        disable=disable or not console.is_terminal,
     )
 
 

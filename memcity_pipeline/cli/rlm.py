@@ -1,7 +1,9 @@
 """`memcity query` and `memcity sessions`, as plain functions of parsed arguments.
 
 The typer commands in `memcity_pipeline.cli.app` parse the options and call these; they print with
-rich (progress and messages on stderr, results on stdout) and return the exit code.
+rich (progress and messages on stderr, results on stdout) and return the exit code: 0 done (a
+`partial` answer included), 1 the work failed, 2 a wrong request. A wrong request is reported by
+`print_error` (one line, or JSON with `--json`) before any LLM call.
 """
 
 import enum
@@ -11,11 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from memcity_pipeline.api import rlm_query
-from memcity_pipeline.cli.console import spinner
+from memcity_pipeline.cli.console import print_error, print_wide, spinner
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
 from memcity_pipeline.settings import Settings, load_settings
@@ -23,18 +27,68 @@ from memcity_pipeline.settings import Settings, load_settings
 STATUS_STYLE = {"completed": "green", "partial": "yellow", "timeout": "yellow", "failed": "red"}
 
 
+def read_text_file(path: Path, option: str) -> str:
+    """The text of the file given to `option`; RLMRequestError naming both when it cannot be
+    read as UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RLMRequestError(
+            f"{option} {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
+    except OSError as exc:
+        raise RLMRequestError(f"{option} {path}: {exc.strerror or exc}") from None
+
+
+def _json_value(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RLMRequestError(f"{where}: not valid JSON ({exc})") from None
+
+
 def read_custom_file(path: Path) -> str | list[Any]:
     """The custom context of a file: a `.json` file's string or list, a `.jsonl` file's lines
-    (each parsed as JSON), anything else as text."""
-    text = path.read_text(encoding="utf-8")
+    (each parsed as JSON), anything else as text. RLMRequestError naming the file (and the
+    line of a `.jsonl` file) when it is malformed."""
+    text = read_text_file(path, "--custom-file")
     if path.suffix == ".json":
-        value = json.loads(text)
+        value = _json_value(text, f"--custom-file {path}")
         if not isinstance(value, str | list):
-            raise RLMRequestError(f"{path}: a custom context must be a JSON string or list")
+            raise RLMRequestError(
+                f"--custom-file {path}: a custom context must be a JSON string or list, "
+                f"not {type(value).__name__}"
+            )
         return value
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [
+            _json_value(line, f"--custom-file {path}, line {number}")
+            for number, line in enumerate(text.splitlines(), start=1)
+            if line.strip()
+        ]
     return text
+
+
+def check_rlm_options(config: dict[str, Any]) -> None:
+    """RLMRequestError naming each engine option whose value `RLMConfig` refuses, as it was
+    typed (`--max-iterations 0: ...`), rather than the model's validation report."""
+    try:
+        RLMConfig.model_validate(config)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error.get("loc") else ""
+            option = (
+                "--system-prompt-file"
+                if field == "custom_system_prompt"
+                else _rlm_option_name(field)
+            )
+            value = error.get("input")
+            shown = (
+                f" {value}" if isinstance(value, int | float | str) and len(str(value)) < 80 else ""
+            )
+            problems.append(f"{option}{shown}: {error['msg']}")
+        raise RLMRequestError("; ".join(problems)) from None
 
 
 def _rlm_option_name(field: str) -> str:
@@ -114,7 +168,10 @@ def query_command(
     }
     try:
         if system_prompt_file is not None:
-            config["custom_system_prompt"] = system_prompt_file.read_text(encoding="utf-8")
+            config["custom_system_prompt"] = read_text_file(
+                system_prompt_file, "--system-prompt-file"
+            )
+        check_rlm_options(config)
         custom = read_custom_file(custom_file) if custom_file is not None else None
         with spinner(err, "rlm", disable=as_json) as progress:
             task = progress.add_task("gathering the context", total=None)
@@ -140,8 +197,7 @@ def query_command(
                 progress=on_event,
             )
     except (RLMRequestError, OSError, ValueError) as exc:
-        err.print(f"[red]bad request[/red]: {exc}", soft_wrap=True)
-        return 2
+        return print_error(str(exc), 2, as_json=as_json, out=out, err=err)
     print_result(result, as_json=as_json, out=out, err=err)
     return 0 if result.status in {"completed", "partial"} else 1
 
@@ -151,18 +207,67 @@ def print_result(result: RLMResult, *, as_json: bool, out: Console, err: Console
     if as_json:
         out.print_json(result.model_dump_json())
         return
-    out.print(result.answer or "[dim](no answer)[/dim]")
+    if result.answer:
+        out.print(result.answer, markup=False, highlight=False)
+    else:
+        out.print("[dim](no answer)[/dim]")
     style = STATUS_STYLE.get(result.status, "white")
     cost = f"${result.cost:.4f}" if result.cost is not None else "n/a"
     err.print(
         f"[{style}]{result.status}[/{style}] · {result.iterations} iterations · "
         f"{result.total_sub_calls} sub-calls · {result.prompt_tokens + result.completion_tokens} "
-        f"tokens · cost {cost} · {result.execution_time_s:.1f} s · session {result.session_id}"
+        f"tokens · cost {cost} · {result.execution_time_s:.1f} s · session {result.session_id}",
+        soft_wrap=True,
     )
     if result.warning:
-        err.print(f"[yellow]warning[/yellow]: {result.warning}")
+        err.print(f"[yellow]warning[/yellow]: {escape(result.warning)}", soft_wrap=True)
     if result.error:
-        err.print(f"[red]error[/red]: {result.error}")
+        err.print(f"[red]error[/red]: {escape(result.error)}", soft_wrap=True)
+
+
+SESSION_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("started", "left"),
+    ("session", "left"),
+    ("org", "left"),
+    ("context", "left"),
+    ("status", "left"),
+    ("iter", "right"),
+    ("sub-calls", "right"),
+    ("cost", "right"),
+    ("seconds", "right"),
+    ("query", "left"),
+    ("error", "left"),
+)
+
+
+def sessions_table(frame: Any) -> Table:
+    """The sessions of `frame` (rows of `rlm_sessions`) as a table: when, which session, org,
+    context, status and figures, the query, and the error (or, failing that, the warning).
+    Cells wrap rather than being cut."""
+    table = Table(title=f"Recent RLM sessions ({frame.height})")
+    for column, justify in SESSION_COLUMNS:
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for r in frame.iter_rows(named=True):
+        style = STATUS_STYLE.get(r["status"], "white")
+        problem = (
+            f"[red]{escape(r['error_message'])}[/red]"
+            if r["error_message"]
+            else (f"[yellow]{escape(r['warning'])}[/yellow]" if r["warning"] else "")
+        )
+        table.add_row(
+            r["started_at"].strftime("%Y-%m-%d %H:%M:%S"),
+            r["session_id"],
+            r["org_id"],
+            r["context_type"],
+            f"[{style}]{r['status']}[/{style}]",
+            str(r["iterations"]),
+            str(r["sub_calls"]),
+            f"{r['cost_usd']:.4f}" if r["cost_usd"] is not None else "-",
+            f"{r['execution_time_s']:.1f}" if r["execution_time_s"] is not None else "-",
+            escape(r["query"] or ""),
+            problem,
+        )
+    return table
 
 
 def sessions_command(
@@ -175,52 +280,42 @@ def sessions_command(
     err: Console | None = None,
     settings: Settings | None = None,
 ) -> int:
-    """List recent RLM sessions from the lake; `sync` first copies missing rows to Postgres."""
+    """List recent RLM sessions from the lake (every column with `as_json`); `sync` first copies
+    missing rows to Postgres."""
     out = out or Console()
     err = err or Console(stderr=True)
     settings = settings or load_settings()
     if sync:
         if not settings.postgres_url:
-            err.print("[red]MEMCITY_POSTGRES_URL is not set[/red]: nothing to sync to")
-            return 1
+            return print_error(
+                "MEMCITY_POSTGRES_URL is not set: nothing to sync to",
+                2,
+                as_json=as_json,
+                out=out,
+                err=err,
+            )
         try:
             copied = SessionStore(settings.lake_dir, settings.postgres_url).sync_to_postgres()
         except Exception as exc:
-            err.print(f"[red]sync to Postgres failed[/red]: {type(exc).__name__}: {exc}")
-            return 1
+            return print_error(
+                f"sync to Postgres failed: {type(exc).__name__}: {exc}",
+                1,
+                as_json=as_json,
+                out=out,
+                err=err,
+            )
         err.print(f"copied {copied} session row(s) to Postgres")
     frame = read_sessions(settings.lake_dir, org_id=org).head(limit)
     if as_json:
         out.print_json(json.dumps(frame.to_dicts(), default=str))
         return 0
     if frame.is_empty():
-        err.print("no RLM session yet")
-        return 0
-    table = Table(title=f"Recent RLM sessions ({frame.height})")
-    for column in (
-        "started",
-        "org",
-        "context",
-        "status",
-        "iter",
-        "sub-calls",
-        "cost",
-        "seconds",
-        "query",
-    ):
-        table.add_column(column, justify="right" if column in {"iter", "sub-calls"} else "left")
-    for r in frame.iter_rows(named=True):
-        style = STATUS_STYLE.get(r["status"], "white")
-        table.add_row(
-            r["started_at"].strftime("%Y-%m-%d %H:%M:%S"),
-            r["org_id"],
-            r["context_type"],
-            f"[{style}]{r['status']}[/{style}]",
-            str(r["iterations"]),
-            str(r["sub_calls"]),
-            f"{r['cost_usd']:.4f}" if r["cost_usd"] is not None else "-",
-            f"{r['execution_time_s']:.1f}",
-            (r["query"] or "")[:60],
+        which = f" of org {org!r}" if org else ""
+        err.print(
+            f"no RLM session{which} yet in the lake at {settings.lake_dir}",
+            highlight=False,
+            soft_wrap=True,
         )
-    out.print(table)
+        return 0
+    print_wide(out, sessions_table(frame))
     return 0

@@ -141,6 +141,37 @@ def _llm_stage_metadata(
     }
 
 
+def _structure_counts(stats: StageStats, *, llm: bool) -> dict[str, Any]:
+    """Phase 1's figures, which partition the documents: each one was structured now (by the
+    LLM, or by the headings fallback when the LLM's answer was unusable, with the reasons), or
+    kept unchanged. Without an LLM (enrichment off) every document is structured by headings.
+    """
+    fallback = stats.failures
+    by_llm = stats.processed - fallback if llm else 0
+    by_headings = stats.processed - by_llm - fallback
+    parts = []
+    if llm:
+        parts.append(f"{by_llm} structured by the LLM")
+        why = " (the LLM's answer was unusable: see fallback_reasons)" if fallback else ""
+        parts.append(f"{fallback} by the headings fallback{why}")
+    else:
+        parts.append(f"{by_headings} structured by headings (enrichment off)")
+    parts.append(f"{stats.reused} unchanged")
+    return {
+        "summary": f"{stats.documents} document{'' if stats.documents == 1 else 's'}: "
+        + ", ".join(parts),
+        "documents": stats.documents,
+        "processed": stats.processed,
+        "structured_by_llm": by_llm,
+        "structured_by_headings": by_headings,
+        "failed": fallback,  # structured by the headings fallback (status `failed`, retried)
+        "fallback_reasons": dg.MetadataValue.md(
+            "\n".join(f"- {reason}" for reason in stats.failure_reasons) or "none"
+        ),
+        "unchanged": stats.reused,
+    }
+
+
 def _rlm_reader(
     context: dg.AssetExecutionContext,
     org: str,
@@ -261,13 +292,8 @@ def document_structure(
     after = _reading(client)
     return dg.MaterializeResult(
         metadata={
-            "summary": f"{stats.documents} documents: {stats.processed} structured, "
-            f"{stats.reused} unchanged, {stats.failures} failed",
+            **_structure_counts(stats, llm=client is not None),
             "dagster/row_count": stats.rows,
-            "documents": stats.documents,
-            "processed": stats.processed,
-            "unchanged": stats.reused,
-            "failed": stats.failures,
             **_llm_stage_metadata(
                 enrichment,
                 written,

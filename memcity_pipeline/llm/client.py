@@ -337,13 +337,19 @@ class LLMClient:
         max_tokens: int | None = None,
         schema: type[BaseModel] | None = None,
         use_cache: bool = True,
+        time_limit_s: float | None = None,
     ) -> LLMResult:
         """One chat completion; with `schema`, the answer validated into `parsed`.
 
-        `use_cache=False` neither reads nor writes the cache.
-        Raises LLMError (transport, after retries) or StructuredOutputError (invalid twice).
+        `use_cache=False` neither reads nor writes the cache. `time_limit_s` bounds the whole
+        call (waits for a free slot, retries and a repair included): each HTTP request gets
+        the time left as its timeout (never more than the client's `timeout_s`), so a request
+        still unanswered then is dropped, and no request starts once the time is spent.
+        Raises LLMError (transport, after retries, or out of time) or StructuredOutputError
+        (invalid twice).
         """
         started = time.monotonic()
+        until = None if time_limit_s is None else started + time_limit_s
         model = model or self.model
         self.stats.add(calls=1)
         send_messages = messages
@@ -365,7 +371,14 @@ class LLMClient:
                 return hit
         try:
             result = self._call(
-                send_messages, model, temperature, max_tokens, schema, response_format, started
+                send_messages,
+                model,
+                temperature,
+                max_tokens,
+                schema,
+                response_format,
+                started,
+                until,
             )
         except LLMError:
             self.stats.add(failures=1)
@@ -453,9 +466,11 @@ class LLMClient:
         schema: type[BaseModel] | None,
         response_format: dict[str, Any] | None,
         started: float,
+        until: float | None = None,
     ) -> LLMResult:
-        """Send, validate, repair once if needed; totals cover every request of the call."""
-        first = self._send(messages, model, temperature, max_tokens, response_format)
+        """Send, validate, repair once if needed; totals cover every request of the call
+        (which ends by `until`, a `time.monotonic()` value, when given)."""
+        first = self._send(messages, model, temperature, max_tokens, response_format, until)
         answers = [first]
         parsed = None
         text = first.text
@@ -466,7 +481,7 @@ class LLMClient:
                 self.stats.add(repairs=1)
                 log.info("structured answer invalid (%s); asking for a repair", exc)
                 fix = repair_messages(messages, first.text, str(exc))
-                second = self._send(fix, model, temperature, max_tokens, response_format)
+                second = self._send(fix, model, temperature, max_tokens, response_format, until)
                 answers.append(second)
                 text = second.text
                 try:
@@ -497,8 +512,10 @@ class LLMClient:
         temperature: float,
         max_tokens: int | None,
         response_format: dict[str, Any] | None,
+        until: float | None = None,
     ) -> _Answer:
-        """One chat completion over HTTP under the retry policy; spend goes into `stats`."""
+        """One chat completion over HTTP under the retry policy, ending by `until` (a
+        `time.monotonic()` value) when given; spend goes into `stats`."""
         params: dict[str, Any] = {
             "model": model,
             "messages": messages,
@@ -512,7 +529,7 @@ class LLMClient:
             params["extra_body"] = self.extra_body
         try:
             done = retry_call(
-                lambda: self._attempt(params),
+                lambda: self._attempt(params, until),
                 self.retry_policy,
                 what=f"LLM call to {model}",
                 classify=_classify,
@@ -531,26 +548,52 @@ class LLMClient:
         """Seconds before retry number `attempt`: Retry-After (capped), else full jitter."""
         return self.retry_policy.delay(attempt, retry_after_s)
 
-    def _attempt(self, params: dict[str, Any]) -> _Answer:
-        """One HTTP request under the concurrency bound; classifies every failure."""
-        self.stats.add(requests=1)
-        with self._semaphore:
-            try:
-                response = self._openai.chat.completions.create(**params)
-            except openai.APITimeoutError as exc:
-                raise Transient(f"timed out after {self.timeout_s:g}s") from exc
-            except openai.APIConnectionError as exc:
-                cause = exc.__cause__ or exc
-                raise Transient(f"connection error ({type(cause).__name__}: {cause})") from exc
-            except openai.APIStatusError as exc:
-                raise self._classify_status(exc) from exc
-            except openai.APIResponseValidationError as exc:
-                raise Transient(f"malformed response: {exc}") from exc
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise Transient(f"response body is not valid JSON: {exc}") from exc
+    def _attempt(self, params: dict[str, Any], until: float | None = None) -> _Answer:
+        """One HTTP request under the concurrency bound, within `until` (a `time.monotonic()`
+        value) when given; classifies every failure."""
+        if not self._acquire_slot(until):
+            raise self._out_of_time(params["model"])
+        try:
+            timeout = self._request_timeout(until)
+            if timeout <= 0:
+                raise self._out_of_time(params["model"])
+            self.stats.add(requests=1)
+            response = self._request(params, timeout)
+        finally:
+            self._semaphore.release()
         answer = _read_answer(response, params["model"])
         self.stats.add(answer.usage)
         return answer
+
+    def _acquire_slot(self, until: float | None) -> bool:
+        """Take a slot of the concurrency bound; False when `until` passes first."""
+        if until is None:
+            return self._semaphore.acquire()
+        left = until - time.monotonic()
+        return left > 0 and self._semaphore.acquire(timeout=left)
+
+    def _request_timeout(self, until: float | None) -> float:
+        """The timeout of the next HTTP request: the client's, or less when `until` is nearer."""
+        return self.timeout_s if until is None else min(self.timeout_s, until - time.monotonic())
+
+    def _out_of_time(self, model: str) -> LLMError:
+        return LLMError(f"LLM call to {model} at {self.base_url} ran out of its time limit")
+
+    def _request(self, params: dict[str, Any], timeout: float) -> Any:
+        """The HTTP request itself (`timeout` seconds at most); every failure classified."""
+        try:
+            return self._openai.chat.completions.create(**params, timeout=timeout)
+        except openai.APITimeoutError as exc:
+            raise Transient(f"timed out after {round(timeout, 2):g}s") from exc
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            raise Transient(f"connection error ({type(cause).__name__}: {cause})") from exc
+        except openai.APIStatusError as exc:
+            raise self._classify_status(exc) from exc
+        except openai.APIResponseValidationError as exc:
+            raise Transient(f"malformed response: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise Transient(f"response body is not valid JSON: {exc}") from exc
 
     def _classify_status(self, exc: openai.APIStatusError) -> Exception:
         """A Transient for 408, 409, 429 and 5xx (with Retry-After), an LLMError for other

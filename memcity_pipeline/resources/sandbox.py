@@ -20,9 +20,8 @@ from memcity_pipeline.sandbox.snapshot import DEFAULT_SNAPSHOT
 
 
 class Isolation(StrEnum):
-    """How a local session is isolated."""
+    """How a local session is isolated: `bwrap` (required: fail closed) or `none` (opt-out)."""
 
-    auto = "auto"
     bwrap = "bwrap"
     none = "none"
 
@@ -89,12 +88,17 @@ class SandboxResource(dg.ConfigurableResource):
 
 
 class LocalSandboxResource(SandboxResource):
-    """Each session is a local process: bubblewrap-isolated when it can run, with limits."""
+    """Each session is a local process isolated by bubblewrap (refused when it cannot be, unless
+    isolation is `none`), with limits."""
 
     sessions_root: str = Field(description="Folder of the sessions' working directories.")
     isolation: Isolation = Field(
-        default=Isolation.auto,
-        description="`auto` (bwrap if it runs, else limits only), `bwrap`, `none`.",
+        default=Isolation.bwrap,
+        description="`bwrap` (sessions are refused when bubblewrap cannot isolate them) or "
+        "`none` (no isolation, limits only: trusted code only).",
+    )
+    bwrap: str | None = Field(
+        default=None, description="The bubblewrap binary; default `bwrap` on PATH."
     )
     cpu_seconds: int = Field(default=300, gt=0, description="CPU seconds per session process.")
     memory_mb: int = Field(default=2048, gt=0, description="Address-space limit per session.")
@@ -121,6 +125,7 @@ class LocalSandboxResource(SandboxResource):
             exec_timeout_s=self.exec_timeout_s,
             max_llm_concurrency=self.max_llm_concurrency,
             isolation=self.isolation.value,  # type: ignore[arg-type]
+            bwrap=self.bwrap,
             python=self.python,
             js_interpreter=self.bun,
         )

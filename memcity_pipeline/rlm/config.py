@@ -112,7 +112,8 @@ class RLMResult(BaseModel):
     execution_time_s: float = 0.0
     context_type: str
     context_chars: int = 0
-    context_items: int = 0
+    context_items: int = 0  # items loaded into the sandbox
+    context_total_items: int = 0  # items there were (more than loaded when a cap cut them)
     root_model: str | None = None
     sub_model: str | None = None
     runtime: str = "python"

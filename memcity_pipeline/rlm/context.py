@@ -9,6 +9,9 @@ Context types (the spec's `contextType`):
 - ``conversation``: a user's conversation sessions (the most recent 50), one string per session;
 - ``custom``: the string or list the caller gives.
 
+A cap keeps the total count: `GatheredContext.cap_note` says what was kept ("the most recent
+1,000 of 1,200 memories"), for the root LLM and for the query's warning.
+
 Every check (missing parameter, unknown org, user or knowledge base, empty context) raises
 :class:`ContextError` before anything else happens, so a bad request costs no LLM call.
 """
@@ -50,6 +53,16 @@ class GatheredContext:
     truncated: bool = False  # True when a cap (1,000 / 5,000 / 50) cut the context
     total_available: int = 0  # items there were before the cap
     extra: dict[str, Any] = field(default_factory=dict)
+    kept: str = "first"  # which items a cap keeps: `first` or `most recent`
+    unit: str = "items"  # what an item is, in the plural: memories, chunks, ...
+
+    @property
+    def cap_note(self) -> str | None:
+        """What a cap kept, e.g. "the most recent 1,000 of 1,200 memories" (None when the
+        context is whole)."""
+        if not self.truncated:
+            return None
+        return f"the {self.kept} {self.item_count:,} of {self.total_available:,} {self.unit}"
 
     @property
     def item_count(self) -> int:
@@ -142,7 +155,8 @@ def custom(custom_context: str | list[Any] | None) -> GatheredContext:
         json.dumps(custom_context)
     except (TypeError, ValueError) as exc:
         raise ContextError(f"custom_context is not JSON-serialisable: {exc}") from exc
-    return GatheredContext("custom", custom_context, "custom", total_available=len(custom_context))
+    items = len(custom_context) if isinstance(custom_context, list) else 1
+    return GatheredContext("custom", custom_context, "custom", total_available=items)
 
 
 def _ts(value: Any) -> str:
@@ -163,7 +177,13 @@ def memories(lake: Path, org_id: str, user_id: str) -> GatheredContext:
         for row in frame.iter_rows(named=True)
     ]
     return GatheredContext(
-        "memories", items, f"memories/{org_id}/{user_id}", total > MAX_MEMORIES, total
+        "memories",
+        items,
+        f"memories/{org_id}/{user_id}",
+        total > MAX_MEMORIES,
+        total,
+        kept="most recent",
+        unit="memories",
     )
 
 
@@ -187,7 +207,13 @@ def conversations(lake: Path, org_id: str, user_id: str) -> GatheredContext:
         lines += [f"{r['role']}: {r['content']}" for r in turns.iter_rows(named=True)]
         items.append("\n".join(lines))
     return GatheredContext(
-        "conversation", items, f"conversations/{org_id}/{user_id}", total > MAX_SESSIONS, total
+        "conversation",
+        items,
+        f"conversations/{org_id}/{user_id}",
+        total > MAX_SESSIONS,
+        total,
+        kept="most recent",
+        unit="conversation sessions",
     )
 
 
@@ -215,7 +241,12 @@ def documents(lake: Path, org_id: str, kb_id: str) -> GatheredContext:
         frame = frame.sort(["document_id", "ordinal"]).head(MAX_CHUNKS)
         items = [_chunk_text(row) for row in frame.iter_rows(named=True)]
     return GatheredContext(
-        "documents", items, f"{table}/{org_id}/{kb_id}", total > MAX_CHUNKS, total
+        "documents",
+        items,
+        f"{table}/{org_id}/{kb_id}",
+        total > MAX_CHUNKS,
+        total,
+        unit="documents (by id)" if table == "raw_documents" else "chunks (in document order)",
     )
 
 

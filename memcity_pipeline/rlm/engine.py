@@ -2,7 +2,11 @@
 
 - :class:`HostLM` is an `rlms` client (`BaseLM`) over our :class:`LLMClient`: usage and cost
   land in `rlms`'s `LMHandler` (so `max_budget` works), and every call is bounded by the time
-  left (`Deadline`) and the budget left (`Spend`).
+  left (`Deadline`) and the budget left (`Spend`). A call abandoned at the deadline runs out
+  on a daemon thread with the time left as its limit: it never holds the process.
+- :class:`Deadline` also records what the time ran out during (a root LLM call, a sub-call, a
+  code execution; a child RLM's are named as such), so a timeout says where the time went.
+  An iteration counts once the root LLM has answered it.
 - :class:`SandboxREPL` is an `rlms` environment whose `execute_code` runs in a persistent
   session of the sandbox resource; `llm_query` calls made in the sandbox come back to the host
   (the session's LLM handler) and are answered through the same `LMHandler` clients.
@@ -23,16 +27,17 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from rlm import RLM
 from rlm.clients.base_lm import BaseLM
 from rlm.core.lm_handler import LMHandler
 from rlm.core.types import (
+    CodeBlock,
     ModelUsageSummary,
     REPLResult,
     RLMChatCompletion,
@@ -42,6 +47,7 @@ from rlm.core.types import (
 from rlm.environments.base_env import IsolatedEnv
 from rlm.logger import RLMLogger
 from rlm.utils.exceptions import BudgetExceededError, TimeoutExceededError
+from rlm.utils.parsing import find_code_blocks
 
 from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.llm.usage import Usage
@@ -49,6 +55,7 @@ from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages, descri
 from memcity_pipeline.sandbox.base import SandboxError, SandboxSession
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PRELUDE = '''
 def FINAL(answer):
@@ -110,13 +117,33 @@ _TEXT_FINAL = re.compile(r"^\s*FINAL\((?P<body>.*)\)\s*$", re.DOTALL | re.MULTIL
 _TEXT_FINAL_VAR = re.compile(r"^\s*FINAL_VAR\(\s*['\"]?(?P<name>\w+)['\"]?\s*\)\s*$", re.MULTILINE)
 
 
+ROOT_CALL = "a root LLM call"
+SUB_CALL = "a sub-call (llm_query from the sandboxed code)"
+CODE_EXECUTION = "code execution in the sandbox"
+SANDBOX_START = "opening the sandbox and loading the context"
+
+
+def scoped(what: str, depth: int) -> str:
+    """`what` of the RLM at `depth` (0: the query's own; deeper: a child RLM's)."""
+    return what if depth == 0 else f"{what} of the child RLM at depth {depth}"
+
+
 class Deadline:
-    """The wall-clock end of a query (None: no limit)."""
+    """The wall-clock end of a query (None: no limit), and what the time ran out during.
+
+    The steps that spend the query's time (a root LLM call, a sub-call, a code execution) run
+    inside `activity(what)`. The first step to end after the deadline records the innermost step
+    then in progress (a sub-call inside an execution is the sub-call), so every timeout message
+    of the query (`error()`) names where the time went, whichever check raises it.
+    """
 
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
         self.started = time.monotonic()
         self.at = None if seconds is None else self.started + seconds
+        self.ran_out_during: str | None = None
+        self._active: list[str] = []  # steps in progress, in the order they started
+        self._lock = threading.Lock()
 
     def remaining(self) -> float | None:
         """Seconds left (may be negative), or None without a limit."""
@@ -129,14 +156,38 @@ class Deadline:
         left = self.remaining()
         return left is not None and left <= 0
 
-    def error(self, what: str) -> TimeoutExceededError:
-        """The rlms timeout exception, for `what` (an LLM call, an execution)."""
+    @contextmanager
+    def activity(self, what: str) -> Iterator[None]:
+        """Run a step that spends the query's time; see the class docstring."""
+        with self._lock:
+            self._active.append(what)
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self.ran_out_during is None and self.exceeded():
+                    self.ran_out_during = self._active[-1]
+                self._active.remove(what)
+
+    def ran_out(self, what: str) -> None:
+        """Record that the time ran out during `what` (unless a step was recorded already)."""
+        with self._lock:
+            if self.ran_out_during is None:
+                self.ran_out_during = what
+
+    def error(
+        self, what: str | None = None, partial_answer: str | None = None
+    ) -> TimeoutExceededError:
+        """The rlms timeout exception, naming the step the time ran out during (the recorded
+        one, else `what`)."""
         elapsed = self.elapsed()
+        during = self.ran_out_during or what
+        where = f": the time ran out during {during}" if during else ""
         return TimeoutExceededError(
             elapsed=elapsed,
             timeout=self.seconds or 0.0,
-            message=f"max_timeout of {self.seconds:g} s reached during {what} "
-            f"({elapsed:.1f} s elapsed)",
+            partial_answer=partial_answer,
+            message=f"max_timeout of {self.seconds:g} s reached after {elapsed:.1f} s{where}",
         )
 
 
@@ -184,6 +235,9 @@ class HostLM(BaseLM):
 
     Root calls (the loop's) and sub-calls (the sandbox's `llm_query`) share the same `Spend`;
     `sub` says which kind this instance serves by default (`completion(..., sub=True)` too).
+    Each request runs on a daemon thread with the time left as its own limit: a call abandoned
+    at the deadline neither keeps the query waiting nor holds the process at exit, and its HTTP
+    request is dropped when that time is up. `depth` names the RLM in timeout messages.
     """
 
     def __init__(
@@ -194,14 +248,14 @@ class HostLM(BaseLM):
         deadline: Deadline,
         spend: Spend,
         max_tokens: int | None = None,
-        max_workers: int = 16,
+        depth: int = 0,
     ) -> None:
         super().__init__(model_name=model_name, timeout=client.timeout_s)
         self.client = client
         self.deadline = deadline
         self.spend = spend
         self.max_tokens = max_tokens
-        self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix=f"rlm-llm-{model_name}")
+        self.depth = depth
         self._lock = threading.Lock()
         self._local = threading.local()
         self._usage = Usage()
@@ -209,7 +263,7 @@ class HostLM(BaseLM):
     def completion(self, prompt: str | list[dict[str, Any]], sub: bool = False) -> str:
         """One chat completion; TimeoutExceededError when the query's time runs out first."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        what = "a sub-LLM call" if sub else "a root LLM call"
+        what = scoped(SUB_CALL if sub else ROOT_CALL, self.depth)
         if self.spend.over_budget():
             raise BudgetExceededError(
                 spent=self.spend.cost_usd or 0.0,
@@ -219,18 +273,22 @@ class HostLM(BaseLM):
         left = self.deadline.remaining()
         if left is not None and left <= 0:
             raise self.deadline.error(what)
-        future = self._pool.submit(
-            self.client.complete,
-            messages,
-            model=self.model_name,
-            max_tokens=self.max_tokens,
-            use_cache=False,
-        )
-        try:
-            result = future.result(timeout=left)
-        except FutureTimeout:
-            future.cancel()
-            raise self.deadline.error(what) from None
+        with self.deadline.activity(what):
+            future = _on_daemon_thread(
+                lambda: self.client.complete(
+                    messages,
+                    model=self.model_name,
+                    max_tokens=self.max_tokens,
+                    use_cache=False,
+                    time_limit_s=left,
+                ),
+                name=f"rlm-llm-{self.model_name}",
+            )
+            try:
+                result = future.result(timeout=left)
+            except FutureTimeout:
+                self.deadline.ran_out(what)
+                raise self.deadline.error(what) from None
         usage = result.usage
         with self._lock:
             self._usage = self._usage + usage
@@ -252,8 +310,24 @@ class HostLM(BaseLM):
         return getattr(self._local, "last", ModelUsageSummary(0, 0, 0, None))
 
     def close(self) -> None:
-        """Stop waiting for calls still in flight (they end at the client's own timeout)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to wait for: calls still in flight end on their own, on daemon threads, by
+        their time limit."""
+
+
+def _on_daemon_thread(fn: Callable[[], T], *, name: str) -> "Future[T]":
+    """`fn()` run on a new daemon thread; its outcome in the returned future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # the waiting caller gets it from the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _summary(usage: Usage) -> ModelUsageSummary:
@@ -378,10 +452,12 @@ class SandboxREPL(IsolatedEnv):
         started = time.perf_counter()
         self.executions += 1
         self.broker.take()
+        what = scoped(CODE_EXECUTION, self.depth - 1)
         if self.deadline.exceeded():
-            raise self.deadline.error("code execution")
+            raise self.deadline.error(what)
         try:
-            result = self.session.execute(code, timeout_s=self._timeout())
+            with self.deadline.activity(what):
+                result = self.session.execute(code, timeout_s=self._timeout())
         except SandboxError as exc:
             self.errors += 1
             return REPLResult(
@@ -505,6 +581,7 @@ class SandboxRLM(RLM):
             deadline=self.deadline,
             spend=self.spend,
             max_tokens=self.max_tokens_per_call,
+            depth=self.depth,
         )
         self._clients.append(client)
         return client
@@ -533,19 +610,20 @@ class SandboxRLM(RLM):
         environment: SandboxREPL | None = None
         try:
             self._notify("sandbox_opening")
-            session = self.open_session(broker)
-            try:
-                environment = SandboxREPL(
-                    session,
-                    broker,
-                    self.deadline,
-                    context_payload=prompt,
-                    exec_timeout_s=self.exec_timeout_s,
-                    depth=self.depth + 1,
-                )
-            except BaseException:
-                session.close()
-                raise
+            with self.deadline.activity(scoped(SANDBOX_START, self.depth)):
+                session = self.open_session(broker)
+                try:
+                    environment = SandboxREPL(
+                        session,
+                        broker,
+                        self.deadline,
+                        context_payload=prompt,
+                        exec_timeout_s=self.exec_timeout_s,
+                        depth=self.depth + 1,
+                    )
+                except BaseException:
+                    session.close()
+                    raise
             self.environment = environment
             self._notify("context_loaded")
             yield handler, environment
@@ -594,13 +672,34 @@ class SandboxRLM(RLM):
         """Our system prompt and the metadata message (never the context itself)."""
         return build_messages(self.system_prompt, self.metadata, root_prompt or self.query)
 
+    def _check_timeout(self, iteration: int, time_start: float) -> None:
+        """The query's deadline (shared with child RLMs), checked before each iteration; the
+        timeout names the step the time ran out during."""
+        if self.deadline.exceeded():
+            raise self.deadline.error(partial_answer=self._best_partial_answer)
+
     def _completion_turn(
         self, prompt: str | dict[str, Any], lm_handler: LMHandler, environment: Any
     ) -> RLMIteration:
-        """One iteration, plus FINAL(...) written as plain text outside a code block."""
+        """One iteration (as rlms's), plus FINAL(...) written as plain text outside a code
+        block. It counts in `iterations_run` once the root LLM has answered: a root call cut
+        by the deadline is no turn made."""
+        started = time.perf_counter()
+        self._notify("iteration_start", iteration=self.iterations_run + 1)
+        response = lm_handler.completion(prompt)
         self.iterations_run += 1
-        self._notify("iteration_start", iteration=self.iterations_run)
-        iteration = super()._completion_turn(prompt, lm_handler, environment)
+        if response and response.strip():
+            self._best_partial_answer = response
+        code_blocks = [
+            CodeBlock(code=code, result=environment.execute_code(code))
+            for code in find_code_blocks(response)
+        ]
+        iteration = RLMIteration(
+            prompt=prompt,
+            response=response,
+            code_blocks=code_blocks,
+            iteration_time=time.perf_counter() - started,
+        )
         if not iteration.code_blocks:
             text_final = self._text_final(iteration)
             if text_final is not None:
@@ -628,24 +727,14 @@ class SandboxRLM(RLM):
             return body or None
         return None
 
-    def _check_iteration_limits(
-        self, iteration: RLMIteration, iteration_num: int, lm_handler: LMHandler
-    ) -> None:
-        """rlms's checks, after keeping this iteration's reply as the best answer so far."""
-        if iteration.response and iteration.response.strip():
-            self._best_partial_answer = iteration.response
-        super()._check_iteration_limits(iteration, iteration_num, lm_handler)
-
     def _default_answer(self, message_history: list[dict[str, Any]], lm_handler: LMHandler) -> str:
         """Out of iterations: ask the root model for its best answer (rlms's behaviour)."""
         self.hit_iteration_cap = True
         return super()._default_answer(message_history, lm_handler)
 
 
-def _text_final_block(answer: str) -> Any:
+def _text_final_block(answer: str) -> CodeBlock:
     """A code-block record carrying a plain-text FINAL answer (so the loop stops on it)."""
-    from rlm.core.types import CodeBlock
-
     return CodeBlock(
         code="# FINAL(...) given as text",
         result=REPLResult(stdout="", stderr="", locals={}, execution_time=0.0, final_answer=answer),

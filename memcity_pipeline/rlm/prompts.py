@@ -88,6 +88,7 @@ class ContextMetadata:
     sample: str
     truncated: bool = False
     total_available: int = 0
+    cap_note: str | None = None  # what a cap kept: "the most recent 1,000 of 1,200 memories"
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict form (for the session log)."""
@@ -103,7 +104,12 @@ def _short(text: str, limit: int = SAMPLE_CHARS) -> str:
 
 
 def describe_context(
-    context_type: str, payload: str | list[Any], *, truncated: bool = False, total: int = 0
+    context_type: str,
+    payload: str | list[Any],
+    *,
+    truncated: bool = False,
+    total: int = 0,
+    cap_note: str | None = None,
 ) -> ContextMetadata:
     """Metadata of a context: type, sizes and a short sample, never the whole of it."""
     if isinstance(payload, str):
@@ -117,6 +123,7 @@ def describe_context(
             _short(payload),
             truncated,
             total or 1,
+            cap_note,
         )
     sizes = [_item_chars(item) for item in payload] or [0]
     first = payload[0] if payload else ""
@@ -131,6 +138,7 @@ def describe_context(
         _short(sample),
         truncated,
         total or len(payload),
+        cap_note,
     )
 
 
@@ -159,9 +167,8 @@ def metadata_message(meta: ContextMetadata, query: str) -> str:
         f"It is {shape}.",
     ]
     if meta.truncated:
-        lines.append(
-            f"Only the first {meta.items:,} of {meta.total_available:,} items were loaded."
-        )
+        kept = meta.cap_note or f"the first {meta.items:,} of {meta.total_available:,} items"
+        lines.append(f"It holds {kept}: a cap left the rest out.")
     label = "Start of the context" if meta.value_type == "str" else "First item"
     lines += ["", f"{label} (a sample, not the whole):", meta.sample]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ runs again on ``python`` if ``runtime_fallback_to_python`` (the default); the se
 the requested runtime, the one used and the reason. Cost, tokens and the time limit cover both
 attempts.
 
-This module stays whole (about 450 lines) because it is one flow: a request, its attempts, and
+This module stays whole (about 500 lines) because it is one flow: a request, its attempts, and
 the session row they end in.
 """
 
@@ -316,6 +316,7 @@ class _Run:
             self.gathered.payload,
             truncated=self.gathered.truncated,
             total=self.gathered.total_available,
+            cap_note=self.gathered.cap_note,
         )
         engine = SandboxRLM(
             client=client,
@@ -378,6 +379,13 @@ class _Run:
         if limit_warning:
             self.warning = f"{self.warning}; {limit_warning}" if self.warning else limit_warning
 
+    def _warnings(self) -> str | None:
+        """The run's warnings (fallback, limit) and what a context cap left out, as one text."""
+        parts = [self.warning] if self.warning else []
+        if self.gathered.cap_note:
+            parts.append(f"the context was capped: {self.gathered.cap_note} were loaded")
+        return "; ".join(parts) or None
+
     def finish(self, store: SessionStore) -> RLMResult:
         """Record the session (Parquet, then Postgres) and build the result."""
         ended = now_utc()
@@ -395,13 +403,14 @@ class _Run:
             cost=self.spend.cost_usd,
             prompt_tokens=self.spend.prompt_tokens,
             completion_tokens=self.spend.completion_tokens,
-            warning=self.warning,
+            warning=self._warnings(),
             error=self.error,
             session_id=self.session_id,
             execution_time_s=round(elapsed, 3),
             context_type=self.gathered.context_type,
             context_chars=self.gathered.char_count,
             context_items=self.gathered.item_count,
+            context_total_items=self.gathered.total_available,
             root_model=self.root_model,
             sub_model=self.sub_model,
             runtime=self.cfg.runtime,

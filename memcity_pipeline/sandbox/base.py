@@ -28,7 +28,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -135,6 +135,72 @@ class SandboxBackend(ABC):
         self.close()
 
 
+class DaemonPool:
+    """At most `max_workers` tasks at a time on daemon threads, started as needed.
+
+    Unlike a `ThreadPoolExecutor`, whose threads the interpreter joins at exit, a task still
+    running (an LLM request nobody waits for any more) never holds the process; `shutdown()`
+    drops the tasks not started yet. Idle workers are reused first (one release of `_idle` per
+    idle worker, as in `ThreadPoolExecutor`).
+    """
+
+    def __init__(self, max_workers: int, name: str) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.max_workers = max_workers
+        self.name = name
+        self._tasks: queue.SimpleQueue[tuple[Future, Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._workers = 0
+        self._shut = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run `fn(*args)` on a worker; its outcome in the returned future."""
+        future: Future = Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError(f"{self.name}: the pool is shut down")
+            self._tasks.put((future, lambda: fn(*args)))
+            if not self._idle.acquire(blocking=False) and self._workers < self.max_workers:
+                self._workers += 1
+                threading.Thread(
+                    target=self._work, name=f"{self.name}_{self._workers}", daemon=True
+                ).start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, call = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as exc:  # the future carries it to its reader
+                    future.set_exception(exc)
+            del task, future, call
+            self._idle.release()
+
+    def shutdown(self) -> None:
+        """Cancel the tasks not started; the running ones finish on their own (unawaited)."""
+        with self._lock:
+            self._shut = True
+            workers = self._workers
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in range(workers):
+            self._tasks.put(None)
+
+
 class _Batch:
     """Answers of one `llm_request`, filled in by pool threads."""
 
@@ -181,7 +247,7 @@ class ReplClient:
         self._request_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._dead: str | None = None
-        self._llm_pool = ThreadPoolExecutor(max_llm_concurrency, thread_name_prefix=f"{name}-llm")
+        self._llm_pool = DaemonPool(max_llm_concurrency, f"{name}-llm")
         self._reader = threading.Thread(
             target=self._pump, args=(lines,), name=f"{name}-reader", daemon=True
         )
@@ -239,7 +305,10 @@ class ReplClient:
             return
         batch = _Batch(request_id, len(prompts))
         for index, prompt in enumerate(prompts):
-            future = self._llm_pool.submit(self._ask_one, str(prompt), model)
+            try:
+                future = self._llm_pool.submit(self._ask_one, str(prompt), model)
+            except RuntimeError:  # the session is closing: nobody will read the answer
+                return
             future.add_done_callback(lambda f, i=index: self._collect(batch, i, f))
 
     def _ask_one(self, prompt: str, model: str | None) -> str:
@@ -249,6 +318,8 @@ class ReplClient:
         return str(answers[0])
 
     def _collect(self, batch: _Batch, index: int, future: Future) -> None:
+        if future.cancelled():  # dropped when the session closed
+            return
         exc = future.exception()
         with batch.lock:
             if exc is None:
@@ -419,12 +490,13 @@ class ReplClient:
                 log.warning("%s: kill failed: %s", self.name, exc)
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Ask the server to exit; kill it if it does not; stop the LLM pool."""
+        """Ask the server to exit; kill it if it does not; stop the LLM pool (prompts still
+        being answered are abandoned, on daemon threads)."""
         if self._dead is None:
             with contextlib.suppress(SandboxError):
                 self.request({"type": "shutdown"}, "bye", timeout_s)
             self._mark_dead(f"{self.name}: the session is closed")
-        self._llm_pool.shutdown(wait=False, cancel_futures=True)
+        self._llm_pool.shutdown()
 
 
 def _parse_server_line(line: str | bytes) -> dict[str, Any] | None:

@@ -22,13 +22,16 @@ else the project's ``node_modules`` Bun, else ``node`` >= 20 on PATH). Either wa
   also capped at ``memory_mb`` with ``--max-old-space-size``); its own session and process group; a wall-clock timeout per execution
   (soft in the server, then a hard kill of the process group and the session uid's processes).
 
-Where ``bwrap`` cannot run (no user namespaces, a seccomp profile that forbids them), the same
-server starts **without** the filesystem, PID and network isolation: only the limits, the
-scrubbed environment, its own working directory and, as root, its own uid. That is logged as a
-warning once per backend and shown by ``LocalSandboxBackend.isolated``.
+**Fail closed.** Where ``bwrap`` cannot run (missing, no user namespaces, a seccomp profile
+that forbids them), opening a session raises a one-line :class:`SandboxError` saying how to fix
+it (:func:`isolation_refusal`): no LLM-written code runs. Only an explicit ``isolation="none"``
+(``MEMCITY_SANDBOX_ISOLATION=none``) starts the same server **without** the filesystem, PID and
+network isolation: only the limits, the scrubbed environment, its own working directory and, as
+root, its own uid. That is logged as a loud warning once per backend and shown by
+``LocalSandboxBackend.isolated``.
 
 This module stays whole: the bwrap command line, the resource limits, interpreter discovery and
-the fallback without namespaces are one isolation story, reviewed together.
+the opt-out without namespaces are one isolation story, reviewed together.
 """
 
 import contextlib
@@ -67,7 +70,9 @@ from memcity_pipeline.sandbox.base import (
 
 log = logging.getLogger(__name__)
 
-Isolation = Literal["auto", "bwrap", "none"]
+Isolation = Literal["bwrap", "none"]
+ISOLATIONS: tuple[Isolation, ...] = ("bwrap", "none")
+DEFAULT_BWRAP = "/usr/bin/bwrap"
 SANDBOX_HOME = "/home/sandbox"
 SANDBOX_SERVER = "/opt/memcity/repl_server.py"
 SANDBOX_JS_SERVER = "/opt/memcity/repl_server.js"
@@ -293,10 +298,26 @@ def bwrap_trial(bwrap: str, python: str) -> str | None:
         try:
             done = subprocess.run(argv, capture_output=True, text=True, timeout=30, env={})
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"bwrap trial failed: {exc}"
+            return f"a trial run of {bwrap} failed: {exc}"
     if done.returncode != 0 or not done.stdout.startswith("ok"):
-        return f"bwrap trial exited {done.returncode}: {done.stderr.strip()[-500:]}"
+        detail = done.stderr.strip()[-500:] or "no error output"
+        return f"a trial run of {bwrap} exited {done.returncode}: {detail}"
     return None
+
+
+def find_bwrap() -> str:
+    """The bubblewrap binary: ``bwrap`` on PATH, else :data:`DEFAULT_BWRAP`."""
+    return shutil.which("bwrap") or DEFAULT_BWRAP
+
+
+def isolation_refusal(reason: str) -> str:
+    """The one-line refusal to run code without isolation, with `reason` and the three fixes."""
+    reason = " ".join(reason.split())
+    return (
+        f"bubblewrap cannot isolate sandboxed code here ({reason}): install bubblewrap with "
+        "user namespaces enabled, use MEMCITY_SANDBOX=daytona, or set "
+        "MEMCITY_SANDBOX_ISOLATION=none to run it without isolation"
+    )
 
 
 class _TrialDir:
@@ -534,11 +555,12 @@ def _lines(stream: IO[str]) -> Iterator[str]:
 
 
 class LocalSandboxBackend(SandboxBackend):
-    """Sessions as local processes: isolated with bwrap, or (fallback) limits only.
+    """Sessions as local processes: isolated with bwrap, or (explicit opt-out) limits only.
 
-    `isolation`: ``auto`` (bwrap if a trial run works, else fallback with a warning),
-    ``bwrap`` (fail if it cannot run) or ``none`` (never use bwrap). `js_interpreter`: the
-    binary of the ``bun`` runtime (default: :func:`find_js_interpreter`'s search).
+    `isolation`: ``bwrap`` (the default: a trial run decides once; if bwrap cannot isolate,
+    every `open_session` raises :func:`isolation_refusal`'s SandboxError) or ``none`` (never use
+    bwrap; a loud warning). `bwrap`: its binary (default :func:`find_bwrap`). `js_interpreter`:
+    the binary of the ``bun`` runtime (default: :func:`find_js_interpreter`'s search).
     """
 
     name = "local"
@@ -557,14 +579,14 @@ class LocalSandboxBackend(SandboxBackend):
         kill_grace_s: float = 2.0,
         max_llm_concurrency: int = 4,
         max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
-        isolation: Isolation = "auto",
-        bwrap: str = "/usr/bin/bwrap",
+        isolation: Isolation = "bwrap",
+        bwrap: str | None = None,
         python: str | None = None,
         js_interpreter: str | None = None,
         start_timeout_s: float = 30.0,
     ) -> None:
-        if isolation not in ("auto", "bwrap", "none"):
-            raise ValueError(f"isolation must be auto, bwrap or none, not {isolation!r}")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be bwrap or none, not {isolation!r}")
         self.sessions_root = Path(sessions_root).resolve()
         self.cpu_seconds = cpu_seconds
         self.memory_mb = memory_mb
@@ -577,7 +599,7 @@ class LocalSandboxBackend(SandboxBackend):
         self.max_llm_concurrency = max_llm_concurrency
         self.max_output_chars = max_output_chars
         self.isolation = isolation
-        self.bwrap = bwrap
+        self.bwrap = bwrap or find_bwrap()
         self.python = Path(python) if python else default_python()
         self.js_interpreter = js_interpreter
         self.start_timeout_s = start_timeout_s
@@ -588,28 +610,29 @@ class LocalSandboxBackend(SandboxBackend):
 
     @property
     def isolated(self) -> bool:
-        """True when sessions run inside bwrap; decided once (a trial run) and then fixed."""
+        """True when sessions run inside bwrap, False when isolation is turned off.
+
+        Decided once (a trial run of bwrap) and then fixed. Raises SandboxError (one line, see
+        :func:`isolation_refusal`) when bwrap is required and cannot isolate: fail closed.
+        """
         if self._isolated is None:
             self._isolated = self._decide_isolation()
         return self._isolated
 
     def _decide_isolation(self) -> bool:
-        if self.isolation == "none":
-            reason = "isolation is turned off by configuration (isolation='none')"
-        else:
+        if self.isolation == "bwrap":
             reason = bwrap_trial(self.bwrap, str(self.python))
-            if reason is None:
-                return True
-            if self.isolation == "bwrap":
-                raise SandboxError(f"bwrap cannot run here: {reason}")
-        self.fallback_reason = reason
+            if reason is not None:
+                raise SandboxError(isolation_refusal(reason))
+            return True
+        self.fallback_reason = "isolation is turned off by configuration (isolation='none')"
         log.warning(
             "SANDBOX NOT ISOLATED: %s. Local sandbox sessions run with resource limits, a "
             "scrubbed environment and their own working directory only: they can read any "
             "host file readable by their user, see host processes, and open network "
-            "connections. Install bubblewrap with working user namespaces, or use "
-            "MEMCITY_SANDBOX=daytona.",
-            reason,
+            "connections. Install bubblewrap with working user namespaces and unset "
+            "MEMCITY_SANDBOX_ISOLATION, or use MEMCITY_SANDBOX=daytona.",
+            self.fallback_reason,
         )
         return False
 

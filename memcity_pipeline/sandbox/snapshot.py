@@ -13,8 +13,10 @@ import base64
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from daytona import CreateSnapshotParams, Daytona, DaytonaError, Image, Resources
+if TYPE_CHECKING:  # the SDK is imported when a snapshot is built (it takes about 1 s to import)
+    from daytona import CreateSnapshotParams, Daytona, Image
 
 DEFAULT_SNAPSHOT = "memcity-rlm-v1"
 PYTHON_VERSION = "3.12"
@@ -48,8 +50,10 @@ def _write_file_command(code: bytes, path: str) -> str:
     return f"mkdir -p {directory} && echo {encoded} | base64 -d > {path} && chmod 0644 {path}"
 
 
-def snapshot_image(source: bytes | None = None, js_source: bytes | None = None) -> Image:
+def snapshot_image(source: bytes | None = None, js_source: bytes | None = None) -> "Image":
     """The declarative image: Python 3.12 slim + packages + Bun + the REPL servers."""
+    from daytona import Image
+
     code = server_source() if source is None else source
     js_code = server_source("bun") if js_source is None else js_source
     return (
@@ -66,10 +70,14 @@ def snapshot_image(source: bytes | None = None, js_source: bytes | None = None) 
     )
 
 
+class SnapshotError(RuntimeError):
+    """The snapshot could not be built or registered; the message says why, on one line."""
+
+
 def create_snapshot(
     name: str = DEFAULT_SNAPSHOT,
     *,
-    daytona: Daytona | None = None,
+    daytona: "Daytona | None" = None,
     cpu: int = 2,
     memory_gib: int = 4,
     disk_gib: int = 8,
@@ -78,16 +86,30 @@ def create_snapshot(
     """Build and register the snapshot ``name`` with the given default sandbox resources.
 
     ``daytona`` defaults to a client configured from ``DAYTONA_API_KEY`` / ``DAYTONA_API_URL``.
-    Raises ``RuntimeError`` with the service's reason when the build or registration fails
-    (for example, a snapshot of that name already exists).
+    Raises :class:`SnapshotError` with the service's reason when the client cannot be made or
+    the build or registration fails (for example, a snapshot of that name already exists).
     """
-    client = daytona if daytona is not None else Daytona()
-    params = CreateSnapshotParams(
+    from daytona import Daytona, DaytonaError
+
+    params = snapshot_params(name, cpu=cpu, memory_gib=memory_gib, disk_gib=disk_gib)
+    try:
+        client = daytona if daytona is not None else Daytona()
+        client.snapshot.create(params, on_logs=on_logs)
+    except DaytonaError as exc:
+        reason = " ".join(str(exc).split())
+        raise SnapshotError(f"Could not create Daytona snapshot {name!r}: {reason}") from exc
+
+
+def snapshot_params(
+    name: str = DEFAULT_SNAPSHOT, *, cpu: int = 2, memory_gib: int = 4, disk_gib: int = 8
+) -> "CreateSnapshotParams":
+    """The snapshot request: the image and the resources every sandbox made from it gets
+    (``cpu`` vCPUs, ``memory_gib`` GiB of RAM, ``disk_gib`` GiB of disk; the spec's
+    ``sandboxCpu``/``sandboxMemory``/``sandboxDisk``, 2/4/8 by default)."""
+    from daytona import CreateSnapshotParams, Resources
+
+    return CreateSnapshotParams(
         name=name,
         image=snapshot_image(),
         resources=Resources(cpu=cpu, memory=memory_gib, disk=disk_gib),
     )
-    try:
-        client.snapshot.create(params, on_logs=on_logs)
-    except DaytonaError as exc:
-        raise RuntimeError(f"Could not create Daytona snapshot {name!r}: {exc}") from exc

@@ -151,8 +151,9 @@ def _memory_rows(lake: Path, org_id: str, user_id: str) -> dict[str, dict[str, A
 
 
 def _check_scope(lake: Path, org_id: str, scope: ScopeKind, scope_id: str) -> None:
-    """SearchError unless the lake knows the org and its knowledge base (or user)."""
-    words = ("org id", "knowledge base id" if scope == "knowledge_base" else "user id")
+    """SearchError unless the lake knows the org and its knowledge base (or user); the message
+    is `rlm_query`'s for the same ids (`lake.tables.require_scope` words both)."""
+    words = ("org_id", "knowledge_base_id" if scope == "knowledge_base" else "user_id")
     try:
         require_scope(lake, org_id, scope, scope_id, id_names=words)
     except UnknownScopeError as exc:

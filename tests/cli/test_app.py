@@ -129,3 +129,179 @@ def test_a_query_from_the_command_line_takes_the_engine_options(
     assert result["status"] == "completed" and result["answer"] == "3"
     first = scripted_llm.chat_requests[0].body["messages"][0]["content"]
     assert first.startswith("You are a counting engine.")
+
+
+# -- exit codes and errors: one convention for every command ---------------------------------
+
+
+def run_split(*args: str, env: dict[str, str | None] | None = None) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of one command."""
+    result = CliRunner().invoke(app, list(args), env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_a_wrong_option_value_is_one_line_with_the_choices_or_json_with_json() -> None:
+    code, stdout, stderr = run_split("query", "?", "--org", "acme", "--runtime", "ruby")
+    line = one_line(stderr)
+    assert code == 2 and stdout == ""
+    assert line.startswith("error: ") and "'ruby' is not one of 'python', 'bun'" in line
+    assert "Value error" not in line and "Usage" not in stderr and "╭" not in stderr
+
+    code, stdout, stderr = run_split("query", "?", "--org", "acme", "--context-type", "books")
+    line = one_line(stderr)
+    assert code == 2
+    for choice in ("memories", "documents", "conversation", "custom"):
+        assert choice in line, choice
+
+    code, stdout, stderr = run_split("query", "?", "--org", "acme", "--runtime", "ruby", "--json")
+    assert code == 2 and stderr == ""
+    error = json.loads(stdout)
+    assert error["code"] == 2 and "'ruby' is not one of 'python', 'bun'" in error["error"]
+
+
+def test_an_engine_option_out_of_range_names_the_option_not_the_model() -> None:
+    code, _, stderr = run_split("query", "?", "--org", "acme", "--max-iterations", "0")
+    line = one_line(stderr)
+    assert code == 2 and "--max-iterations 0: Input should be greater than or equal to 1" in line
+    assert "RLMConfig" not in stderr and "pydantic" not in stderr
+
+
+def test_a_bad_variable_is_json_with_json_and_help_still_works() -> None:
+    code, stdout, stderr = run_split("sessions", "--json", env={"MEMCITY_SANDBOX": "foo"})
+    assert code == 2 and stderr == ""
+    error = json.loads(stdout)
+    assert error["code"] == 2 and "MEMCITY_SANDBOX='foo'" in error["error"]
+    assert "'local' or 'daytona'" in error["error"]
+    code, stdout, _ = run_split("sessions", "--help", env={"MEMCITY_SANDBOX": "foo"})
+    assert code == 0 and "--limit" in stdout
+
+
+def test_a_variable_that_misses_its_pattern_says_what_it_takes() -> None:
+    code, _, stderr = run_split("sessions", env={"MEMCITY_EMBEDDINGS": "bert"})
+    line = one_line(stderr)
+    assert code == 2 and "MEMCITY_EMBEDDINGS='bert'" in line
+    assert "should be `local`" in line and "`openai:<model>`" in line  # the field's words
+    assert "pattern" not in line and "^(" not in line
+
+
+def test_search_and_query_from_another_folder_share_one_message_naming_the_lake(
+    tmp_path: Path,
+) -> None:
+    away = {"MEMCITY_HOME": None}  # as run from a folder other than the one that ingested
+    lake = tmp_path / ".memcity" / "lake"  # the tests run in tmp_path
+    code_s, _, search_err = run_split("search", "ferry", "--org", "acme", "--kb", "wiki", env=away)
+    code_q, _, query_err = run_split("query", "ferry", "--org", "acme", "--kb", "wiki", env=away)
+    assert code_s == code_q == 2
+    assert one_line(search_err) == one_line(query_err)
+    assert f"unknown org 'acme' in the lake at {lake}" in search_err
+
+    code_s, search_out, _ = run_split("search", "x", "--org", "acme", "--kb", "w", "--json")
+    code_q, query_out, _ = run_split("query", "x", "--org", "acme", "--kb", "w", "--json")
+    assert code_s == code_q == 2 and json.loads(search_out) == json.loads(query_out)
+
+    code_s, _, search_err = run_split("search", "x", "--org", "../acme", "--kb", "w")
+    code_q, _, query_err = run_split("query", "x", "--org", "../acme", "--kb", "w")
+    assert code_s == code_q == 2 and one_line(search_err) == one_line(query_err)
+
+
+def test_a_malformed_custom_context_file_is_named(memcity_home: Path) -> None:
+    broken = memcity_home / "notes.json"
+    broken.write_text('["ferry at 9", ')
+    lines = memcity_home / "notes.jsonl"
+    lines.write_text('"ferry at 9"\n{oops\n')
+    for path, where in ((broken, f"{broken}: not valid JSON"), (lines, f"{lines}, line 2")):
+        code, _, stderr = run_split(
+            "query", "?", "--org", "acme", "--context-type", "custom", "--custom-file", str(path)
+        )
+        line = one_line(stderr)
+        assert code == 2 and where in line and "--custom-file" in line
+    code, _, stderr = run_split(
+        "query", "?", "--org", "acme", "--context-type", "custom", "--custom-file", "gone.txt"
+    )
+    assert code == 2 and "--custom-file gone.txt: No such file or directory" in one_line(stderr)
+
+
+def test_an_ingest_selection_error_is_json_with_json(memcity_home: Path) -> None:
+    code, stdout, stderr = run_split("ingest", "--org", "globex", "--json")
+    assert code == 2 and stderr == ""
+    error = json.loads(stdout)
+    assert error["code"] == 2 and "no org 'globex'" in error["error"]
+
+
+def test_create_snapshot_without_a_daytona_key_is_one_line() -> None:
+    code, stdout, stderr = run_split("daytona", "create-snapshot")
+    assert code == 2 and stdout == ""
+    assert "DAYTONA_API_KEY is not set" in one_line(stderr) and "Traceback" not in stderr
+
+
+# -- memcity sessions ---------------------------------------------------------------------------
+
+
+def test_sessions_show_id_status_and_error_uncut_and_json_has_every_column(
+    memcity_home: Path,
+) -> None:
+    from datetime import UTC, datetime
+
+    from memcity_pipeline.rlm.sessions import COLUMNS, write_session_parquet
+
+    lake = memcity_home.resolve() / "lake"
+    error = (
+        "LLMError: LLM call to root-model at http://127.0.0.1:9/v1 failed after 5 attempt(s): "
+        "connection error (ConnectError: [Errno 111] Connection refused)"
+    )
+    question = "Which ferries leave Saltmarsh harbour before nine in the morning in the winter?"
+    write_session_parquet(
+        lake,
+        {
+            "session_id": "5f0c2d9e8b7a4c1d9e8f7a6b5c4d3e2f",
+            "org_id": "saltmarsh",
+            "query": question,
+            "context_type": "memories",
+            "iterations": 0,
+            "sub_calls": 0,
+            "execution_time_s": 2.5,
+            "status": "failed",
+            "error_message": error,
+            "started_at": datetime(2026, 12, 1, 9, 30, tzinfo=UTC),
+        },
+    )
+    code, stdout, _ = run_split("sessions")
+    assert code == 0
+    row = next(line for line in stdout.splitlines() if "5f0c2d9e" in line)
+    for cell in ("5f0c2d9e8b7a4c1d9e8f7a6b5c4d3e2f", "failed", question, error):
+        assert cell in row, cell  # whole, on the session's line, whatever the width
+    code, stdout, _ = run_split("sessions", "--json")
+    (listed,) = json.loads(stdout)
+    assert set(listed) == set(COLUMNS) and listed["error_message"] == error
+
+
+def test_no_session_yet_names_the_lake(memcity_home: Path) -> None:
+    code, _, stderr = run_split("sessions")
+    assert code == 0 and f"no RLM session yet in the lake at {memcity_home.resolve()}" in stderr
+
+
+# -- MEMCITY_HOME: the embedded Dagster instance -------------------------------------------------
+
+
+def test_a_first_ingest_on_a_new_home_prints_no_dagster_telemetry_banner(
+    memcity_home: Path,
+) -> None:
+    docs = memcity_home / "landing/orgs/acme/knowledge_bases/handbook"
+    docs.mkdir(parents=True)
+    (docs / "a.md").write_text("# Ferries\n\nThe ferry leaves at nine.")
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    memcity = Path(sys.executable).with_name("memcity")
+    done = subprocess.run(
+        [str(memcity), "ingest"], capture_output=True, text=True, env=env, timeout=600
+    )
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed
+    assert "acme/handbook" in printed
+    assert "Telemetry" not in printed and "Welcome to Dagster" not in printed
+    assert "enabled: false" in (memcity_home / "dagster_home/dagster.yaml").read_text()

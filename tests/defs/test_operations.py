@@ -29,6 +29,7 @@ from memcity_pipeline.rlm.query import rlm_query
 from memcity_pipeline.rlm.sessions import SessionStore, pending_dir, postgres_session_ids
 from memcity_pipeline.sandbox.local import LocalSandboxBackend
 from tests.enrichment.test_enrichment import smart_responder
+from tests.fixtures_sandbox import isolation_for_tests
 from tests.scripted_llm_server import Fault, ScriptedLLMServer
 
 MEMCITY = str(Path(sys.executable).with_name("memcity"))
@@ -259,7 +260,7 @@ def test_ingestion_and_a_query_hold_up_when_30_percent_of_llm_calls_fail(
             knowledge_base_id="company_docs",
             rlm_config={"max_iterations": 4, "max_timeout": 120},
             llm=_llm_client(server),
-            sandbox=LocalSandboxBackend(home / "sandboxes"),
+            sandbox=LocalSandboxBackend(home / "sandboxes", isolation=isolation_for_tests()),
             lake_dir=home / "lake",
             session_store=SessionStore(home / "lake"),
         )
@@ -376,7 +377,9 @@ def test_postgres_stopped_mid_series_loses_and_duplicates_no_session(
                 "custom",
                 custom_context=["a note"],
                 llm=_llm_client(scripted_llm, timeout_s=10),
-                sandbox=LocalSandboxBackend(lake.parent / "sandboxes"),
+                sandbox=LocalSandboxBackend(
+                    lake.parent / "sandboxes", isolation=isolation_for_tests()
+                ),
                 lake_dir=lake,
                 session_store=store,
             )

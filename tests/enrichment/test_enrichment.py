@@ -15,6 +15,7 @@ from memcity_pipeline.defs.ingestion import raw_documents
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.settings import build_resources, get_settings
+from tests.fixtures_sandbox import isolation_for_tests
 from tests.partitioned import materialize_partitions
 from tests.scripted_llm_server import ScriptedLLMServer
 
@@ -124,6 +125,7 @@ def _resources(
     configured = build_resources(get_settings())
     return {
         **configured,
+        "sandbox": configured["sandbox"].with_options(isolation=isolation_for_tests()),
         "llm": LLMResource(
             base_url=server.base_url,
             model="scripted-model",
@@ -236,6 +238,9 @@ def test_enrichment_off_calls_no_llm_and_chunks_by_headings(
     _write(landing, f"{KB}/widget.md", DOC_A)
     result = _materialize(_resources(scripted_llm, mode="off"))
     assert result.success and scripted_llm.call_count == 0
+    assert _meta(result, "document_structure")["summary"] == (
+        "1 document: 1 structured by headings (enrichment off), 0 unchanged"
+    )
     structure = _table("document_structure").row(0, named=True)
     assert structure["method"] == "headings" and structure["summary"] == ""
     assert [s["title"] for s in structure["sections"]] == ["Acme Widget", "Warranty", "Support"]
@@ -361,6 +366,29 @@ def test_unusable_structure_answers_fall_back_to_headings_and_are_retried(
     assert again.success
     assert _table("document_structure").row(0, named=True)["status"] == "ok"
     assert set(_table("enriched_chunks")["enrichment_status"].to_list()) == {"enriched"}
+
+
+def test_the_phase_1_summary_partitions_the_documents(scripted_llm: ScriptedLLMServer) -> None:
+    def responder(request: dict[str, Any]) -> str:
+        if "Customers may return" in _user_text(request):  # DOC_B's structure: unusable
+            return "this is not JSON at all"
+        return smart_responder(request)
+
+    scripted_llm.responder = responder
+    landing = get_settings().landing_dir
+    _write(landing, f"{KB}/widget.md", DOC_A)
+    _write(landing, f"{KB}/returns.md", DOC_B)
+    meta = _meta(_materialize(_resources(scripted_llm)), "document_structure")
+    assert meta["summary"] == (
+        "2 documents: 1 structured by the LLM, 1 by the headings fallback (the LLM's answer "
+        "was unusable: see fallback_reasons), 0 unchanged"
+    )
+    assert (meta["structured_by_llm"], meta["failed"], meta["unchanged"]) == (1, 1, 0)
+    assert "StructuredOutputError" in meta["fallback_reasons"]
+
+    again = _meta(_materialize(_resources(scripted_llm, use_cache=False)), "document_structure")
+    assert again["summary"].startswith("2 documents: 0 structured by the LLM, 1 by the headings")
+    assert again["summary"].endswith(", 1 unchanged")  # the good one kept, the failed retried
 
 
 @pytest.mark.local_model

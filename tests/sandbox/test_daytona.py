@@ -477,3 +477,61 @@ def test_the_sandbox_resource_runs_daytona_sessions(fake: FakeDaytona) -> None:
     (create,) = fake.calls_to("POST", r"^/api/sandbox$")
     assert create.body["labels"]["mode"] == "shared"
     assert create.body["networkBlockAll"] is True
+
+
+# ----- memcity daytona create-snapshot -----
+
+
+def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """`memcity <args>` as a user types it: exit code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from memcity_pipeline.cli import app
+
+    result = CliRunner().invoke(app, list(args), env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_the_create_snapshot_command_sends_its_cpu_memory_and_disk(fake: FakeDaytona) -> None:
+    env = {"DAYTONA_API_KEY": API_KEY, "DAYTONA_API_URL": fake.api_url}
+    code, _, stderr = run_cli(
+        "daytona",
+        "create-snapshot",
+        "--name",
+        "big-rlm",
+        "--cpu",
+        "4",
+        "--memory",
+        "8",
+        "--disk",
+        "16",
+        env=env,
+    )
+    assert code == 0, stderr
+    (call,) = fake.calls_to("POST", r"^/api/snapshots$")
+    assert call.body["name"] == "big-rlm"
+    assert (call.body["cpu"], call.body["memory"], call.body["disk"]) == (4, 8, 16)
+    assert "snapshot big-rlm is ready" in stderr
+
+    code, _, stderr = run_cli("daytona", "create-snapshot", "--name", "default-rlm", env=env)
+    assert code == 0, stderr
+    default = fake.calls_to("POST", r"^/api/snapshots$")[-1]
+    assert (default.body["cpu"], default.body["memory"], default.body["disk"]) == (2, 4, 8)
+
+
+def test_the_create_snapshot_command_refused_by_daytona_is_one_line_and_exit_1(
+    fake: FakeDaytona,
+) -> None:
+    fake.inject(r"POST /api/snapshots$", status=409)
+    env = {"DAYTONA_API_KEY": API_KEY, "DAYTONA_API_URL": fake.api_url}
+    code, stdout, stderr = run_cli("daytona", "create-snapshot", env=env)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 1 and stdout == "" and len(lines) == 1, stderr
+    assert lines[0].startswith("error: Could not create Daytona snapshot 'memcity-rlm-v1'")
+    assert "Traceback" not in stderr
+
+
+def test_the_create_snapshot_command_without_a_key_sends_nothing(fake: FakeDaytona) -> None:
+    code, _, stderr = run_cli("daytona", "create-snapshot", env={"DAYTONA_API_URL": fake.api_url})
+    assert code == 2 and "DAYTONA_API_KEY is not set" in stderr
+    assert fake.calls_to("POST", r"^/api/snapshots$") == []

@@ -13,7 +13,7 @@ from memcity_pipeline.resources.sandbox import DaytonaSandboxResource, LocalSand
 from memcity_pipeline.sandbox.base import SandboxError
 from memcity_pipeline.sandbox.local import LocalSandboxBackend, _tasks_of_uid
 from memcity_pipeline.settings import SettingsError, build_resources, get_settings
-from tests.fixtures_sandbox import RecordingLLM
+from tests.fixtures_sandbox import BROKEN_BWRAP, RecordingLLM
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "sk-or-v1-test-secret-must-not-leak-0123456789"
@@ -333,21 +333,58 @@ def test_memory_is_bounded(
         assert s.execute("print('ok')").stdout == "ok\n"
 
 
-# -- without bwrap -----------------------------------------------------------------------------
+# -- without bwrap: fail closed, or the explicit opt-out ---------------------------------------
 
 
-def test_fallback_without_bwrap_warns_and_keeps_the_limits(
+@pytest.mark.parametrize(
+    ("bwrap", "reason"),
+    [(BROKEN_BWRAP, "a trial run of /bin/false exited 1"), ("/nowhere/bwrap", "not found")],
+)
+def test_where_bwrap_cannot_isolate_code_is_refused_with_one_line(
+    sandbox_backend_factory: Callable[..., LocalSandboxBackend],
+    recording_llm: RecordingLLM,
+    bwrap: str,
+    reason: str,
+) -> None:
+    backend = sandbox_backend_factory(bwrap=bwrap)  # isolation: bwrap, the default
+    for _ in range(2):  # refused every time, not only the first
+        with pytest.raises(SandboxError) as refused:
+            backend.open_session("org_a", recording_llm, prelude=PRELUDE)
+        message = str(refused.value)
+        assert "\n" not in message
+        assert message.startswith("bubblewrap cannot isolate sandboxed code here (")
+        assert bwrap in message and reason in message
+        assert message.endswith(
+            "install bubblewrap with user namespaces enabled, use MEMCITY_SANDBOX=daytona, or "
+            "set MEMCITY_SANDBOX_ISOLATION=none to run it without isolation"
+        )
+    with pytest.raises(SandboxError, match="bubblewrap cannot isolate"):
+        backend.isolated  # noqa: B018
+    assert not backend.sessions_root.exists() or not any(backend.sessions_root.iterdir())
+    assert recording_llm.calls == [] and backend.fallback_reason is None
+
+
+def test_auto_is_not_an_isolation_any_more(memcity_home: Path) -> None:
+    with pytest.raises(ValueError, match="isolation must be bwrap or none, not 'auto'"):
+        LocalSandboxBackend(memcity_home / "sandboxes", isolation="auto")  # type: ignore[arg-type]
+    assert LocalSandboxBackend(memcity_home / "sandboxes").isolation == "bwrap"
+
+
+def test_isolation_none_runs_without_bwrap_warns_and_keeps_the_limits(
     sandbox_backend_factory: Callable[..., LocalSandboxBackend],
     recording_llm: RecordingLLM,
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MEMCITY_LLM_API_KEY", SECRET)
-    backend = sandbox_backend_factory(isolation="none", memory_mb=512, max_processes=12)
+    backend = sandbox_backend_factory(
+        isolation="none", bwrap=BROKEN_BWRAP, memory_mb=512, max_processes=12
+    )
     with caplog.at_level(logging.WARNING):
         s = backend.open_session("org_a", recording_llm)
     assert backend.isolated is False and s.isolated is False
-    assert "SANDBOX NOT ISOLATED" in caplog.text
+    assert "SANDBOX NOT ISOLATED" in caplog.text and "MEMCITY_SANDBOX_ISOLATION" in caplog.text
+    assert backend.fallback_reason and "isolation='none'" in backend.fallback_reason
     with s:
         limits = s.execute(
             "import resource, os\n"
@@ -378,8 +415,8 @@ def test_resource_picks_the_backend_from_settings(
     memcity_home: Path, monkeypatch: pytest.MonkeyPatch, recording_llm: RecordingLLM
 ) -> None:
     configured = build_resources(get_settings())["sandbox"]
-    assert isinstance(configured, LocalSandboxResource)
-    resource = configured.with_options(isolation="bwrap", max_processes=32)
+    assert isinstance(configured, LocalSandboxResource) and configured.isolation == "bwrap"
+    resource = configured.with_options(max_processes=32)
     backend = resource.get_backend()
     assert isinstance(backend, LocalSandboxBackend)
     assert backend.sessions_root == memcity_home.resolve() / "sandboxes"
@@ -390,4 +427,22 @@ def test_resource_picks_the_backend_from_settings(
     assert isinstance(build_resources(get_settings())["sandbox"], DaytonaSandboxResource)
     monkeypatch.setenv("MEMCITY_SANDBOX", "docker")
     with pytest.raises(SettingsError, match="MEMCITY_SANDBOX='docker'"):
+        get_settings()
+
+
+def test_the_isolation_setting_reaches_the_local_backend(
+    memcity_home: Path, monkeypatch: pytest.MonkeyPatch, recording_llm: RecordingLLM
+) -> None:
+    refusing = build_resources(get_settings())["sandbox"].with_options(bwrap=BROKEN_BWRAP)
+    with pytest.raises(SandboxError, match="bubblewrap cannot isolate sandboxed code here"):
+        refusing.open_session("org_a", recording_llm)
+    refusing.close()
+    monkeypatch.setenv("MEMCITY_SANDBOX_ISOLATION", "none")
+    opted_out = build_resources(get_settings())["sandbox"].with_options(bwrap=BROKEN_BWRAP)
+    assert isinstance(opted_out, LocalSandboxResource) and opted_out.isolation == "none"
+    with opted_out.open_session("org_a", recording_llm) as s:
+        assert s.isolated is False and s.execute("print(6 * 7)").stdout == "42\n"
+    opted_out.close()
+    monkeypatch.setenv("MEMCITY_SANDBOX_ISOLATION", "auto")
+    with pytest.raises(SettingsError, match="MEMCITY_SANDBOX_ISOLATION"):
         get_settings()

@@ -186,4 +186,4 @@ def test_memcity_search_cli(built_lake: Path) -> None:
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 1 and "unknown org" in bad.stderr
+    assert bad.returncode == 2 and "unknown org" in bad.stderr
