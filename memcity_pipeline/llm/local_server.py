@@ -32,10 +32,30 @@ def watch():
         time.sleep(1.0)
     os._exit(0)
 threading.Thread(target=watch, daemon=True).start()
+if os.environ.get("MEMCITY_LLAMA_EXTRA_BUFFERS") == "0":
+    # ggml's extra CPU buffer types (AMX, weight repacking) off: its AMX matrix multiply
+    # segfaults on some Xeons that report AMX. llama.cpp's `use_extra_bufts` model parameter,
+    # which llama-cpp-python's server does not expose.
+    import llama_cpp.llama_cpp as lib
+    default_params = lib.llama_model_default_params
+    def model_params():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    lib.llama_model_default_params = model_params
 sys.argv = ["llama_cpp.server", *sys.argv[1:]]
 from llama_cpp.server.__main__ import main
 main()
 """
+
+
+def _cpu_has_amx() -> bool:
+    """Whether the CPU reports AMX tiles (Linux's /proc/cpuinfo; False elsewhere)."""
+    try:
+        return " amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
 
 # Variables the child may inherit: enough to run Python and find shared libraries, no secrets.
 _ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH", "SYSTEMROOT")
@@ -73,10 +93,13 @@ def free_port() -> int:
 
 
 def child_environment() -> dict[str, str]:
-    """The minimal environment of the server process (no API keys, no MEMCITY_* settings)."""
+    """The minimal environment of the server process: no API keys, no MEMCITY_* settings, only
+    what the bootstrap reads (the parent pid; extra buffers off on a CPU with AMX)."""
     env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP}
     env["PYTHONUNBUFFERED"] = "1"
     env["MEMCITY_PARENT_PID"] = str(os.getpid())
+    if _cpu_has_amx():
+        env["MEMCITY_LLAMA_EXTRA_BUFFERS"] = "0"
     return env
 
 
