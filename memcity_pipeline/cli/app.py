@@ -36,8 +36,8 @@ app = typer.Typer(
     cls=MemcityGroup, help="memcity-pipeline: enriched, searchable knowledge and RLM queries."
 )
 
-# Measured on 2 cores with enrichment off: the sample corpus took 45 s with one run at a time
-# and 58 s with two (each run process imports torch and loads the model, then they share cores).
+# On 2 cores one run at a time is the quicker (a run keeps both cores busy; two at a time took
+# 1.16x as long on 8 knowledge bases, `bench/partitions.py`).
 DEFAULT_PARALLEL = max(1, (os.cpu_count() or 2) // 2)
 ParallelOption = Annotated[
     int,
@@ -45,8 +45,8 @@ ParallelOption = Annotated[
         "--parallel",
         min=1,
         max=64,
-        help="Runs at once, one per partition (default: a run per 2 cores; each run loads "
-        "its own embedding model and uses several cores).",
+        help="Runs at once, one per partition (default: a run per 2 cores; a run uses "
+        "several cores).",
     ),
 ]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
