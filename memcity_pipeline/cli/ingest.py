@@ -239,16 +239,19 @@ def _execute_partition(
     return outcome
 
 
+Execute = Callable[[PartitionRef, str, dict[str, Any], str], PartitionOutcome]
+
+
 def _run_partition(
     settings: Settings,
-    workers: ProcessPoolExecutor | dg.DagsterInstance,
+    execute: Execute,
     part: PartitionRef,
     batch: str,
     run_config: dict[str, Any],
     on_wait: Callable[[str], None] | None,
 ) -> PartitionOutcome:
-    """Hold the partition's lock while a worker process runs it (or this thread, on the
-    instance given instead of workers)."""
+    """Hold the partition's lock while `execute` (`_execute_partition`, here or in a worker
+    process) runs it."""
     with table_lock(
         settings.lake_dir,
         PARTITIONS[part.scope],
@@ -258,10 +261,7 @@ def _run_partition(
         on_wait=on_wait,
         label=f"partition {part.key}",
     ):
-        fingerprint = settings_fingerprint(settings)
-        if isinstance(workers, dg.DagsterInstance):
-            return _execute_partition(part, batch, run_config, fingerprint, workers)
-        return workers.submit(_execute_partition, part, batch, run_config, fingerprint).result()
+        return execute(part, batch, run_config, settings_fingerprint(settings))
 
 
 def _remove_and_record_layout(
@@ -325,8 +325,9 @@ def run_ingest(
     workers = max(1, min(parallel, len(plan.runs)))
     try:
         if workers == 1:  # one run at a time: in this thread, with no worker to start
+            here = functools.partial(_execute_partition, instance=instance)
             outcome.partitions = [
-                _run_partition(settings, instance, part, batch, run_config, on_wait)
+                _run_partition(settings, here, part, batch, run_config, on_wait)
                 for part in plan.runs
             ]
             return outcome
@@ -336,8 +337,14 @@ def run_ingest(
             ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool,
             ThreadPoolExecutor(workers) as waiters,
         ):
+
+            def in_worker(*args: Any) -> PartitionOutcome:
+                return pool.submit(_execute_partition, *args).result()
+
             futures = [
-                waiters.submit(_run_partition, settings, pool, part, batch, run_config, on_wait)
+                waiters.submit(
+                    _run_partition, settings, in_worker, part, batch, run_config, on_wait
+                )
                 for part in plan.runs
             ]
             outcome.partitions = [f.result() for f in futures]

@@ -2,8 +2,8 @@
 OpenAI-compatible endpoint.
 
 Every embedder returns float32 rows of unit length, so a dot product is a cosine similarity.
-`embedder_from_setting` turns the `MEMCITY_EMBEDDINGS` setting (`local` or `openai:<model>`)
-into an embedder; `embedding_text` is the text that gets indexed for a chunk.
+`embedder_from_setting` turns the `MEMCITY_EMBEDDINGS` setting (`local`, `local-torch` or
+`openai:<model>`) into an embedder; `embedding_text` is the text that gets indexed for a chunk.
 Remote requests follow the shared retry policy of `memcity_pipeline.retry`.
 """
 
