@@ -10,33 +10,58 @@ unusable its chunks are retried one by one, and a chunk that still fails keeps i
 with the reason.
 """
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from memcity_pipeline.enrichment.structure import EntityOut, StructuredCall
+from memcity_pipeline.llm.schema import ask_for_every_field, items, text
 from memcity_pipeline.llm.usage import Usage
 
-MAX_KEY_TERMS = 12
+MAX_KEY_TERMS = 5
+MAX_PHRASE_CHARS = 40
+MAX_REFERENT_CHARS = 60
 
 
 class ReferenceOut(BaseModel):
-    phrase: str = Field(description="a pronoun or vague phrase exactly as written in the chunk")
-    refers_to: str = Field(description="the name it refers to")
+    phrase: str = text(
+        MAX_PHRASE_CHARS, "a pronoun or vague phrase exactly as written in the chunk"
+    )
+    refers_to: str = text(MAX_REFERENT_CHARS, "the name it refers to")
 
 
 class ChunkEnrichmentOut(BaseModel):
+    """One chunk's answer; bounded (`llm.schema`), every field asked for."""
+
+    model_config = ConfigDict(json_schema_extra=ask_for_every_field)
+
     index: int = Field(description="the chunk's number as given")
-    references: list[ReferenceOut] = Field(default_factory=list)
-    key_terms: list[str] = Field(default_factory=list)
-    summary: str = Field(description="one sentence")
-    entities: list[str] = Field(default_factory=list)
+    references: list[ReferenceOut] = items(3)
+    key_terms: list[str] = items(MAX_KEY_TERMS, item_chars=30)
+    summary: str = text(200, "one sentence")
+    entities: list[str] = items(4, item_chars=40)
 
 
 class ChunkBatchOut(BaseModel):
     chunks: list[ChunkEnrichmentOut]
+
+
+@functools.cache
+def batch_schema(size: int) -> type[ChunkBatchOut]:
+    """The answer schema of a call on `size` chunks: exactly one entry per chunk."""
+
+    def exactly(schema: dict[str, Any]) -> None:
+        schema["properties"]["chunks"].update(minItems=size, maxItems=size)
+
+    return type(
+        f"ChunkBatchOf{size}",
+        (ChunkBatchOut,),
+        {"model_config": ConfigDict(json_schema_extra=exactly), "__module__": __name__},
+    )
 
 
 @dataclass
@@ -58,14 +83,11 @@ ENRICH_SYSTEM = (
     "You prepare chunks of a document for a search index. For EACH chunk given, reply with: "
     "index (as given); references: every pronoun or vague phrase in the chunk (such as 'it', "
     "'they', 'she', 'the company', 'this product') with the name it refers to, using the "
-    "document context; key_terms: up to 8 search terms; summary: one sentence; entities: names "
+    "document context; key_terms: up to 5 search terms; summary: one sentence; entities: names "
     'mentioned, as in the entity list. Reply with JSON only: {"chunks": [{"index": 1, '
     '"references": [{"phrase": "It", "refers_to": "..."}], "key_terms": ["..."], '
     '"summary": "...", "entities": ["..."]}]}.'
 )
-
-MAX_PHRASE_CHARS = 40
-MAX_REFERENT_CHARS = 80
 
 
 def resolve_references(text: str, references: Sequence[ReferenceOut]) -> tuple[str, int]:
@@ -158,13 +180,13 @@ def enrich_chunks(
         retry: list[int] = []
         try:
             parsed, spent = call(
-                _messages(context, [(i + 1, chunks[i]) for i in batch]), ChunkBatchOut
+                _messages(context, [(i + 1, chunks[i]) for i in batch]), batch_schema(len(batch))
             )
             assert isinstance(parsed, ChunkBatchOut)
-            by_index = {c.index: c for c in parsed.chunks}
+            answers = _by_chunk(parsed, [i + 1 for i in batch])
             share = spent.share(len(batch))
             for i in batch:
-                out = by_index.get(i + 1)
+                out = answers.get(i + 1)
                 res = (
                     _accept(chunks[i], out)
                     if out
@@ -194,17 +216,24 @@ def _single(
 ) -> ChunkEnrichment:
     before = prior.usage if prior is not None else Usage()
     try:
-        parsed, spent = call(_messages(context, [(i + 1, text)]), ChunkBatchOut)
+        parsed, spent = call(_messages(context, [(i + 1, text)]), batch_schema(1))
         assert isinstance(parsed, ChunkBatchOut)
-        out = next((c for c in parsed.chunks if c.index == i + 1), None) or (
-            parsed.chunks[0] if len(parsed.chunks) == 1 else None
-        )
+        out = _by_chunk(parsed, [i + 1]).get(i + 1)
         res = _accept(text, out) if out else ChunkEnrichment("failed", error="no chunk in answer")
     except Exception as exc:
         res = ChunkEnrichment("failed", error=_reason(exc))
         spent = Usage(calls=1)
     res.usage = before + spent
     return res
+
+
+def _by_chunk(parsed: ChunkBatchOut, numbers: list[int]) -> dict[int, ChunkEnrichmentOut]:
+    """Each chunk's answer by its number; when the numbers are not those asked for but there is
+    one answer per chunk, by position (a small model may count from 0 or repeat a number)."""
+    by_index = {c.index: c for c in parsed.chunks}
+    if set(by_index) >= set(numbers) or len(parsed.chunks) != len(numbers):
+        return by_index
+    return dict(zip(numbers, parsed.chunks, strict=True))
 
 
 def _reason(exc: Exception) -> str:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict
 
 from memcity_pipeline.enrichment.chunking import (
     Section,
@@ -20,40 +20,45 @@ from memcity_pipeline.enrichment.chunking import (
     heading_sections,
     normalise_sections,
 )
+from memcity_pipeline.llm.schema import ask_for_every_field, items, text
 from memcity_pipeline.llm.usage import Usage
 
 SUMMARY_MAX_CHARS = 2000
 
 
 class EntityOut(BaseModel):
-    name: str
-    type: str = "other"
-    aliases: list[str] = Field(default_factory=list)
-    description: str = ""
+    model_config = ConfigDict(json_schema_extra=ask_for_every_field)
+
+    name: str = text(40)
+    type: str = text(20, default="other")
+    aliases: list[str] = items(2, item_chars=40)
+    description: str = text(80, default="")
 
 
 class RelationshipOut(BaseModel):
-    source: str
-    relation: str
-    target: str
+    source: str = text(40)
+    relation: str = text(30)
+    target: str = text(40)
 
 
 class SectionOut(BaseModel):
-    title: str
-    starts_with: str = Field(description="the first 5-12 words of the section, copied exactly")
+    title: str = text(60)
+    starts_with: str = text(60, "the first 5-12 words of the section, copied exactly")
 
 
 class DocumentStructureOut(BaseModel):
-    """What the LLM returns for a document (or one window of it)."""
+    """What the LLM returns for a document (or one window of it); bounded (`llm.schema`)."""
 
-    summary: str
-    entities: list[EntityOut] = Field(default_factory=list)
-    relationships: list[RelationshipOut] = Field(default_factory=list)
-    sections: list[SectionOut] = Field(default_factory=list)
+    model_config = ConfigDict(json_schema_extra=ask_for_every_field)
+
+    summary: str = text(600)
+    entities: list[EntityOut] = items(8)
+    relationships: list[RelationshipOut] = items(5)
+    sections: list[SectionOut] = items(10)
 
 
 class SummaryOut(BaseModel):
-    summary: str
+    summary: str = text(600)
 
 
 @dataclass
