@@ -6,11 +6,12 @@ to bottom; a module may import its own layer and the layers below it, never one 
 
     definitions, settings, cli, api, defs, resources,
     rlm, search, enrichment, ingestion, llm, lake, sandbox,   (the domain packages)
-    retry
+    retry, progress
 
 Two upward edges are allowed: `settings` is read by `definitions`, `cli` and `api` (and by no one
-else), and `cli` runs the jobs of `definitions` (the one code location) through the instance. The domain packages also never import `dagster` (or a `dagster_*` package), and `retry`
-imports nothing but the standard library and tenacity.
+else), and `cli` runs the jobs of `definitions` (the one code location) through the instance. The domain packages also never import `dagster` (or a `dagster_*` package), and the leaves
+import nothing of the project: `retry` only the standard library and tenacity, `progress` only
+the standard library.
 
 Every package's `__init__.py` has a docstring, and a module over `MAX_LINES` lines says in its
 module docstring why it "stays whole".
@@ -47,6 +48,7 @@ LAYERS: tuple[str, ...] = (
     "lake",
     "sandbox",
     "retry",
+    "progress",
 )
 DOMAIN: frozenset[str] = frozenset(
     {"rlm", "search", "enrichment", "ingestion", "llm", "lake", "sandbox"}
@@ -54,7 +56,8 @@ DOMAIN: frozenset[str] = frozenset(
 SETTINGS_READERS: frozenset[str] = frozenset({"definitions", "cli", "api"})
 # The CLI runs the one code location's jobs (`build_definitions`, `dg.reconstructable`).
 DEFINITIONS_USERS: frozenset[str] = frozenset({"cli"})
-RETRY_THIRD_PARTY: frozenset[str] = frozenset({"tenacity"})
+# The leaves import nothing of the project, and only these packages besides the standard library.
+LEAVES: dict[str, frozenset[str]] = {"retry": frozenset({"tenacity"}), "progress": frozenset()}
 
 # (importing module, imported module) -> why it is allowed for now. Each entry names one edge.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
@@ -156,14 +159,15 @@ def broken_rule(imp: Import) -> str | None:
     if top != PACKAGE:
         if source in DOMAIN and (top == "dagster" or top.startswith("dagster_")):
             return f"domain package {source!r} imports Dagster"
-        if source == "retry" and top not in sys.stdlib_module_names | RETRY_THIRD_PARTY:
-            return f"retry imports {top!r}: only the standard library and tenacity"
+        if source in LEAVES and top not in sys.stdlib_module_names | LEAVES[source]:
+            allowed = ", ".join(["the standard library", *sorted(LEAVES[source])])
+            return f"{source} imports {top!r}: only {allowed}"
         return None
     target = layer_of(imp.target)
     if target is None:
         return f"imports {imp.target}, which is in no layer"
-    if source == "retry":
-        return "retry is a leaf: it imports nothing of the project"
+    if source in LEAVES:
+        return f"{source} is a leaf: it imports nothing of the project"
     if target == source:
         return None
     if target == "settings":
@@ -294,6 +298,9 @@ def test_known_exceptions_are_still_needed() -> None:
         ("memcity_pipeline.retry", "memcity_pipeline.lake.io", False),
         ("memcity_pipeline.retry", "tenacity", True),
         ("memcity_pipeline.retry", "httpx", False),
+        ("memcity_pipeline.enrichment.builders", "memcity_pipeline.progress", True),
+        ("memcity_pipeline.progress", "memcity_pipeline.retry", False),
+        ("memcity_pipeline.progress", "tenacity", False),
     ],
 )
 def test_the_rules_themselves(module: str, target: str, allowed: bool) -> None:

@@ -13,6 +13,7 @@ import polars as pl
 
 from memcity_pipeline.defs.enrichment import enriched_chunks
 from memcity_pipeline.defs.ingestion import memories
+from memcity_pipeline.defs.metadata import step_progress
 from memcity_pipeline.defs.partitions import (
     backfill_policy,
     knowledge_bases,
@@ -93,7 +94,8 @@ def _refresh_vectors(
     """Bring one scope's embeddings table at `path` in step with `texts`; write it only when
     something changed. A model change re-embeds everything, with a warning."""
     old = read_parquet(path, EMBEDDINGS)
-    frame, stats = sync_embeddings(*scope, ids, texts, old, embedder)
+    progress = step_progress(context, *scope, items)
+    frame, stats = sync_embeddings(*scope, ids, texts, old, embedder, progress=progress)
     if stats.model_changed_from:
         context.log.warning(
             f"{scope[0]}/{scope[1]}: embeddings model changed from {stats.model_changed_from} "

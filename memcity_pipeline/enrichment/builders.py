@@ -24,6 +24,7 @@ from memcity_pipeline.enrichment.structure import DocumentStructure, EntityOut, 
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import CHUNKS, DOCUMENT_STRUCTURE, ENRICHED_CHUNKS
 from memcity_pipeline.llm.usage import Usage
+from memcity_pipeline.progress import NoProgress, ProgressLog
 
 Structurer = Callable[[str, str], DocumentStructure]  # (title, text) -> structure
 Enricher = Callable[[str, str, list[EntityOut], list[str]], list[ChunkEnrichment]]
@@ -94,8 +95,10 @@ def build_document_structure(
     model: str | None,
     structurer: Structurer | None,
     max_workers: int = 4,
+    progress: ProgressLog | None = None,
 ) -> tuple[pl.DataFrame, StageStats]:
-    """One row per document: summary, entities, relationships, sections."""
+    """One row per document: summary, entities, relationships, sections. `progress` counts the
+    documents structured now."""
     stats = StageStats(documents=docs.height)
     want_method = "headings" if enrichment == "off" else "llm"
     reusable = (pl.col("status") == "ok") & pl.col("method").str.starts_with(want_method)
@@ -141,9 +144,12 @@ def build_document_structure(
             "structured_at": now,
         }
 
+    progress = progress or NoProgress()
+    progress.begin(plan.todo.height)
     computed: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         for row in pool.map(work, plan.todo.to_dicts()):
+            progress.advance()
             computed.append(row)
             stats.processed += 1
             stats.usage = stats.usage + _usage_of(row)
@@ -255,8 +261,10 @@ def build_enriched_chunks(
     model: str | None,
     enricher: Enricher | None,
     max_workers: int = 4,
+    progress: ProgressLog | None = None,
 ) -> tuple[pl.DataFrame, StageStats]:
-    """Every chunk with resolved text, key terms, summary and entities (or a failure reason)."""
+    """Every chunk with resolved text, key terms, summary and entities (or a failure reason).
+    `progress` counts the chunks enriched now (a document's at a time)."""
     stats = StageStats(documents=chunks["document_id"].n_unique() if chunks.height else 0)
     struct = {r["document_id"]: r for r in structure.iter_rows(named=True)}
     # A chunk's enrichment depends on its text and on its document's summary and entities.
@@ -330,9 +338,12 @@ def build_enriched_chunks(
             for r, o in zip(todo, outcomes, strict=True)
         ]
 
+    progress = progress or NoProgress()
+    progress.begin(plan.todo.height)
     computed: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         for (srow, _), rows in zip(jobs, pool.map(work, jobs), strict=True):
+            progress.advance(len(rows))
             doc = StageStats(processed=len(rows))
             for row in rows:
                 doc.usage = doc.usage + _usage_of(row)

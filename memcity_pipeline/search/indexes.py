@@ -16,8 +16,11 @@ import pyarrow as pa
 
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import EMBEDDINGS
+from memcity_pipeline.progress import NoProgress, ProgressLog
 from memcity_pipeline.search.bm25 import BM25Index
 from memcity_pipeline.search.embeddings import Embedder, embedding_text
+
+EMBED_BATCHES_PER_REPORT = 4  # embedder batches between two progress counts
 
 
 @dataclass
@@ -58,9 +61,11 @@ def sync_embeddings(
     embedder: Embedder,
     *,
     batch_size: int = 64,
+    progress: ProgressLog | None = None,
 ) -> tuple[pl.DataFrame, EmbedStats]:
     """Vectors for `ids`/`texts` (in that order), reusing `existing` rows of the same text and
-    model. `EmbedStats.changed` says whether the table needs writing."""
+    model. `EmbedStats.changed` says whether the table needs writing. `progress` counts the
+    texts embedded now."""
     stats = EmbedStats(items=len(ids))
     model = embedder.model_name
     if existing.height:
@@ -79,11 +84,7 @@ def sync_embeddings(
         reusable=pl.col("model") == model,
     )
     todo = plan.todo
-    fresh = (
-        np.asarray(embedder.embed(todo["text"].to_list(), batch_size=batch_size), np.float32)
-        if todo.height
-        else np.zeros((0, 0), np.float32)
-    )
+    fresh = _embed(embedder, todo["text"].to_list(), batch_size, progress or NoProgress())
     if todo.height:
         dim = fresh.shape[1]
     elif plan.reuse.height:
@@ -117,6 +118,22 @@ def sync_embeddings(
     stats.embedded, stats.reused = todo.height, plan.reuse.height
     stats.changed = plan.changed
     return frame, stats  # type: ignore[return-value]
+
+
+def _embed(
+    embedder: Embedder, texts: list[str], batch_size: int, progress: ProgressLog
+) -> np.ndarray:
+    """`texts` embedded as a float32 matrix, a few batches at a time so that progress shows."""
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    progress.begin(len(texts))
+    parts = []
+    step = batch_size * EMBED_BATCHES_PER_REPORT
+    for start in range(0, len(texts), step):
+        part = texts[start : start + step]
+        parts.append(np.asarray(embedder.embed(part, batch_size=batch_size), np.float32))
+        progress.advance(len(part))
+    return np.concatenate(parts)
 
 
 def vectors_of(frame: pl.DataFrame) -> np.ndarray:
