@@ -18,7 +18,7 @@ import polars as pl
 from pydantic import BaseModel
 
 from memcity_pipeline.defs.ingestion import raw_documents
-from memcity_pipeline.defs.metadata import markdown_table
+from memcity_pipeline.defs.metadata import markdown_table, step_progress
 from memcity_pipeline.defs.partitions import backfill_policy, knowledge_bases, partition_scopes
 from memcity_pipeline.enrichment.builders import (
     StageStats,
@@ -38,6 +38,7 @@ from memcity_pipeline.enrichment.structure import (
 from memcity_pipeline.enrichment.tokens import count_tokens
 from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
 from memcity_pipeline.lake.tables import KB_TABLE_SCHEMAS, kb_table_path
+from memcity_pipeline.llm.schema import max_answer_chars
 from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
@@ -46,15 +47,27 @@ from memcity_pipeline.resources.sandbox import SandboxResource
 from memcity_pipeline.resources.sessions import SessionsResource
 from memcity_pipeline.rlm.query import rlm_extract
 
+UNBOUNDED_ANSWER_TOKENS = 1000  # the token limit of an answer whose schema has no bound
 
-def _structured_call(client: Any, max_tokens: int) -> StructuredCall:
-    """Phase 1 and 3's LLM call: one structured completion and its usage."""
+
+def _structured_call(client: Any) -> StructuredCall:
+    """Phase 1 and 3's LLM call: one structured completion and its usage. The answer's token
+    limit is the longest answer its bounded schema allows (`llm.schema`), so a valid answer is
+    never cut."""
 
     def call(messages: list[dict[str, str]], schema: type[BaseModel]) -> tuple[BaseModel, Usage]:
-        res = client.complete(messages, schema=schema, max_tokens=max_tokens)
+        limit = max_answer_chars(schema) or UNBOUNDED_ANSWER_TOKENS
+        res = client.complete(messages, schema=schema, max_tokens=limit)
         return res.parsed, res.usage
 
     return call
+
+
+def _workers(enrichment: EnrichmentResource, client: Any) -> int:
+    """Documents worked on at once: no more than the client's concurrent calls, so that the
+    calls of one document follow each other (a server that keeps the last prompt's prefix, as
+    the embedded one does, then reads the shared system prompt and document context once)."""
+    return min(enrichment.max_workers, client.max_concurrency) if client else 1
 
 
 LLM_POOL = "llm"  # the Dagster concurrency pool of every step that calls an LLM
@@ -266,7 +279,7 @@ def document_structure(
             return structure_document(
                 title,
                 text,
-                _structured_call(client, 1000),
+                _structured_call(client),
                 window_tokens=window,
                 count_tokens=count_tokens,
                 long_reader=reader,
@@ -283,7 +296,8 @@ def document_structure(
             enrichment=enrichment.mode.value,
             model=client.model if client else None,
             structurer=structurer_for(org) if client else None,
-            max_workers=enrichment.max_workers,
+            max_workers=_workers(enrichment, client),
+            progress=step_progress(context, org, kb, "documents"),
         )
 
     stats, written = _sync_tables(context, lake, "document_structure", build)
@@ -419,7 +433,7 @@ def enriched_chunks(
     """
     client = llm.get_client() if enrichment.enabled else None
     before = _reading(client)
-    call = _structured_call(client, 250 * enrichment.chunks_per_call) if client else None
+    call = _structured_call(client) if client else None
 
     def enricher(title: str, summary: str, entities: list[Any], texts: list[str]) -> list[Any]:
         assert call is not None
@@ -444,7 +458,8 @@ def enriched_chunks(
             enrichment=enrichment.mode.value,
             model=client.model if client else None,
             enricher=enricher if client else None,
-            max_workers=enrichment.max_workers,
+            max_workers=_workers(enrichment, client),
+            progress=step_progress(context, org, kb, "chunks"),
         )
 
     stats, written = _sync_tables(context, lake, "enriched_chunks", build)
