@@ -69,11 +69,51 @@ def spinner(console: Console, label: str, *, disable: bool = False) -> Progress:
 @contextmanager
 def partition_progress(
     console: Console, partitions: list[Any], *, disable: bool = False
-) -> Iterator[Callable[[Any, str, str], None]]:
-    """A progress bar per partition (steps done of its job's steps, the step now running);
-    yields the callback that `run_ingest` calls with (partition, step, event)."""
+) -> Iterator[Callable[[Any, str, str, str], None]]:
+    """Shows each partition's run as it goes; yields the callback that `run_ingest` calls with
+    (partition, step, event, detail).
+
+    On a terminal: a progress bar per partition (steps done of its job's steps, the step now
+    running with its progress and estimated time left). Elsewhere (a pipe, a file, CI): one line
+    per step started or done, and the steps' progress lines as they come (every few seconds).
+    """
     from memcity_pipeline.cli.ingest import STEPS
 
+    if disable or not partitions:
+        yield lambda *_: None
+    elif not console.is_terminal:
+        yield _progress_lines(console, {p.key: STEPS[p.scope] for p in partitions})
+    else:
+        with _progress_bars(console, partitions, STEPS) as on_step:
+            yield on_step
+
+
+def _progress_lines(console: Console, totals: dict[str, int]) -> Callable[..., None]:
+    """The callback that prints a line per step event and per progress report."""
+    done = dict.fromkeys(totals, 0)
+    lock = threading.Lock()
+
+    def on_step(partition: Any, step: str, event: str, detail: str = "") -> None:
+        key = partition.key
+        with lock:
+            if event in ("finished", "skipped", "failed"):
+                done[key] += 1
+            text = {
+                "started": f"{step} started",
+                "progress": f"{step} {detail}",
+                "finished": f"{step} done ({done[key]}/{totals[key]} steps)",
+                "skipped": f"{step} skipped ({done[key]}/{totals[key]} steps)",
+                "failed": f"{step} FAILED",
+            }.get(event, f"{step} {event}")
+            console.print(f"{key}: {text}", highlight=False, markup=False, soft_wrap=True)
+
+    return on_step
+
+
+@contextmanager
+def _progress_bars(
+    console: Console, partitions: list[Any], steps: dict[Any, int]
+) -> Iterator[Callable[..., None]]:
     progress = Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.fields[key]}[/bold]"),
@@ -83,29 +123,32 @@ def partition_progress(
         TimeElapsedColumn(),
         console=console,
         transient=False,
-        disable=disable or not partitions,
     )
     tasks = {
-        p.key: progress.add_task("queued", total=STEPS[p.scope], key=p.key) for p in partitions
+        p.key: progress.add_task("queued", total=steps[p.scope], key=p.key) for p in partitions
     }
-    running: dict[str, set[str]] = {p.key: set() for p in partitions}
+    running: dict[str, dict[str, str]] = {p.key: {} for p in partitions}
     lock = threading.Lock()
 
-    def on_step(partition: Any, step: str, event: str) -> None:
+    def on_step(partition: Any, step: str, event: str, detail: str = "") -> None:
         with lock:
             now = running[partition.key]
             if event == "started":
-                now.add(step)
+                now[step] = ""
+            elif event == "progress":
+                now[step] = detail
             else:
-                now.discard(step)
+                now.pop(step, None)
                 progress.advance(tasks[partition.key])
             if event == "failed":
-                text = f"[red]{step} failed[/red]"
+                text = f"[red]{escape(step)} failed[/red]"
             elif now:
-                text = ", ".join(sorted(now))
+                text = ", ".join(
+                    escape(f"{name} {info}".strip()) for name, info in sorted(now.items())
+                )
             else:
-                done = progress.tasks[tasks[partition.key]].finished
-                text = "[green]done[/green]" if done else "between steps"
+                finished = progress.tasks[tasks[partition.key]].finished
+                text = "[green]done[/green]" if finished else "between steps"
             progress.update(tasks[partition.key], description=text)
 
     with progress:

@@ -1,11 +1,14 @@
-"""Following runs as they go: each run's step events, read from the instance's event log with a
-cursor per run (an event is read once, however long the run), from a thread of the command."""
+"""Following runs as they go: each run's step events and the progress lines its steps log
+(`memcity_pipeline.progress`), read from the instance's event log with a cursor per run (a record
+is read once, however long the run), from a thread of the command."""
 
 import contextlib
 import threading
 from collections.abc import Callable
 
 import dagster as dg
+
+from memcity_pipeline.progress import parse_progress
 
 PARTITION_TAG = "dagster/partition"  # the tag Dagster gives a run of one partition
 
@@ -17,11 +20,16 @@ _STEP_EVENTS = {
 }
 
 
-class RunFollower(threading.Thread):
-    """Follows the step events of the runs carrying `tags` until stopped (`stop.set()`, then
-    `join`), calling `on_step(partition key, step key, event)` once per event."""
+# (partition key, step key, event, detail): event is started | finished | failed | skipped, or
+# progress with the step's latest progress (`24/71 chunks, about 2m10s left`) as detail.
+StepEvent = Callable[[str, str, str, str], None]
 
-    def __init__(self, tags: dict[str, str], on_step: Callable[[str, str, str], None]) -> None:
+
+class RunFollower(threading.Thread):
+    """Follows the runs carrying `tags` until stopped (`stop.set()`, then `join`), calling
+    `on_step(partition key, step key, event, detail)` once per step event or progress line."""
+
+    def __init__(self, tags: dict[str, str], on_step: StepEvent) -> None:
         super().__init__(daemon=True)
         self.tags, self.on_step = tags, on_step
         self.cursors: dict[str, str | None] = {}
@@ -43,15 +51,16 @@ class RunFollower(threading.Thread):
                 continue
             while True:
                 conn = instance.get_records_for_run(
-                    run.run_id,
-                    cursor=self.cursors.get(run.run_id),
-                    of_type=set(_STEP_EVENTS),
-                    limit=200,
+                    run.run_id, cursor=self.cursors.get(run.run_id), limit=500
                 )
                 for record in conn.records:
-                    event = record.event_log_entry.dagster_event
-                    if event is not None and event.step_key:
-                        self.on_step(key, event.step_key, _STEP_EVENTS[event.event_type])
+                    entry = record.event_log_entry
+                    event = entry.dagster_event
+                    if event is not None:
+                        if event.step_key and event.event_type in _STEP_EVENTS:
+                            self.on_step(key, event.step_key, _STEP_EVENTS[event.event_type], "")
+                    elif entry.step_key and (line := parse_progress(entry.user_message)):
+                        self.on_step(key, entry.step_key, "progress", line.counts)
                 self.cursors[run.run_id] = conn.cursor
                 if not conn.has_more:
                     break

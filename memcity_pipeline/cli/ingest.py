@@ -99,7 +99,8 @@ class IngestOutcome:
 
 
 Executor = Literal["in_process", "multiprocess"]
-StepCallback = Callable[[PartitionRef, str, str], None]  # (partition, step, started|finished|...)
+# (partition, step, event, detail): as `cli.events.StepEvent`, with the partition resolved.
+StepCallback = Callable[[PartitionRef, str, str, str], None]
 
 
 def _selected(
@@ -319,7 +320,8 @@ def run_ingest(
     parts = {p.key: p for p in plan.runs}
     if on_step is not None:
         follower = RunFollower(
-            {BATCH_TAG: batch}, lambda key, step, event: on_step(parts[key], step, event)
+            {BATCH_TAG: batch},
+            lambda key, step, event, detail: on_step(parts[key], step, event, detail),
         )
         follower.start()
     workers = max(1, min(parallel, len(plan.runs)))

@@ -6,6 +6,7 @@ Two orgs with two knowledge bases each and a user each, enrichment off; every ru
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,13 @@ def test_runs_on_two_knowledge_bases_overlap_and_runs_on_one_do_not(memcity_home
     )
     (first_start, first_end), (second_start, _) = _run_span(instance, "south/notes")
     assert second_start >= first_end > first_start
+    # Off a terminal, each command printed its run as lines: every step started and done, with
+    # no terminal control codes; the first also the progress of the 2 chunks it embedded (read
+    # from the run's log; the second found them embedded).
+    for output in outputs:
+        lines = output.splitlines()
+        assert "south/notes: raw_documents started" in lines, output
+        assert any(re.fullmatch(r"south/notes: \w+ done \(6/6 steps\)", ln) for ln in lines)
+        assert "\x1b[" not in output
+    progress = r"south/notes: chunk_embeddings 2/2 chunks in \d+s"
+    assert any(re.fullmatch(progress, ln) for o in outputs for ln in o.splitlines()), outputs
