@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=120.0, gt=0)
     llm_max_retries: int = Field(default=4, ge=0)
     llm_context_window: int = Field(default=8192, gt=0)
+    llm_local_servers: int | None = Field(default=None, ge=1, le=16)
 
     # Pipeline behaviour
     enrichment: Literal["llm", "off"] = "llm"
@@ -208,6 +209,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             max_retries=s.llm_max_retries,
             cache_dir=str(s.cache_dir / "llm"),
             context_window=s.llm_context_window,
+            local_servers=s.llm_local_servers,
             log_dir=str(s.home.resolve() / "logs"),
         ),
         "enrichment": EnrichmentResource(

@@ -28,6 +28,7 @@ from openai import OpenAI
 from pydantic import BaseModel, ValidationError
 
 from memcity_pipeline.llm.cache import CachedAnswer, LLMCache, cache_key
+from memcity_pipeline.llm.slots import Slots
 from memcity_pipeline.llm.usage import Usage, total
 from memcity_pipeline.retry import (
     RetriesExhausted,
@@ -263,6 +264,10 @@ def repair_messages(
 class LLMClient:
     """A thread-safe client of one OpenAI-compatible chat API.
 
+    At most `max_concurrency` calls are in flight. `replica_urls` are more servers of the same
+    model, each taking one call at a time (the embedded model's processes): then the bound is
+    one call per server, `base_url`'s included, and a call goes to a free one (`llm.slots`).
+
     Retries timeouts, connection errors, 408, 409, 429 and 5xx up to `max_retries` times, with
     exponential backoff and full jitter (`backoff_base_s`, at most `backoff_max_s`), honouring
     Retry-After (capped at `max_retry_after_s`); fails at once on other 4xx.
@@ -285,6 +290,7 @@ class LLMClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         max_retry_after_s: float = 60.0,
+        replica_urls: Sequence[str] = (),
     ) -> None:
         if structured_mode not in STRUCTURED_MODES:
             raise ValueError(
@@ -298,7 +304,9 @@ class LLMClient:
         self.model = model
         self.sub_model = sub_model or model
         self.structured_mode: StructuredMode = structured_mode
-        self.max_concurrency = max_concurrency
+        urls = [base_url, *replica_urls]
+        self._slots = Slots(list(range(len(urls))) if replica_urls else [0] * max_concurrency)
+        self.max_concurrency = len(self._slots)
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.extra_body = dict(extra_body or {})
@@ -308,10 +316,10 @@ class LLMClient:
         self.max_retry_after_s = max_retry_after_s
         self.stats = LLMStats()
         self.cache = LLMCache(cache_dir) if cache_dir is not None else None
-        self._semaphore = threading.BoundedSemaphore(max_concurrency)
-        self._openai = OpenAI(
-            base_url=base_url, api_key=api_key or NO_API_KEY, max_retries=0, timeout=timeout_s
-        )
+        self._backends = [
+            OpenAI(base_url=url, api_key=api_key or NO_API_KEY, max_retries=0, timeout=timeout_s)
+            for url in urls
+        ]
 
     def __repr__(self) -> str:
         return f"LLMClient(base_url={self.base_url!r}, model={self.model!r})"
@@ -418,7 +426,8 @@ class LLMClient:
 
     def close(self) -> None:
         """Release the HTTP connections and the cache file."""
-        self._openai.close()
+        for backend in self._backends:
+            backend.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -551,26 +560,20 @@ class LLMClient:
     def _attempt(self, params: dict[str, Any], until: float | None = None) -> _Answer:
         """One HTTP request under the concurrency bound, within `until` (a `time.monotonic()`
         value) when given; classifies every failure."""
-        if not self._acquire_slot(until):
+        slot = self._slots.acquire(None if until is None else until - time.monotonic())
+        if slot is None:
             raise self._out_of_time(params["model"])
         try:
             timeout = self._request_timeout(until)
             if timeout <= 0:
                 raise self._out_of_time(params["model"])
             self.stats.add(requests=1)
-            response = self._request(params, timeout)
+            response = self._request(self._backends[self._slots.backends[slot]], params, timeout)
         finally:
-            self._semaphore.release()
+            self._slots.release(slot)
         answer = _read_answer(response, params["model"])
         self.stats.add(answer.usage)
         return answer
-
-    def _acquire_slot(self, until: float | None) -> bool:
-        """Take a slot of the concurrency bound; False when `until` passes first."""
-        if until is None:
-            return self._semaphore.acquire()
-        left = until - time.monotonic()
-        return left > 0 and self._semaphore.acquire(timeout=left)
 
     def _request_timeout(self, until: float | None) -> float:
         """The timeout of the next HTTP request: the client's, or less when `until` is nearer."""
@@ -579,10 +582,10 @@ class LLMClient:
     def _out_of_time(self, model: str) -> LLMError:
         return LLMError(f"LLM call to {model} at {self.base_url} ran out of its time limit")
 
-    def _request(self, params: dict[str, Any], timeout: float) -> Any:
+    def _request(self, backend: OpenAI, params: dict[str, Any], timeout: float) -> Any:
         """The HTTP request itself (`timeout` seconds at most); every failure classified."""
         try:
-            return self._openai.chat.completions.create(**params, timeout=timeout)
+            return backend.chat.completions.create(**params, timeout=timeout)
         except openai.APITimeoutError as exc:
             raise Transient(f"timed out after {round(timeout, 2):g}s") from exc
         except openai.APIConnectionError as exc:

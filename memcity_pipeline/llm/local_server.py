@@ -127,12 +127,14 @@ class LocalLLMServer:
         n_ctx: int = 8192,
         log_path: Path | None = None,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
     ) -> None:
         self.model_path = smollm2_model_path()
         self.model_name = model_name_of(self.model_path)
         self.port = port or free_port()
         self.n_ctx = n_ctx
         self.n_threads = n_threads
+        self.n_threads_batch = n_threads_batch
         self.log_path = log_path
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self._process: subprocess.Popen[bytes] | None = None
@@ -159,6 +161,8 @@ class LocalLLMServer:
         ]
         if self.n_threads:
             cmd += ["--n_threads", str(self.n_threads)]
+        if self.n_threads_batch:
+            cmd += ["--n_threads_batch", str(self.n_threads_batch)]
         return cmd
 
     @property

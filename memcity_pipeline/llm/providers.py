@@ -6,11 +6,16 @@ Provider resolution (first match wins):
    OpenRouter's); without a model name, the server's first model;
 2. an API key: OpenRouter, model `openai/gpt-4o-mini` unless one is given, with cost accounting;
 3. nothing: the embedded SmolLM2-135M-Instruct, served on loopback once per process and shared by
-   every client of the process (the last client to close stops it).
+   every client of the process (the last client to close stops it). A llama.cpp server decodes
+   one sequence at a time, so the model runs as one server process per core (at most
+   `MAX_LOCAL_SERVERS`, or `ClientOptions.local_servers`), each on its own core, and the client
+   sends each call to a free one: two calls answered side by side on 2 cores instead of one
+   after the other with a core idle while a single thread generates.
 """
 
 import atexit
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +31,7 @@ OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
 OPENROUTER_DEFAULT_MODEL = "openai/gpt-4o-mini"
 LOCAL_MODEL_PREFIX = "smollm2"
 LOCAL_TIMEOUT_S = 600.0  # a small CPU model answering a long prompt
+MAX_LOCAL_SERVERS = 4  # default: one embedded model server per core, at most this many
 
 
 @dataclass(frozen=True)
@@ -104,31 +110,63 @@ def resolve_target(
 # -- the embedded server, shared by every client of this process ----------------------------
 
 _local_lock = threading.Lock()
-_local_server: LocalLLMServer | None = None
+_local_servers: list[LocalLLMServer] = []
 _local_users = 0
 _atexit_registered = False
 
 
 def _is_local_url(url: str) -> bool:
-    """Whether `url` is the embedded server this process runs."""
-    server = _local_server
-    return server is not None and server.base_url.rstrip("/") == url.rstrip("/")
+    """Whether `url` is one of the embedded servers this process runs."""
+    return any(s.base_url.rstrip("/") == url.rstrip("/") for s in list(_local_servers))
 
 
-def acquire_local_server(n_ctx: int, log_path: Path | None = None) -> LocalLLMServer:
-    """The process's embedded model server, started on first use; pair with a release."""
-    global _local_server, _local_users, _atexit_registered
+def default_local_servers() -> int:
+    """One embedded model server per core, at most `MAX_LOCAL_SERVERS`."""
+    return max(1, min(os.cpu_count() or 1, MAX_LOCAL_SERVERS))
+
+
+def _log_path(log_path: Path | None, index: int) -> Path | None:
+    """`llm.log` for the first server, `llm-2.log` for the second, ..."""
+    if log_path is None or index == 0:
+        return log_path
+    return log_path.with_name(f"{log_path.stem}-{index + 1}{log_path.suffix}")
+
+
+def acquire_local_servers(
+    n_ctx: int, count: int | None = None, log_path: Path | None = None
+) -> list[LocalLLMServer]:
+    """The process's embedded model servers (`count`, default one per core), started on first
+    use, each with the cores shared out; pair with a release."""
+    global _local_servers, _local_users, _atexit_registered
     with _local_lock:
-        if _local_server is None or not _local_server.running:
-            server = LocalLLMServer(n_ctx=n_ctx, log_path=log_path)
-            log.info("starting the local model %s (log %s)", server.model_name, log_path)
-            server.start()
-            _local_server = server
+        if not _local_servers or not all(s.running for s in _local_servers):
+            for old in _local_servers:
+                old.stop()
+            count = count or default_local_servers()
+            threads = max(1, (os.cpu_count() or 1) // count)
+            servers = [
+                LocalLLMServer(
+                    n_ctx=n_ctx,
+                    log_path=_log_path(log_path, i),
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                )
+                for i in range(count)
+            ]
+            log.info("starting %d servers of the local model (log %s)", count, log_path)
+            try:
+                for server in servers:
+                    server.start()
+            except BaseException:
+                for server in servers:
+                    server.stop()
+                raise
+            _local_servers = servers
             if not _atexit_registered:
                 atexit.register(stop_local_server)
                 _atexit_registered = True
         _local_users += 1
-        return _local_server
+        return list(_local_servers)
 
 
 def release_local_server() -> None:
@@ -142,19 +180,18 @@ def release_local_server() -> None:
 
 
 def stop_local_server() -> None:
-    """Stop the embedded server if it runs (at exit, or when its last user lets go)."""
-    global _local_server, _local_users
+    """Stop the embedded servers if they run (at exit, or when their last user lets go)."""
+    global _local_servers, _local_users
     with _local_lock:
-        server, _local_server = _local_server, None
+        servers, _local_servers = _local_servers, []
         _local_users = 0
-    if server is not None:
+    for server in servers:
         server.stop()
 
 
 def local_server_running() -> bool:
-    """Whether this process runs the embedded model server now."""
-    server = _local_server
-    return server is not None and server.running
+    """Whether this process runs an embedded model server now."""
+    return any(s.running for s in list(_local_servers))
 
 
 # -- building a client ----------------------------------------------------------------------
@@ -170,6 +207,7 @@ class ClientOptions:
     context_window: int = 8192
     cache_dir: Path | None = None
     local_log_path: Path | None = None
+    local_servers: int | None = None  # embedded model server processes (None: one per core)
     explicit_structured_mode: bool = False  # else a local model name picks json_object_schema
 
 
@@ -181,10 +219,14 @@ def open_client(target: LLMTarget, options: ClientOptions) -> tuple[LLMClient, b
     """
     base_url, model, sub_model = target.base_url, target.model, target.sub_model
     holds_local = False
+    replicas: list[str] = []
     if target.provider == "local":
-        server = acquire_local_server(options.context_window, options.local_log_path)
+        servers = acquire_local_servers(
+            options.context_window, options.local_servers, options.local_log_path
+        )
         holds_local = True
-        base_url, model, sub_model = server.base_url, server.model_name, server.model_name
+        base_url, model, sub_model = servers[0].base_url, servers[0].model_name, None
+        replicas = [s.base_url for s in servers[1:]]
     assert base_url is not None
     try:
         if model is None:
@@ -200,8 +242,9 @@ def open_client(target: LLMTarget, options: ClientOptions) -> tuple[LLMClient, b
             sub_model=sub_model,
             structured_mode=mode,  # type: ignore[arg-type]
             cache_dir=options.cache_dir,
-            # The embedded server has one slot: parallel calls only queue there and time out.
+            # Each embedded server has one slot: a call goes to a free one.
             max_concurrency=1 if local else options.max_concurrency,
+            replica_urls=replicas,
             timeout_s=max(options.timeout_s, LOCAL_TIMEOUT_S) if local else options.timeout_s,
             max_retries=options.max_retries,
             extra_body=target.extra_body,
@@ -238,7 +281,8 @@ __all__ = [
     "ClientOptions",
     "LLMTarget",
     "StructuredMode",
-    "acquire_local_server",
+    "acquire_local_servers",
+    "default_local_servers",
     "is_local_model",
     "local_server_running",
     "open_client",

@@ -64,6 +64,9 @@ class LLMResource(dg.ConfigurableResource):
     log_dir: str | None = Field(
         default=None, description="Folder of the embedded model server's log."
     )
+    local_servers: int | None = Field(
+        default=None, ge=1, description="Embedded model server processes (default: one per core)."
+    )
 
     _client: LLMClient | None = PrivateAttr(default=None)
     _holds_local: bool = PrivateAttr(default=False)
@@ -102,6 +105,7 @@ class LLMResource(dg.ConfigurableResource):
                     context_window=self.context_window,
                     cache_dir=Path(self.cache_dir) if self.use_cache and self.cache_dir else None,
                     local_log_path=Path(self.log_dir) / "llm.log" if self.log_dir else None,
+                    local_servers=self.local_servers,
                     explicit_structured_mode=self.structured_mode is not None,
                 )
                 self._client, self._holds_local = open_client(target, options)
