@@ -1,15 +1,27 @@
-"""Retrieval quality on the sample corpus's labelled questions: recall@5, recall@10 and MRR for
-BM25 alone, vectors alone and the hybrid, with enrichment on (the configured LLM; the embedded
-SmolLM2 by default) and off.
+"""Retrieval quality: recall@5, recall@10 and MRR (and nDCG@10 on the Python docs) for BM25
+alone, vectors alone and the hybrid.
 
-    python bench/retrieval.py [--modes off,llm] [--home DIR]
+    python bench/retrieval.py [--modes off,llm] [--home DIR]           # the sample corpus
+    python bench/retrieval.py --corpus python-docs [--modes off] [--home DIR]
 
-A hit is relevant when its chunk comes from one of the question's `relevant_paths`; recall@k is
-the share of questions with a relevant chunk in the top k, MRR the mean of 1/rank of the first.
+The sample corpus's labelled questions are scored by chunk, with enrichment on (the configured
+LLM; the embedded SmolLM2 by default) and off: a hit is relevant when its chunk comes from one of
+the question's `relevant_paths`; recall@k is the share of questions with a relevant chunk in the
+top k, MRR the mean of 1/rank of the first.
+
+`--corpus python-docs` ingests the 494 content pages of the Python 3.11 HTML documentation
+(`apt-get install python3.11-doc`; `bench/python_docs_corpus.py`) as one knowledge base and
+scores the development set `bench/python_docs/questions.jsonl` by page: each retriever's ranked
+chunks are collapsed to their pages (a page at the rank of its best chunk), and a question is
+answered at rank k when one of its target pages is among the first k pages. nDCG@10 counts
+every target page (binary gains). With `--home` the ingested lake is kept and reused. Enrichment
+on this corpus needs a real model (12,000+ chunks): `--modes llm` with `MEMCITY_LLM_BASE_URL` or
+`OPENROUTER_API_KEY` set.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -19,6 +31,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # python_docs_corpus
 
 from memcity_pipeline.cli.ingest import ingest
 from memcity_pipeline.cli.runner import copy_sample_corpus, sample_corpus_dir
@@ -92,23 +105,111 @@ def _rows(lake: Path, org: str, kb: str) -> dict:
     return {r["chunk_id"]: r for r in chunks.join(docs, on="document_id").iter_rows(named=True)}
 
 
+def _page_ranking(chunk_ids: list[str], rows: dict, pages: int = 10) -> list[str]:
+    """The pages of `chunk_ids` in the order of their best chunk, the first `pages` of them."""
+    ranked: list[str] = []
+    for chunk_id in chunk_ids:
+        page = rows[chunk_id]["source_path"]
+        if page not in ranked:
+            ranked.append(page)
+            if len(ranked) == pages:
+                break
+    return ranked
+
+
+def _page_scores(rankings: list[tuple[list[str], set[str]]]) -> dict[str, float]:
+    """recall@5, recall@10, MRR and nDCG@10 over (ranked pages, target pages) pairs."""
+    r5 = r10 = mrr = ndcg = 0.0
+    for ranked, targets in rankings:
+        hits = [i for i, page in enumerate(ranked[:10], start=1) if page in targets]
+        r5 += bool(hits and hits[0] <= 5)
+        r10 += bool(hits)
+        mrr += 1 / hits[0] if hits else 0.0
+        ideal = sum(1 / math.log2(i + 1) for i in range(1, min(len(targets), 10) + 1))
+        ndcg += sum(1 / math.log2(i + 1) for i in hits) / ideal
+    n = len(rankings) or 1
+    return {"recall@5": r5 / n, "recall@10": r10 / n, "mrr": mrr / n, "ndcg@10": ndcg / n}
+
+
+def evaluate_python_docs(mode: str, home: Path) -> dict[str, dict[str, float]]:
+    """Page-level scores of BM25, vectors and the hybrid on the Python docs development set."""
+    import python_docs_corpus as corpus  # bench/python_docs_corpus.py, beside this script
+
+    os.environ["MEMCITY_HOME"] = str(home)
+    os.environ["MEMCITY_ENRICHMENT"] = mode
+    os.environ.pop("DAGSTER_HOME", None)
+    settings = get_settings()
+    questions = corpus.load_questions()
+    pages = corpus.copy_to_landing(settings.landing_dir)
+    started = time.perf_counter()
+    outcome = ingest(settings, kbs=[f"{corpus.ORG}/{corpus.KB}"])
+    if not outcome.success:
+        failed = [f"{p.partition.key}: {p.failure}" for p in outcome.partitions if not p.success]
+        raise SystemExit(f"ingestion failed ({mode}): {'; '.join(failed)}")
+    ran = "up to date" if not outcome.partitions else f"{time.perf_counter() - started:.0f} s"
+    print(f"  {pages} pages, {len(questions)} questions; ingest ({mode}): {ran}", flush=True)
+
+    from memcity_pipeline.settings import build_resources
+
+    embedder = build_resources(settings)["embeddings"].get_embedder()
+    loaded = _load(settings.lake_dir, "chunks", corpus.ORG, corpus.KB, embedder, _rows)
+    index, depth = loaded.index, 100  # chunks fetched to fill 10 pages
+    rankings: dict[str, list[tuple[list[str], set[str]]]] = {"bm25": [], "vector": [], "hybrid": []}
+    latencies = []
+    for q in questions:
+        targets = {corpus.source_path(t) for t in q["targets"]}
+        qv = embedder.embed([q["question"]])[0]
+        started = time.perf_counter()
+        hybrid = [
+            h.id for h in index.search(q["question"], k=depth, candidates=depth, query_vector=qv)
+        ]
+        latencies.append(time.perf_counter() - started)
+        ranked = {
+            "bm25": [i for i, _ in index.bm25.query(q["question"], depth)],
+            "vector": [index.ids[p] for p, _ in vector_top_k(index.vectors, qv, depth)],
+            "hybrid": hybrid,
+        }
+        for name, chunk_ids in ranked.items():
+            rankings[name].append((_page_ranking(chunk_ids, loaded.rows), targets))
+    latencies.sort()
+    print(
+        f"  {len(index)} chunks; hybrid search without the query embedding: p50 "
+        f"{latencies[len(latencies) // 2] * 1000:.1f} ms",
+        flush=True,
+    )
+    return {name: _page_scores(r) for name, r in rankings.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--modes", default="off,llm", help="enrichment modes to compare")
+    parser.add_argument("--corpus", choices=["sample", "python-docs"], default="sample")
+    parser.add_argument("--modes", default=None, help="enrichment modes (default: off,llm; off)")
     parser.add_argument("--home", type=Path, default=None, help="keep the lakes here")
     args = parser.parse_args()
+    docs = args.corpus == "python-docs"
+    if docs:
+        try:
+            import python_docs_corpus
+
+            python_docs_corpus.docs_root()
+        except FileNotFoundError as exc:
+            print(f"skipped: {exc}")
+            return
+    modes = (args.modes or ("off" if docs else "off,llm")).split(",")
     base = args.home or Path(tempfile.mkdtemp(prefix="memcity-retrieval-"))
-    print(f"{len(_questions())} labelled questions; lakes under {base}")
+    print(f"{args.corpus}; lakes under {base}")
     table = []
-    for mode in args.modes.split(","):
-        scores = evaluate(mode, base / f"enrichment-{mode}")
+    for mode in modes:
+        home = base / (f"python-docs-{mode}" if docs else f"enrichment-{mode}")
+        scores = (evaluate_python_docs if docs else evaluate)(mode, home)
         for retriever, s in scores.items():
-            table.append((mode, retriever, s["recall@5"], s["recall@10"], s["mrr"]))
-    print(f"\n{'enrichment':<11}{'retriever':<10}{'recall@5':>10}{'recall@10':>11}{'MRR':>8}")
-    for mode, retriever, r5, r10, mrr in table:
-        print(f"{mode:<11}{retriever:<10}{r5:>10.3f}{r10:>11.3f}{mrr:>8.3f}")
+            table.append((mode, retriever, s))
+    metrics = ["recall@5", "recall@10", "mrr", *(["ndcg@10"] if docs else [])]
+    print(f"\n{'enrichment':<11}{'retriever':<10}" + "".join(f"{m:>11}" for m in metrics))
+    for mode, retriever, s in table:
+        print(f"{mode:<11}{retriever:<10}" + "".join(f"{s[m]:>11.3f}" for m in metrics))
 
 
 if __name__ == "__main__":

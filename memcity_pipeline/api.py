@@ -1,18 +1,17 @@
 """The public Python API: search (`get_context`, `search_memories`) and `rlm_query`.
 
 Each call reads the settings (the environment and `.env`) unless it is given a `Settings`, and
-builds what it needs from them the same way the Dagster definitions do (`build_resources`).
+builds what it needs from them the same way the Dagster definitions do (`build_resources`). A
+search builds only the embedder (`build_embedder`): it imports neither Dagster nor the RLM
+engine, so that a search from a fresh process answers quickly.
 """
 
-from pathlib import Path
-from typing import Any
+from __future__ import annotations
 
-from memcity_pipeline.llm.client import LLMClient
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult, parse_config
-from memcity_pipeline.rlm.engine import ProgressFn
-from memcity_pipeline.rlm.query import prepare_query, run_query
-from memcity_pipeline.rlm.sessions import SessionStore
-from memcity_pipeline.sandbox.base import SandboxBackend
 from memcity_pipeline.search.retrieval import (
     ContextHit,
     MemoryHit,
@@ -21,7 +20,13 @@ from memcity_pipeline.search.retrieval import (
 )
 from memcity_pipeline.search.retrieval import get_context as _get_context
 from memcity_pipeline.search.retrieval import search_memories as _search_memories
-from memcity_pipeline.settings import Settings, build_resources, load_settings
+from memcity_pipeline.settings import Settings, build_embedder, build_resources, load_settings
+
+if TYPE_CHECKING:
+    from memcity_pipeline.llm.client import LLMClient
+    from memcity_pipeline.rlm.engine import ProgressFn
+    from memcity_pipeline.rlm.sessions import SessionStore
+    from memcity_pipeline.sandbox.base import SandboxBackend
 
 __all__ = [
     "ContextHit",
@@ -48,8 +53,7 @@ def get_context(
     reranked by the LLM when `MEMCITY_RERANK=llm`). Raises `SearchError` for an unknown org or
     knowledge base, or an index that is not built yet."""
     s = settings or load_settings()
-    resources = build_resources(s)
-    llm = resources["llm"] if s.rerank == "llm" else None
+    llm = build_resources(s)["llm"] if s.rerank == "llm" else None
     try:
         return _get_context(
             s.lake_dir,
@@ -57,7 +61,7 @@ def get_context(
             knowledge_base_id,
             query,
             k,
-            embedder=resources["embeddings"].get_embedder(),
+            embedder=build_embedder(s),
             reranker=llm_reranker(llm.get_client()) if llm is not None else None,
         )
     finally:
@@ -76,7 +80,7 @@ def search_memories(
         user_id,
         query,
         k,
-        embedder=build_resources(s)["embeddings"].get_embedder(),
+        embedder=build_embedder(s),
     )
 
 
@@ -103,6 +107,8 @@ def rlm_query(
     (Postgres with `MEMCITY_POSTGRES_URL`) come from the settings unless `llm`, `sandbox` or
     `session_store` is given (a given sandbox is used as it is). Raises RLMRequestError for a wrong request; otherwise always returns a result.
     """
+    from memcity_pipeline.rlm.query import prepare_query, run_query
+
     cfg = parse_config(rlm_config)
     s = settings or load_settings()
     prepared = prepare_query(

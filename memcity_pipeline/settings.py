@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     import dagster as dg
 
+    from memcity_pipeline.search.embeddings import Embedder
+
 
 class Settings(BaseSettings):
     """All configuration of memcity-pipeline. Field names map to `MEMCITY_<NAME>` variables."""
@@ -168,6 +170,15 @@ def secret_env(value: str | None, *names: str) -> "dg.EnvVar | None":
         os.environ[names[0]] = value
         return dg.EnvVar(names[0])
     return None
+
+
+def build_embedder(settings: Settings) -> "Embedder":
+    """The embedder the `embeddings` resource of `build_resources` gives, built without Dagster
+    (searches from the API and the CLI): the same setting, base URL and key."""
+    from memcity_pipeline.search.embeddings import shared_embedder
+
+    s = settings
+    return shared_embedder(s.embeddings, base_url=s.llm_base_url, api_key=s.llm_api_key)
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:

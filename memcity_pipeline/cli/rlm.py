@@ -18,7 +18,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from memcity_pipeline.api import rlm_query
 from memcity_pipeline.cli.console import print_error, print_wide, spinner
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
@@ -184,6 +183,8 @@ def query_command(
                 else:
                     text = event.replace("_", " ")
                 progress.update(task, description=text)
+
+            from memcity_pipeline.api import rlm_query  # the engine, imported only to run it
 
             result = rlm_query(
                 org,

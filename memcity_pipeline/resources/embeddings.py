@@ -1,16 +1,11 @@
 """The embeddings resource: the local all-MiniLM-L6-v2 model (ONNX Runtime, or torch) or an
 OpenAI-compatible endpoint."""
 
-import threading
-
 import dagster as dg
 from pydantic import Field
 
 from memcity_pipeline.resources._secrets import secret_value
-from memcity_pipeline.search.embeddings import Embedder, embedder_from_setting
-
-_EMBEDDERS: dict[tuple[str, str | None], Embedder] = {}
-_LOCK = threading.Lock()
+from memcity_pipeline.search.embeddings import Embedder, shared_embedder
 
 
 class EmbeddingsResource(dg.ConfigurableResource):
@@ -22,10 +17,6 @@ class EmbeddingsResource(dg.ConfigurableResource):
 
     def get_embedder(self) -> Embedder:
         """One embedder per process and setting (the local model loads once)."""
-        key = (self.setting, self.base_url)
-        with _LOCK:
-            if key not in _EMBEDDERS:
-                _EMBEDDERS[key] = embedder_from_setting(
-                    self.setting, base_url=self.base_url, api_key=secret_value(self.api_key)
-                )
-            return _EMBEDDERS[key]
+        return shared_embedder(
+            self.setting, base_url=self.base_url, api_key=secret_value(self.api_key)
+        )

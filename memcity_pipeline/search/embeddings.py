@@ -10,6 +10,7 @@ Remote requests follow the shared retry policy of `memcity_pipeline.retry`.
 import functools
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -242,6 +243,19 @@ def embedder_from_setting(setting: str, *, base_url: str | None, api_key: str | 
     raise ValueError(
         f"unknown embeddings setting {setting!r}: use 'local', 'local-torch' or 'openai:<model>'"
     )
+
+
+_SHARED: dict[tuple[str, str | None], Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_embedder(setting: str, *, base_url: str | None, api_key: str | None) -> Embedder:
+    """`embedder_from_setting`, made once per process and setting (the local model loads once)."""
+    key = (setting, base_url)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = embedder_from_setting(setting, base_url=base_url, api_key=api_key)
+        return _SHARED[key]
 
 
 def embedding_text(text: str, key_terms: Sequence[str] | None, summary: str | None) -> str:

@@ -187,3 +187,21 @@ def test_memcity_search_cli(built_lake: Path) -> None:
         timeout=300,
     )
     assert bad.returncode == 2 and "unknown org" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_search_imports_neither_dagster_nor_the_llm_client(built_lake: Path) -> None:
+    """What a fresh process pays before its first answer: the search path builds only the
+    embedder and the index, not the Dagster resources or the RLM engine."""
+    code = (
+        "import sys; from memcity_pipeline.api import get_context, search_memories;"
+        f"hits = get_context({ORG!r}, {KB!r}, 'return window in days', 3);"
+        f"mems = search_memories({ORG!r}, 'helene', 'what does she prefer?', 2);"
+        "heavy = sorted(m for m in ('dagster', 'openai', 'torch', 'rlm') if m in sys.modules);"
+        "print(len(hits), len(mems), heavy)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3", "2", "[]"]
