@@ -450,3 +450,28 @@ def test_references_are_annotated_on_whole_words_only() -> None:
         "It (HiveScale S2) ships today. The item is new; the company (Brambleway) says it works."
         " It (HiveScale S2) is light."
     )
+
+
+def test_answers_numbered_otherwise_are_matched_by_position() -> None:
+    """A small model may number the chunks from 0: one answer per chunk is still usable, and
+    each call asks for exactly as many answers as it sent chunks."""
+    from memcity_pipeline.enrichment.enrich import ChunkBatchOut, enrich_chunks
+    from memcity_pipeline.llm.usage import Usage
+
+    sizes: list[tuple[int, int]] = []
+
+    def call(messages: list[dict[str, str]], schema: type[Any]) -> tuple[Any, Usage]:
+        bounds = schema.model_json_schema()["properties"]["chunks"]
+        sizes.append((bounds["minItems"], bounds["maxItems"]))
+        sent = re.findall(r"\[chunk (\d+)\]\n([^\n]*)", messages[-1]["content"])
+        answers = [
+            {"index": n, "summary": f"About {body.split()[0]}.", "key_terms": [body.split()[0]]}
+            for n, (_, body) in enumerate(sent)  # numbered from 0
+        ]
+        return ChunkBatchOut.model_validate({"chunks": answers}), Usage(calls=1)
+
+    chunks = [f"{word} is a word." for word in ("Tide", "Ferry", "Harbour", "Gull", "Pier")]
+    results = enrich_chunks("Doc", "", [], chunks, call, batch_size=3)
+    assert [r.status for r in results] == ["enriched"] * 5
+    assert [r.summary for r in results] == [f"About {c.split()[0]}." for c in chunks]
+    assert sizes == [(3, 3), (2, 2)]
