@@ -40,7 +40,12 @@ from memcity_pipeline.ingestion.landing import (
     files_fingerprint,
     scan_landing,
 )
-from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
+from memcity_pipeline.lake.io import (
+    delete_table,
+    read_parquet,
+    remove_interrupted_writes,
+    write_parquet_atomic,
+)
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import (
     INGESTION_ERRORS,
@@ -388,12 +393,14 @@ def sync_sources(
     report.files = len(files)
 
     manifest_path = source_files_path(lake, kind, org_id, scope_id)
+    errors_path = ingestion_errors_path(lake, kind, org_id, scope_id)
+    for path in (manifest_path, errors_path):  # the caller holds this scope's lock
+        remove_interrupted_writes(path)
     manifest = read_parquet(manifest_path, SOURCE_FILES)
     changes = _find_changes(kind, files, manifest, limits, now, report, on_progress)
     _rewrite_scope(kind, lake, files, changes, report)
 
     # Errors: keep those of unchanged files, replace those of changed ones.
-    errors_path = ingestion_errors_path(lake, kind, org_id, scope_id)
     old_errors = read_parquet(errors_path, INGESTION_ERRORS)
     kept = old_errors.filter(pl.col("path").is_in(list(changes.unchanged)))
     error_rows = kept.to_dicts() + changes.errors

@@ -129,6 +129,11 @@ def table_lock(
         lock.release()
 
 
+def remove_interrupted_writes(path: Path) -> None:
+    """Temporary files that a crash left beside the table file `path` (call with its lock)."""
+    _remove_stale_temporaries(path.parent, f".{path.name}.*.tmp")
+
+
 def _remove_stale_temporaries(folder: Path, pattern: str) -> None:
     """Temporary files of writes that a crash interrupted (safe: we hold their lock)."""
     for tmp in folder.rglob(pattern) if folder.is_dir() else []:

@@ -91,6 +91,26 @@ def test_rerun_with_unchanged_files_rewrites_nothing(dirs: tuple[Path, Path]) ->
     assert third.changed_total == 0 and third.tables_written == []
 
 
+def test_a_crash_while_writing_the_bookkeeping_leaves_nothing_after_the_next_sync(
+    dirs: tuple[Path, Path],
+) -> None:
+    """A kill -9 between writing a manifest's (or error table's) temporary file and moving it
+    into place leaves that file; the next sync of the scope removes it."""
+    landing, lake = dirs
+    _write(landing, f"{KB}/a.md", "# A\n\nText.\n")
+    _sync_kb(landing, lake)
+    left = [
+        lake / "_state/source_files/documents/acme/.handbook.parquet.x1y2.tmp",
+        lake / "ingestion_errors/documents/acme/.handbook.parquet.z3.tmp",
+    ]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    _sync_kb(landing, lake)
+    assert not any(p.exists() for p in left)
+    assert list(lake.rglob("*.tmp")) == []
+
+
 def test_edited_file_is_picked_up_and_deleted_file_removed(dirs: tuple[Path, Path]) -> None:
     landing, lake = dirs
     a = _write(landing, f"{KB}/a.md", "# Alpha\n\nThe first version.")
