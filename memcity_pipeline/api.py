@@ -4,7 +4,6 @@ Each call reads the settings (the environment and `.env`) unless it is given a `
 builds what it needs from them the same way the Dagster definitions do (`build_resources`).
 """
 
-from pathlib import Path
 from typing import Any
 
 from memcity_pipeline.llm.client import LLMClient
@@ -52,7 +51,7 @@ def get_context(
     llm = resources["llm"] if s.rerank == "llm" else None
     try:
         return _get_context(
-            s.lake_dir,
+            s.lake,
             org_id,
             knowledge_base_id,
             query,
@@ -71,7 +70,7 @@ def search_memories(
     """The `k` memories of a user that best match `query`."""
     s = settings or load_settings()
     return _search_memories(
-        s.lake_dir,
+        s.lake,
         org_id,
         user_id,
         query,
@@ -113,7 +112,7 @@ def rlm_query(
         knowledge_base_id=knowledge_base_id,
         custom_context=custom_context,
         rlm_config=cfg,
-        lake_dir=Path(s.lake_dir),
+        lake_dir=s.lake,
     )
     resources = build_resources(s)
     llm_resource = resources["llm"] if llm is None else None

@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     import dagster as dg
 
+    from memcity_pipeline.lake.location import Lake
+
 
 class Settings(BaseSettings):
     """All configuration of memcity-pipeline. Field names map to `MEMCITY_<NAME>` variables."""
@@ -31,6 +33,16 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".memcity"), description="Root of the lake and local state.")
     landing: Path | None = Field(
         default=None, description="Landing folder; default `$MEMCITY_HOME/landing`."
+    )
+    lake_uri: str | None = Field(
+        default=None,
+        description="The lake: a local folder or an s3://, gs://, az:// URI; default "
+        "`$MEMCITY_HOME/lake`.",
+    )
+    lake_retention_days: float = Field(
+        default=7.0,
+        ge=0,
+        description="Table versions older than this are vacuumed by the weekly maintenance job.",
     )
 
     # Ingestion limits
@@ -86,8 +98,22 @@ class Settings(BaseSettings):
     postgres_url: str | None = None
 
     @cached_property
+    def lake(self) -> "Lake":
+        """The lake's location (`MEMCITY_LAKE_URI`, default `$MEMCITY_HOME/lake`)."""
+        from memcity_pipeline.lake.location import Lake
+
+        return Lake.of(self.lake_uri or self.home.resolve() / "lake")
+
+    @cached_property
     def lake_dir(self) -> Path:
-        return self.home.resolve() / "lake"
+        """The local folder of a local lake (ValueError for object storage)."""
+        return self.lake.path
+
+    @cached_property
+    def locks_dir(self) -> Path:
+        """Where this machine's run locks of `memcity ingest` lie (in `.locks/`): the lake's
+        folder when it is local, else the home."""
+        return self.lake.path if self.lake.is_local else self.home.resolve()
 
     @cached_property
     def landing_dir(self) -> Path:
@@ -123,6 +149,9 @@ def describe_settings_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = tuple(err.get("loc") or ())
+        if not loc:  # a rule across variables: its message names them
+            parts.append(str(err.get("msg")).removeprefix("Value error, "))
+            continue
         variable = _variable(str(loc[0]) if loc else "", loc)
         value = err.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
@@ -192,11 +221,10 @@ def build_resources(settings: Settings) -> dict[str, Any]:
     )
     return {
         "lake": LakeResource(
-            lake_dir=str(s.lake_dir),
+            lake_uri=s.lake.uri,
             landing_dir=str(s.landing_dir),
             max_file_bytes=s.max_file_bytes,
             max_document_chars=s.max_document_chars,
-            lock_timeout_s=s.lake_lock_timeout_s,
         ),
         "llm": LLMResource(
             base_url=s.llm_base_url,
@@ -222,7 +250,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         ),
         "sandbox": sandbox,
         "sessions": SessionsResource(
-            lake_dir=str(s.lake_dir),
+            lake_uri=s.lake.uri,
             postgres_url=secret_env(s.postgres_url, "MEMCITY_POSTGRES_URL"),
         ),
     }

@@ -77,7 +77,10 @@ def test_definitions_hold_every_ingestion_piece() -> None:
     assert sorted(s.name for s in repo.schedule_defs) == [
         "daily_ingest_knowledge_bases",
         "daily_ingest_users",
+        "weekly_lake_maintenance",
     ]
+    weekly = repo.get_schedule_def("weekly_lake_maintenance")
+    assert weekly.cron_schedule == "0 3 * * 0" and weekly.job_name == "lake_maintenance_job"
     assert {"landing_sensor", "memcity_automation"} <= {s.name for s in repo.sensor_defs}
     # Every ingestion asset is partitioned: knowledge bases or users, never both in one job.
     graph = repo.asset_graph
