@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(default=120.0, gt=0)
     llm_max_retries: int = Field(default=4, ge=0)
     llm_context_window: int = Field(default=8192, gt=0)
+    llm_cache: Literal["sqlite", "postgres"] = Field(
+        default="sqlite",
+        description="Where LLM answers are cached: `sqlite` (a file under `$MEMCITY_HOME/cache`, "
+        "one machine) or `postgres` (the MEMCITY_POSTGRES_URL database, shared).",
+    )
 
     # Pipeline behaviour
     enrichment: Literal["llm", "off"] = "llm"
@@ -96,6 +101,12 @@ class Settings(BaseSettings):
 
     # Postgres (rlm_sessions and, in production, Dagster's storage)
     postgres_url: str | None = None
+
+    @model_validator(mode="after")
+    def _postgres_cache_needs_a_url(self) -> "Settings":
+        if self.llm_cache == "postgres" and not self.postgres_url:
+            raise ValueError("MEMCITY_LLM_CACHE=postgres needs MEMCITY_POSTGRES_URL")
+        return self
 
     @cached_property
     def lake(self) -> "Lake":
@@ -235,6 +246,9 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             timeout_s=s.llm_timeout_s,
             max_retries=s.llm_max_retries,
             cache_dir=str(s.cache_dir / "llm"),
+            cache_url=secret_env(s.postgres_url, "MEMCITY_POSTGRES_URL")
+            if s.llm_cache == "postgres"
+            else None,
             context_window=s.llm_context_window,
             log_dir=str(s.home.resolve() / "logs"),
         ),

@@ -169,6 +169,7 @@ class ClientOptions:
     max_retries: int = 4
     context_window: int = 8192
     cache_dir: Path | None = None
+    cache_url: str | None = None  # a Postgres URL: the cache lives there instead
     local_log_path: Path | None = None
     explicit_structured_mode: bool = False  # else a local model name picks json_object_schema
 
@@ -200,6 +201,7 @@ def open_client(target: LLMTarget, options: ClientOptions) -> tuple[LLMClient, b
             sub_model=sub_model,
             structured_mode=mode,  # type: ignore[arg-type]
             cache_dir=options.cache_dir,
+            cache_url=options.cache_url,
             # The embedded server has one slot: parallel calls only queue there and time out.
             max_concurrency=1 if local else options.max_concurrency,
             timeout_s=max(options.timeout_s, LOCAL_TIMEOUT_S) if local else options.timeout_s,
