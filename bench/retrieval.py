@@ -16,8 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memcity_pipeline.cli.ingest import ingest
@@ -85,9 +83,15 @@ def evaluate(mode: str, home: Path) -> dict[str, dict[str, float]]:
 
 
 def _rows(lake: Path, org: str, kb: str) -> dict:
-    chunks = pl.read_parquet(lake / "enriched_chunks" / org / f"{kb}.parquet")
-    docs = pl.read_parquet(
-        lake / "raw_documents" / org / f"{kb}.parquet", columns=["document_id", "source_path"]
+    from memcity_pipeline.lake.delta import read_rows
+    from memcity_pipeline.lake.tables import scope_where
+
+    chunks = read_rows(lake, "enriched_chunks", scope_where("enriched_chunks", org, kb))
+    docs = read_rows(
+        lake,
+        "raw_documents",
+        scope_where("raw_documents", org, kb),
+        columns=["document_id", "source_path"],
     )
     return {r["chunk_id"]: r for r in chunks.join(docs, on="document_id").iter_rows(named=True)}
 

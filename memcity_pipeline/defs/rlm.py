@@ -26,10 +26,10 @@ from memcity_pipeline.rlm.sessions import read_sessions
 rlm_sessions = dg.AssetSpec(
     "rlm_sessions",
     group_name="rlm",
-    kinds={"parquet", "postgres"},
+    kinds={"deltalake", "postgres"},
     description="One row per RLM query (whatever its end): who asked what over which context, "
-    "iterations, sub-calls, tokens, cost, time, status. Parquet under "
-    "`lake/rlm_sessions/date=<day>/`, and the Postgres table `rlm_sessions`.",
+    "iterations, sub-calls, tokens, cost, time, status. The lake's Delta table `rlm_sessions` "
+    "(partitioned by org and day), and the Postgres table `rlm_sessions`.",
 )
 
 

@@ -4,7 +4,10 @@ state with one MERGE, delete a partition, list partitions, and keep tables compa
 Contracts:
 
 - Every registered table (`lake.tables.TABLES`) is one Delta table at `<lake>/<folder>`,
-  partitioned by its `partition_by` columns (org and knowledge base, user or day).
+  partitioned by its `partition_by` columns (org and knowledge base, user or day) and, for the
+  large tables, by `bucket`: a stable hash (crc32) of one column modulo `BUCKETS`, so that a
+  partition's rows lie in up to 32 files and a change rewrites only the files of its buckets.
+  `bucket` is a storage column: reads leave it out, writes compute it.
 - `write_rows(lake, table, where, frame)` makes the rows that match `where` (equalities on the
   partition columns, and possibly one more column such as `kind`) exactly `frame`. It reads those
   rows, finds the keys that are new or whose row changed and the keys that left, and commits ONE
@@ -20,6 +23,7 @@ Contracts:
 """
 
 import logging
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,7 +39,7 @@ from tenacity import (
 )
 
 from memcity_pipeline.lake.location import Lake
-from memcity_pipeline.lake.tables import Table, Where, table
+from memcity_pipeline.lake.tables import BUCKET, BUCKETS, Table, Where, table
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,9 @@ def _ensure_table(lake: Lake, t: Table) -> DeltaTable:
         return dt
     return DeltaTable.create(
         t.uri(lake),
-        t.schema,
+        t.storage_schema,
         mode="ignore",
-        partition_by=list(t.partition_by),
+        partition_by=t.storage_partitions,
         name=t.name,
         storage_options=lake.storage_options(),
     )
@@ -110,6 +114,14 @@ def _conform(t: Table, frame: pl.DataFrame) -> pl.DataFrame:
         frame = frame.with_columns(pl.lit(None).alias(c) for c in missing)
     arrow = frame.select(t.schema.names).to_arrow().cast(t.schema)
     return pl.from_arrow(arrow)  # type: ignore[return-value]
+
+
+def _with_bucket(t: Table, frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` (conformed) with the storage column `bucket` of a bucketed table."""
+    if not t.bucket_by:
+        return frame
+    buckets = [zlib.crc32(v.encode()) % BUCKETS for v in frame[t.bucket_by].fill_null("")]
+    return frame.with_columns(pl.Series(BUCKET, buckets, pl.Int32))
 
 
 def _read(dt: DeltaTable | None, t: Table, where: Where, columns: list[str] | None) -> pl.DataFrame:
@@ -206,10 +218,13 @@ def _merge(lake: Lake, t: Table, where: Where, wanted: pl.DataFrame) -> int | No
             upserts.with_columns(pl.lit(False).alias(_DELETE)),
             _conform(t, gone).with_columns(pl.lit(True).alias(_DELETE)),
         ]
-    ).to_arrow()
+    )
+    source = _with_bucket(t, source).to_arrow()
     # parenthesised: the SQL parser binds `IS NOT DISTINCT FROM` looser than `AND`
     on = " AND ".join(f"(t.`{k}` IS NOT DISTINCT FROM s.`{k}`)" for k in t.key)
-    columns = {c: f"s.`{c}`" for c in t.schema.names}
+    if t.bucket_by:  # lets delta-rs skip the files of other buckets
+        on += f" AND t.`{BUCKET}` = s.`{BUCKET}`"
+    columns = {c: f"s.`{c}`" for c in t.storage_schema.names}
     (
         dt.merge(
             source,
@@ -260,9 +275,9 @@ def append_rows(lake: Lake | str, name: str, frame: pl.DataFrame) -> int:
         with attempt:
             write_deltalake(
                 t.uri(lake),
-                _conform(t, frame).to_arrow(),
+                _with_bucket(t, _conform(t, frame)).to_arrow(),
                 mode="append",
-                partition_by=list(t.partition_by),
+                partition_by=t.storage_partitions,
                 storage_options=lake.storage_options(),
             )
     version = table_version(lake, name)

@@ -269,6 +269,18 @@ class Table:
     partition_by: tuple[str, str]
     order_by: tuple[str, ...] = ()
     folder: str = ""
+    bucket_by: str | None = None
+
+    @property
+    def storage_partitions(self) -> list[str]:
+        """The Delta table's partition columns: `partition_by`, then `bucket` for a table
+        spread over `BUCKETS` files per partition by a hash of `bucket_by`."""
+        return [*self.partition_by, *([BUCKET] if self.bucket_by else [])]
+
+    @property
+    def storage_schema(self) -> pa.Schema:
+        """The schema of the Delta table: `schema`, plus `bucket` for a bucketed table."""
+        return self.schema.append(pa.field(BUCKET, pa.int32())) if self.bucket_by else self.schema
 
     def uri(self, lake: "Lake | str | Path") -> str:
         """Where the Delta table lies: `<lake>/<folder>`."""
@@ -278,6 +290,13 @@ class Table:
         """The partition of one org's knowledge base, user, scope or day."""
         return {self.partition_by[0]: org_id, self.partition_by[1]: scope_id}
 
+
+BUCKET = "bucket"
+BUCKETS = 32
+"""A large table's partition is spread over this many files by a stable hash of one column
+(`Table.bucket_by`: the document, chunk, memory or session), so that editing one document
+rewrites about 1/32 of its knowledge base's files, not all of them (delta-rs rewrites each file
+that holds a changed row whole)."""
 
 KB = ("org_id", "knowledge_base_id")
 USER = ("org_id", "user_id")
@@ -293,6 +312,7 @@ TABLES: dict[str, Table] = {
             ("document_id",),
             KB,
             ("source_path", "document_id"),
+            bucket_by="document_id",
         ),
         Table(
             "document_structure",
@@ -301,8 +321,17 @@ TABLES: dict[str, Table] = {
             ("document_id",),
             KB,
             ("document_id",),
+            bucket_by="document_id",
         ),
-        Table("chunks", CHUNKS, "knowledge_base", ("chunk_id",), KB, ("document_id", "ordinal")),
+        Table(
+            "chunks",
+            CHUNKS,
+            "knowledge_base",
+            ("chunk_id",),
+            KB,
+            ("document_id", "ordinal"),
+            bucket_by="document_id",
+        ),
         Table(
             "enriched_chunks",
             ENRICHED_CHUNKS,
@@ -310,9 +339,26 @@ TABLES: dict[str, Table] = {
             ("chunk_id",),
             KB,
             ("document_id", "ordinal"),
+            bucket_by="document_id",
         ),
-        Table("chunk_embeddings", EMBEDDINGS, "knowledge_base", ("item_id",), SCOPED, ("item_id",)),
-        Table("memories", MEMORIES, "user", ("memory_id",), USER, ("source_path", "line")),
+        Table(
+            "chunk_embeddings",
+            EMBEDDINGS,
+            "knowledge_base",
+            ("item_id",),
+            SCOPED,
+            ("item_id",),
+            bucket_by="item_id",
+        ),
+        Table(
+            "memories",
+            MEMORIES,
+            "user",
+            ("memory_id",),
+            USER,
+            ("source_path", "line"),
+            bucket_by="memory_id",
+        ),
         Table(
             "conversations",
             CONVERSATIONS,
@@ -320,8 +366,17 @@ TABLES: dict[str, Table] = {
             ("session_id", "turn"),
             USER,
             ("source_path", "line"),
+            bucket_by="session_id",
         ),
-        Table("memory_embeddings", EMBEDDINGS, "user", ("item_id",), SCOPED, ("item_id",)),
+        Table(
+            "memory_embeddings",
+            EMBEDDINGS,
+            "user",
+            ("item_id",),
+            SCOPED,
+            ("item_id",),
+            bucket_by="item_id",
+        ),
         Table(
             "rlm_sessions",
             RLM_SESSIONS,

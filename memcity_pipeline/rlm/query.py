@@ -390,7 +390,7 @@ class _Run:
         return "; ".join(parts) or None
 
     def finish(self, store: SessionStore) -> RLMResult:
-        """Record the session (Parquet, then Postgres) and build the result."""
+        """Record the session (the lake, then Postgres) and build the result."""
         ended = now_utc()
         elapsed = time.monotonic() - self.t0
         trajectory = _publish_trajectory(self.lake, self.session_id, self.trajectory)

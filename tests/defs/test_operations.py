@@ -212,7 +212,7 @@ def test_kill_9_then_rerun_matches_a_clean_run_without_repeating_llm_work(
     else:
         nth = rng.randrange(1, 15 if point == "parse" else 25)
         extra |= {
-            "PYTHONPATH": CRASHPOINT,
+            "PYTHONPATH": os.pathsep.join(filter(None, [CRASHPOINT, os.environ.get("PYTHONPATH")])),
             "MEMCITY_TEST_CRASH": f"{point}:{nth}",
             "MEMCITY_TEST_CRASH_COUNTER": str(tmp_path / "crash-counter"),
         }

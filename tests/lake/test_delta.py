@@ -128,15 +128,50 @@ def test_concurrent_writers_of_different_partitions_all_commit(tmp_path: Path) -
     assert rows.select("knowledge_base_id", "document_id").is_duplicated().sum() == 0
 
 
+def _files(n: int) -> pl.DataFrame:
+    """`n` rows of the (unbucketed) bookkeeping table `source_files` of one scope."""
+    return pl.DataFrame(
+        {
+            "kind": ["documents"] * n,
+            "org_id": ["acme"] * n,
+            "scope_id": ["kb"] * n,
+            "path": [f"f{i}.md" for i in range(n)],
+            "size": list(range(n)),
+        }
+    )
+
+
+FILES = {"kind": "documents", "org_id": "acme", "scope_id": "kb"}
+
+
 def test_maintenance_compacts_and_keeps_every_row(tmp_path: Path) -> None:
-    where = scope_where("raw_documents", "acme", "kb")
     for n in range(1, 6):
-        write_rows(tmp_path, "raw_documents", where, _docs("acme", "kb", n))  # one file more
-    assert len(DeltaTable(str(tmp_path / "raw_documents")).file_uris()) == 5
-    done = maintain(tmp_path, "raw_documents", retention_hours=0)
+        write_rows(tmp_path, "source_files", FILES, _files(n))  # one file more each time
+    table = str(tmp_path / "_state" / "source_files")
+    assert len(DeltaTable(table).file_uris()) == 5
+    done = maintain(tmp_path, "source_files", retention_hours=0)
     assert done["files_removed"] == 5 and done["vacuumed_files"] == 5, done
-    assert read_rows(tmp_path, "raw_documents", where).height == 5
-    assert len(DeltaTable(str(tmp_path / "raw_documents")).file_uris()) == 1
+    assert read_rows(tmp_path, "source_files", FILES).height == 5
+    assert len(DeltaTable(table).file_uris()) == 1
+
+
+def test_a_large_partition_is_spread_over_buckets_and_an_edit_rewrites_few(
+    tmp_path: Path,
+) -> None:
+    where = scope_where("raw_documents", "acme", "kb")
+    write_rows(tmp_path, "raw_documents", where, _docs("acme", "kb", 200))
+    dt = DeltaTable(str(tmp_path / "raw_documents"))
+    assert len(dt.file_uris()) == 32  # every bucket of the partition has a file
+    edited = _docs("acme", "kb", 200).with_columns(
+        pl.when(pl.col("document_id") == "d0100")
+        .then(pl.lit("edited"))
+        .otherwise(pl.col("text"))
+        .alias("text")
+    )
+    write_rows(tmp_path, "raw_documents", where, edited)
+    metrics = DeltaTable(str(tmp_path / "raw_documents")).history(1)[0]["operationMetrics"]
+    assert metrics["num_target_files_removed"] == 1 and metrics["num_target_files_added"] == 1
+    assert "bucket" not in read_rows(tmp_path, "raw_documents", where).columns
 
 
 def test_the_maintenance_job_compacts_every_table_with_the_configured_retention(
@@ -147,9 +182,8 @@ def test_the_maintenance_job_compacts_every_table_with_the_configured_retention(
     from memcity_pipeline.defs.maintenance import lake_maintenance_job, weekly_maintenance
     from memcity_pipeline.resources.lake import LakeResource
 
-    where = scope_where("raw_documents", "acme", "kb")
     for n in range(1, 4):
-        write_rows(tmp_path, "raw_documents", where, _docs("acme", "kb", n))
+        write_rows(tmp_path, "source_files", FILES, _files(n))
     schedule = weekly_maintenance(0.0)
     config = schedule.evaluate_tick(dg.build_schedule_context()).run_requests[0].run_config
     result = lake_maintenance_job.execute_in_process(
@@ -157,5 +191,5 @@ def test_the_maintenance_job_compacts_every_table_with_the_configured_retention(
         resources={"lake": LakeResource(lake_uri=str(tmp_path), landing_dir=str(tmp_path))},
     )
     assert result.success
-    assert len(DeltaTable(str(tmp_path / "raw_documents")).file_uris()) == 1
-    assert read_rows(tmp_path, "raw_documents", where).height == 3
+    assert len(DeltaTable(str(tmp_path / "_state" / "source_files")).file_uris()) == 1
+    assert read_rows(tmp_path, "source_files", FILES).height == 3
