@@ -14,7 +14,7 @@ Printed, measured in one run (figures are ratios of things measured side by side
     S3 server over the same on the local lake, in this run.
 
 Enrichment is off (no LLM calls); embeddings are the local all-MiniLM-L6-v2. Each measurement
-runs on a fresh `MEMCITY_HOME`.
+runs on a fresh `MEMCITY_HOME`, in its own process.
 """
 
 import argparse
@@ -182,13 +182,39 @@ def sample_ingest(root: Path, lake_uri: str | None, s3: dict[str, str] | None) -
     return _ingest(_configure(home, lake_uri, s3))
 
 
+def _measure(args: list[str], env: dict[str, str]) -> str:
+    """One measurement in a fresh process (settings, the Dagster instance and `memcity ingest`'s
+    worker processes follow the environment of the process they start in)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MEMCITY_", "AWS_"))}
+    proc = subprocess.run(
+        [sys.executable, __file__, *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"measurement {args} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=500)
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--measure", choices=["edit", "sample"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--uri", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.measure:  # inside a measurement process
+        s3 = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} or None
+        if args.measure == "edit":
+            edit_ratio(Path(args.root), args.docs, args.uri or None, s3)
+        else:
+            print(f"{sample_ingest(Path(args.root), args.uri or None, s3):.3f}")
+        return
     root = Path(tempfile.mkdtemp(prefix="memcity-bench-lake-"))
-    moto, s3 = None, None
+    moto, s3 = None, {}
     if not args.skip_s3:
         moto, endpoint = _moto()
         s3 = {
@@ -203,15 +229,17 @@ def main() -> None:
 
         def bucket() -> str:
             name = f"bench-{uuid.uuid4().hex[:10]}"
-            httpx.put(f"{s3['AWS_ENDPOINT_URL']}/{name}", timeout=10).raise_for_status()  # type: ignore[index]
+            httpx.put(f"{s3['AWS_ENDPOINT_URL']}/{name}", timeout=10).raise_for_status()
             return f"s3://{name}/lake"
 
-        edit_ratio(root, args.docs, None, None)
+        edit = ["--measure", "edit", "--root", str(root), "--docs", str(args.docs)]
+        print(_measure(edit, {}), flush=True)
         if s3:
-            edit_ratio(root, args.docs, bucket(), s3)
-            sample_ingest(root, None, None)  # warm-up (file cache, ONNX session), not counted
-            local = sample_ingest(root, None, None)
-            remote = sample_ingest(root, bucket(), s3)
+            print(_measure([*edit, "--uri", bucket()], s3), flush=True)
+            sample = ["--measure", "sample", "--root", str(root)]
+            _measure(sample, {})  # warm-up (file cache, ONNX session), not counted
+            local = float(_measure(sample, {}))
+            remote = float(_measure([*sample, "--uri", bucket()], s3))
             print(
                 f"(b) sample corpus ingest: local {local:.1f} s, S3 (moto) {remote:.1f} s -> "
                 f"S3 / local {remote / local:.2f}"

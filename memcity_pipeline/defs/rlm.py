@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 from pydantic import BaseModel, Field, create_model
 
+from memcity_pipeline.lake.delta import table_version
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.resources.sandbox import SandboxResource
@@ -185,7 +186,10 @@ def run_rlm_query(
     yield dg.AssetMaterialization(
         asset_key="rlm_sessions",
         description=f"session {result.session_id} ({result.status})",
-        metadata=session_metadata(data),
+        metadata={
+            **session_metadata(data),
+            "table_version": table_version(lake.lake, "rlm_sessions") or 0,
+        },
     )
     if result.warning:
         context.log.warning(result.warning)

@@ -193,6 +193,8 @@ def test_three_phases_enrich_and_a_rerun_makes_no_llm_call(scripted_llm: Scripte
     assert again.success and scripted_llm.call_count == calls_before
     assert _meta(again, "document_structure")["processed"] == 0
     assert _meta(again, "enriched_chunks")["chunks_processed"] == 0
+    for table in ("document_structure", "chunks", "enriched_chunks"):  # versions, unchanged
+        assert _meta(again, table)["table_version"] == _meta(result, table)["table_version"]
 
     # With the lake's enrichment tables gone, the persistent response cache still answers.
     for table in ("document_structure", "enriched_chunks"):

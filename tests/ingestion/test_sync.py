@@ -215,6 +215,10 @@ def test_assets_report_counts_and_warnings_in_metadata(tmp_path: Path) -> None:
     meta = metadata(again, "raw_documents")["saltmarsh/operations"]
     assert meta["changed"] == 0
     assert meta["summary"].startswith("documents: 0 changed")
+    # Each materialization records the table's Delta version; the rerun committed nothing.
+    version = table_versions(settings.lake, ["raw_documents"])["raw_documents"]
+    assert max(m["table_version"] for m in docs.values()) == version
+    assert meta["table_version"] == version and meta["committed"] is False
 
 
 def _evaluate(cursor: str | None, instance: dg.DagsterInstance, lake: object) -> dg.SensorResult:

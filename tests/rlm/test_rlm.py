@@ -17,7 +17,7 @@ import pytest
 
 from memcity_pipeline.api import rlm_query
 from memcity_pipeline.ingestion.sync import Limits
-from memcity_pipeline.lake.delta import read_rows, write_rows
+from memcity_pipeline.lake.delta import read_rows, table_version, write_rows
 from memcity_pipeline.lake.tables import ENRICHED_CHUNKS, scope_where
 from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.resources.llm import LLMResource
@@ -584,6 +584,7 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
     metadata = events[0].metadata
     assert metadata["status"].value == "completed"
     assert metadata["iterations"].value == 1
+    assert metadata["table_version"].value == table_version(configured["lake"].lake, "rlm_sessions")
     assert result.output_for_node("run_rlm_query")["answer"] == "from dagster"
 
     report = dg.materialize([rlm_session_report], resources={"lake": configured["lake"]})
