@@ -75,10 +75,10 @@ def _step_times(home: Path) -> list[tuple[str, str, float]]:
 
 
 def _table(lake: Path, name: str) -> pl.DataFrame:
-    files = sorted((lake / name).rglob("*.parquet"))
-    return (
-        pl.concat([pl.read_parquet(f) for f in files], how="diagonal") if files else pl.DataFrame()
-    )
+    """Every row of a lake table (empty when the table does not exist)."""
+    from memcity_pipeline.lake.delta import read_rows
+
+    return read_rows(str(lake), name)
 
 
 def _reasons(frame: pl.DataFrame, column: str, top: int = 5) -> list[tuple[str, int]]:

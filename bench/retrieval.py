@@ -28,8 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import polars as pl
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # python_docs_corpus
 
@@ -98,9 +96,15 @@ def evaluate(mode: str, home: Path) -> dict[str, dict[str, float]]:
 
 
 def _rows(lake: Path, org: str, kb: str) -> dict:
-    chunks = pl.read_parquet(lake / "enriched_chunks" / org / f"{kb}.parquet")
-    docs = pl.read_parquet(
-        lake / "raw_documents" / org / f"{kb}.parquet", columns=["document_id", "source_path"]
+    from memcity_pipeline.lake.delta import read_rows
+    from memcity_pipeline.lake.tables import scope_where
+
+    chunks = read_rows(lake, "enriched_chunks", scope_where("enriched_chunks", org, kb))
+    docs = read_rows(
+        lake,
+        "raw_documents",
+        scope_where("raw_documents", org, kb),
+        columns=["document_id", "source_path"],
     )
     return {r["chunk_id"]: r for r in chunks.join(docs, on="document_id").iter_rows(named=True)}
 
@@ -152,7 +156,7 @@ def evaluate_python_docs(mode: str, home: Path) -> dict[str, dict[str, float]]:
     from memcity_pipeline.settings import build_resources
 
     embedder = build_resources(settings)["embeddings"].get_embedder()
-    loaded = _load(settings.lake_dir, "chunks", corpus.ORG, corpus.KB, embedder, _rows)
+    loaded = _load(settings.lake, "chunks", corpus.ORG, corpus.KB, embedder, _rows)
     index, depth = loaded.index, 100  # chunks fetched to fill 10 pages
     rankings: dict[str, list[tuple[list[str], set[str]]]] = {"bm25": [], "vector": [], "hybrid": []}
     latencies = []

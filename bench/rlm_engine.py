@@ -27,8 +27,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memcity_pipeline.lake.io import write_parquet_atomic
-from memcity_pipeline.lake.tables import ENRICHED_CHUNKS
+from memcity_pipeline.lake.delta import write_rows
+from memcity_pipeline.lake.tables import ENRICHED_CHUNKS, scope_where
 from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.resources.sandbox import LocalSandboxResource, SandboxResource
 from memcity_pipeline.rlm.context import gather_context
@@ -73,7 +73,7 @@ def write_chunks(lake: Path, n: int, size: int = 1000) -> None:
         for i in range(n)
     ]
     frame = pl.from_arrow(pa.Table.from_pylist(rows, schema=ENRICHED_CHUNKS))
-    write_parquet_atomic(frame, lake / "enriched_chunks" / "bench" / "kb.parquet")  # type: ignore[arg-type]
+    write_rows(lake, "enriched_chunks", scope_where("enriched_chunks", "bench", "kb"), frame)  # type: ignore[arg-type]
 
 
 def root_responder() -> Any:

@@ -8,7 +8,6 @@ engine, so that a search from a fresh process answers quickly.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult, parse_config
@@ -56,7 +55,7 @@ def get_context(
     llm = build_resources(s)["llm"] if s.rerank == "llm" else None
     try:
         return _get_context(
-            s.lake_dir,
+            s.lake,
             org_id,
             knowledge_base_id,
             query,
@@ -75,7 +74,7 @@ def search_memories(
     """The `k` memories of a user that best match `query`."""
     s = settings or load_settings()
     return _search_memories(
-        s.lake_dir,
+        s.lake,
         org_id,
         user_id,
         query,
@@ -119,7 +118,7 @@ def rlm_query(
         knowledge_base_id=knowledge_base_id,
         custom_context=custom_context,
         rlm_config=cfg,
-        lake_dir=Path(s.lake_dir),
+        lake_dir=s.lake,
     )
     resources = build_resources(s)
     llm_resource = resources["llm"] if llm is None else None

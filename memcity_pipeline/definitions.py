@@ -16,6 +16,7 @@ from memcity_pipeline.defs.ingest import (
     memcity_automation,
     sync_landing_layout_job,
 )
+from memcity_pipeline.defs.maintenance import lake_maintenance_job, weekly_maintenance
 from memcity_pipeline.settings import Settings, SettingsError, build_resources, load_settings
 
 STAGE_MODULES = [ingestion, enrichment, indexing, rlm]
@@ -23,14 +24,21 @@ STAGE_MODULES = [ingestion, enrichment, indexing, rlm]
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     """Definitions wired to `settings` (the environment's by default)."""
+    settings = settings or load_settings()
     return dg.Definitions(
         # Modules are not searched for AssetSpecs: `rlm_sessions` (reported by rlm_query) is added.
         assets=[*dg.load_assets_from_modules(STAGE_MODULES), rlm.rlm_sessions],
         asset_checks=dg.load_asset_checks_from_modules(STAGE_MODULES),
-        jobs=[ingest_knowledge_bases, ingest_users, sync_landing_layout_job, rlm.rlm_query_job],
-        schedules=daily_schedules,
+        jobs=[
+            ingest_knowledge_bases,
+            ingest_users,
+            sync_landing_layout_job,
+            rlm.rlm_query_job,
+            lake_maintenance_job,
+        ],
+        schedules=[*daily_schedules, weekly_maintenance(settings.lake_retention_days)],
         sensors=[landing_sensor, memcity_automation],
-        resources=build_resources(settings or load_settings()),
+        resources=build_resources(settings),
     )
 
 

@@ -13,12 +13,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     import dagster as dg
 
+    from memcity_pipeline.lake.location import Lake
     from memcity_pipeline.search.embeddings import Embedder
 
 
@@ -33,6 +34,16 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".memcity"), description="Root of the lake and local state.")
     landing: Path | None = Field(
         default=None, description="Landing folder; default `$MEMCITY_HOME/landing`."
+    )
+    lake_uri: str | None = Field(
+        default=None,
+        description="The lake: a local folder or an s3://, gs://, az:// URI; default "
+        "`$MEMCITY_HOME/lake`.",
+    )
+    lake_retention_days: float = Field(
+        default=7.0,
+        ge=0,
+        description="Table versions older than this are vacuumed by the weekly maintenance job.",
     )
 
     # Ingestion limits
@@ -53,6 +64,11 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0)
     llm_context_window: int = Field(default=8192, gt=0)
     llm_local_servers: int | None = Field(default=None, ge=1, le=16)
+    llm_cache: Literal["sqlite", "postgres"] = Field(
+        default="sqlite",
+        description="Where LLM answers are cached: `sqlite` (a file under `$MEMCITY_HOME/cache`, "
+        "one machine) or `postgres` (the MEMCITY_POSTGRES_URL database, shared).",
+    )
 
     # Pipeline behaviour
     enrichment: Literal["llm", "off"] = "llm"
@@ -88,9 +104,29 @@ class Settings(BaseSettings):
     # Postgres (rlm_sessions and, in production, Dagster's storage)
     postgres_url: str | None = None
 
+    @model_validator(mode="after")
+    def _postgres_cache_needs_a_url(self) -> "Settings":
+        if self.llm_cache == "postgres" and not self.postgres_url:
+            raise ValueError("MEMCITY_LLM_CACHE=postgres needs MEMCITY_POSTGRES_URL")
+        return self
+
+    @cached_property
+    def lake(self) -> "Lake":
+        """The lake's location (`MEMCITY_LAKE_URI`, default `$MEMCITY_HOME/lake`)."""
+        from memcity_pipeline.lake.location import Lake
+
+        return Lake.of(self.lake_uri or self.home.resolve() / "lake")
+
     @cached_property
     def lake_dir(self) -> Path:
-        return self.home.resolve() / "lake"
+        """The local folder of a local lake (ValueError for object storage)."""
+        return self.lake.path
+
+    @cached_property
+    def locks_dir(self) -> Path:
+        """Where this machine's run locks of `memcity ingest` lie (in `.locks/`): the lake's
+        folder when it is local, else the home."""
+        return self.lake.path if self.lake.is_local else self.home.resolve()
 
     @cached_property
     def landing_dir(self) -> Path:
@@ -126,6 +162,9 @@ def describe_settings_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = tuple(err.get("loc") or ())
+        if not loc:  # a rule across variables: its message names them
+            parts.append(str(err.get("msg")).removeprefix("Value error, "))
+            continue
         variable = _variable(str(loc[0]) if loc else "", loc)
         value = err.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
@@ -204,11 +243,10 @@ def build_resources(settings: Settings) -> dict[str, Any]:
     )
     return {
         "lake": LakeResource(
-            lake_dir=str(s.lake_dir),
+            lake_uri=s.lake.uri,
             landing_dir=str(s.landing_dir),
             max_file_bytes=s.max_file_bytes,
             max_document_chars=s.max_document_chars,
-            lock_timeout_s=s.lake_lock_timeout_s,
         ),
         "llm": LLMResource(
             base_url=s.llm_base_url,
@@ -219,6 +257,9 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             timeout_s=s.llm_timeout_s,
             max_retries=s.llm_max_retries,
             cache_dir=str(s.cache_dir / "llm"),
+            cache_url=secret_env(s.postgres_url, "MEMCITY_POSTGRES_URL")
+            if s.llm_cache == "postgres"
+            else None,
             context_window=s.llm_context_window,
             local_servers=s.llm_local_servers,
             log_dir=str(s.home.resolve() / "logs"),
@@ -235,7 +276,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
         ),
         "sandbox": sandbox,
         "sessions": SessionsResource(
-            lake_dir=str(s.lake_dir),
+            lake_uri=s.lake.uri,
             postgres_url=secret_env(s.postgres_url, "MEMCITY_POSTGRES_URL"),
         ),
     }

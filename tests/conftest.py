@@ -8,6 +8,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures_llm",
     "tests.fixtures_sandbox",
+    "tests.fixtures_s3",
 ]
 
 # Variables that would point a test at real services or real secrets.
@@ -26,6 +27,15 @@ _SCRUBBED = [
     "MEMCITY_SANDBOX",
     "DAYTONA_API_KEY",
     "DAYTONA_API_URL",
+    "MEMCITY_LAKE_URI",
+    "MEMCITY_LLM_CACHE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ALLOW_HTTP",
+    "AWS_PROFILE",
 ]
 
 

@@ -29,6 +29,7 @@ from memcity_pipeline.cli.console import (
     print_outcome,
     print_plan,
 )
+from memcity_pipeline.cli.lake import lake_app
 from memcity_pipeline.cli.services import daytona_app, llm_app
 from memcity_pipeline.settings import Settings
 
@@ -93,7 +94,11 @@ def _run_ingest(
 ) -> None:
     from memcity_pipeline.cli.ingest import SelectionError, plan_ingest, run_ingest
     from memcity_pipeline.cli.runner import get_instance
+    from memcity_pipeline.lake.migrate import migrate_lake
 
+    migrated = migrate_lake(settings.lake)  # a Parquet lake of an earlier version, once
+    if migrated.converted:
+        console.print(migrated.summary(settings.lake), highlight=False)
     instance = get_instance(settings)
     try:
         plan = plan_ingest(
@@ -122,7 +127,7 @@ def _run_ingest(
         out.print_json(json.dumps(outcome_json(outcome), default=str))
     else:
         print_outcome(out, outcome)
-        console.print(f"lake: {settings.lake_dir}", highlight=False)
+        console.print(f"lake: {settings.lake}", highlight=False)
     if not outcome.success:
         failed = [p for p in outcome.partitions if not p.success]
         for p in failed:
@@ -333,6 +338,7 @@ def doctor(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 app.add_typer(llm_app, name="llm")
 app.add_typer(daytona_app, name="daytona")
+app.add_typer(lake_app, name="lake")
 
 
 def main() -> None:  # pragma: no cover - console entry point

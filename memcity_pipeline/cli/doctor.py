@@ -286,7 +286,7 @@ def _subfolders(path: Path) -> int:
 
 def check_paths(settings: Settings, resources: dict[str, Any]) -> list[Check]:
     """Where the home, the landing folder and the lake are, and whether they are usable."""
-    landing, lake = Path(resources["lake"].landing_dir), Path(resources["lake"].lake_dir)
+    landing, lake = Path(resources["lake"].landing_dir), resources["lake"].lake
     return [
         _folder("home", settings.home.resolve(), "memcity ingest or memcity demo creates it"),
         _folder(
@@ -295,8 +295,23 @@ def check_paths(settings: Settings, resources: dict[str, Any]) -> list[Check]:
             "put sources under orgs/<org>/ or run memcity demo",
             lambda p: f"{_subfolders(p / 'orgs')} organisations",
         ),
-        _folder("lake", lake, "memcity ingest creates it", lambda p: f"{_subfolders(p)} tables"),
+        _folder(
+            "lake", lake.path, "memcity ingest creates it", lambda p: f"{_subfolders(p)} tables"
+        )
+        if lake.is_local
+        else _object_lake(lake),
     ]
+
+
+def _object_lake(lake: Any) -> Check:
+    """A lake on object storage: reachable with the environment's credentials?"""
+    from memcity_pipeline.lake.files import list_keys
+
+    try:
+        list_keys(lake, "_state")
+    except Exception as exc:
+        return Check("lake", "fail", f"{lake.uri} is unreachable: {type(exc).__name__}: {exc}")
+    return Check("lake", "ok", f"{lake.uri} (object storage)")
 
 
 SERVICE_CHECKS: tuple[Callable[[Settings, dict[str, Any]], Check], ...] = (

@@ -9,14 +9,15 @@ document or chunk of it failed its LLM phase (those are retried by the next run)
 
 import hashlib
 import json
-from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from memcity_pipeline.cli.events import PARTITION_TAG
 from memcity_pipeline.ingestion.sync import scope_is_current
-from memcity_pipeline.lake.tables import PARTITIONS, ScopeKind, kb_table_path, parse_scope_key
+from memcity_pipeline.lake.delta import read_rows
+from memcity_pipeline.lake.location import Lake
+from memcity_pipeline.lake.tables import PARTITIONS, ScopeKind, parse_scope_key, scope_where
 from memcity_pipeline.settings import Settings
 
 SETTINGS_TAG = "memcity/settings"  # `settings_fingerprint` of the command that ran it
@@ -71,7 +72,7 @@ def _same_settings(instance: dg.DagsterInstance, key: str, settings: Settings) -
     return latest == settings_fingerprint(settings)
 
 
-def _has_failed_rows(lake: Path, scope: ScopeKind, key: str) -> bool:
+def _has_failed_rows(lake: Lake, scope: ScopeKind, key: str) -> bool:
     """Whether a knowledge base has documents or chunks whose LLM phase failed (they are retried
     by the next run, so the partition is not up to date)."""
     if scope != "knowledge_base":
@@ -81,11 +82,8 @@ def _has_failed_rows(lake: Path, scope: ScopeKind, key: str) -> bool:
         ("document_structure", "status"),
         ("enriched_chunks", "enrichment_status"),
     ):
-        path = kb_table_path(lake, table, org, kb)
-        if (
-            path.exists()
-            and pl.scan_parquet(path).filter(pl.col(column) == "failed").head(1).collect().height
-        ):
+        rows = read_rows(lake, table, scope_where(table, org, kb), columns=[column])
+        if rows.filter(pl.col(column) == "failed").height:
             return True
     return False
 
@@ -96,6 +94,6 @@ def up_to_date(
     """Whether a partition whose last run finished needs no run now (see the module's text)."""
     return (
         _same_settings(instance, key, settings)
-        and scope_is_current(settings.landing_dir, settings.lake_dir, scope, *parse_scope_key(key))
-        and not _has_failed_rows(settings.lake_dir, scope, key)
+        and scope_is_current(settings.landing_dir, settings.lake, scope, *parse_scope_key(key))
+        and not _has_failed_rows(settings.lake, scope, key)
     )

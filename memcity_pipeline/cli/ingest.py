@@ -254,7 +254,7 @@ def _run_partition(
     """Hold the partition's lock while `execute` (`_execute_partition`, here or in a worker
     process) runs it."""
     with table_lock(
-        settings.lake_dir,
+        settings.locks_dir,
         PARTITIONS[part.scope],
         parse_scope_key(part.key),
         timeout_s=settings.lake_lock_timeout_s,
@@ -308,7 +308,7 @@ def run_ingest(
     instance = instance or get_instance(settings)
     outcome = IngestOutcome(plan)
     batch = uuid.uuid4().hex[:12]
-    if plan.removed or not layout_errors_current(settings.lake_dir, plan.layout_problems):
+    if plan.removed or not layout_errors_current(settings.lake, plan.layout_problems):
         _remove_and_record_layout(instance, plan, outcome, batch)
     from memcity_pipeline.defs.ingest import execution_config
 

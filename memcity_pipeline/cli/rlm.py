@@ -296,7 +296,7 @@ def sessions_command(
                 err=err,
             )
         try:
-            copied = SessionStore(settings.lake_dir, settings.postgres_url).sync_to_postgres()
+            copied = SessionStore(settings.lake, settings.postgres_url).sync_to_postgres()
         except Exception as exc:
             return print_error(
                 f"sync to Postgres failed: {type(exc).__name__}: {exc}",
@@ -306,14 +306,14 @@ def sessions_command(
                 err=err,
             )
         err.print(f"copied {copied} session row(s) to Postgres")
-    frame = read_sessions(settings.lake_dir, org_id=org).head(limit)
+    frame = read_sessions(settings.lake, org_id=org).head(limit)
     if as_json:
         out.print_json(json.dumps(frame.to_dicts(), default=str))
         return 0
     if frame.is_empty():
         which = f" of org {org!r}" if org else ""
         err.print(
-            f"no RLM session{which} yet in the lake at {settings.lake_dir}",
+            f"no RLM session{which} yet in the lake at {settings.lake}",
             highlight=False,
             soft_wrap=True,
         )

@@ -36,8 +36,15 @@ from memcity_pipeline.enrichment.structure import (
     structure_document,
 )
 from memcity_pipeline.enrichment.tokens import count_tokens
-from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
-from memcity_pipeline.lake.tables import KB_TABLE_SCHEMAS, kb_table_path
+from memcity_pipeline.lake.delta import (
+    delete_rows,
+    empty_frame,
+    has_rows,
+    read_rows,
+    table_version,
+    write_rows,
+)
+from memcity_pipeline.lake.tables import scope_where
 from memcity_pipeline.llm.schema import max_answer_chars
 from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.resources.enrichment import EnrichmentResource
@@ -85,28 +92,32 @@ def _sync_tables(
     build: Callable[[str, str], tuple[pl.DataFrame, StageStats]],
 ) -> tuple[StageStats, list[str]]:
     """Bring this step's partitions of `table` in step with their upstream table, one at a time:
-    build each, write it when it changed; a partition whose upstream is gone loses its table.
-
-    The partition's write lock is held throughout, so a concurrent run on it waits for this one.
+    build each, commit the difference when it changed; a partition whose upstream is gone loses
+    its rows. No lock: a concurrent run on the same partition computes the same rows, and its
+    commit is reconciled by `lake.delta.write_rows` (a conflict is retried from the read).
     """
     total = StageStats()
     written: list[str] = []
     for org, kb in partition_scopes(context):
-        path = kb_table_path(lake.lake, table, org, kb)
-        with lake.writing(context, table, (org, kb)):
-            if not kb_table_path(lake.lake, UPSTREAM[table], org, kb).exists():
-                if delete_table(path):
-                    written.append(f"{org}/{kb} (removed)")
-                continue
-            new, stats = build(org, kb)
-            total.merge(stats)
-            if stats.changed or not path.exists():
-                write_parquet_atomic(new, path, KB_TABLE_SCHEMAS[table])
-                written.append(f"{org}/{kb}")
-                context.log.info(
-                    f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
-                )
+        where = scope_where(table, org, kb)
+        if not has_rows(lake.lake, UPSTREAM[table], scope_where(UPSTREAM[table], org, kb)):
+            if delete_rows(lake.lake, table, where) is not None:
+                written.append(f"{org}/{kb} (removed)")
+            continue
+        new, stats = build(org, kb)
+        total.merge(stats)
+        if stats.changed and write_rows(lake.lake, table, where, new) is not None:
+            written.append(f"{org}/{kb}")
+            context.log.info(
+                f"{table}: {org}/{kb}: {stats.processed} processed, {stats.reused} reused"
+            )
     return total, written
+
+
+def _version(lake: LakeResource, table: str) -> dg.MetadataValue:
+    """The Delta version of `table` after this step (null when it was never written)."""
+    version = table_version(lake.lake, table)
+    return dg.MetadataValue.int(version) if version is not None else dg.MetadataValue.null()
 
 
 LLMReading = tuple[Usage, dict[str, Any]]  # a client's spend and counters at one moment
@@ -239,7 +250,7 @@ def _rlm_reader(
 
 @dg.asset(
     group_name="enrichment",
-    kinds={"parquet", "openai"},
+    kinds={"deltalake", "openai"},
     deps=[raw_documents],
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
@@ -308,6 +319,7 @@ def document_structure(
         metadata={
             **_structure_counts(stats, llm=client is not None),
             "dagster/row_count": stats.rows,
+            "table_version": _version(lake, "document_structure"),
             **_llm_stage_metadata(
                 enrichment,
                 written,
@@ -322,7 +334,7 @@ def document_structure(
 
 @dg.asset(
     group_name="enrichment",
-    kinds={"parquet", "polars"},
+    kinds={"deltalake", "polars"},
     deps=[raw_documents, document_structure],
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
@@ -380,6 +392,7 @@ def chunks(
             "summary": f"{stats.rows} chunks from {stats.documents} documents "
             f"({stats.processed} re-chunked, {stats.reused} unchanged)",
             "dagster/row_count": stats.rows,
+            "table_version": _version(lake, "chunks"),
             "documents": stats.documents,
             "documents_rechunked": stats.processed,
             "documents_unchanged": stats.reused,
@@ -405,7 +418,7 @@ def chunks(
 
 @dg.asset(
     group_name="enrichment",
-    kinds={"parquet", "openai"},
+    kinds={"deltalake", "openai"},
     deps=[chunks, document_structure],
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
@@ -484,6 +497,7 @@ def enriched_chunks(
             )
             + f"{stats.reused} unchanged",
             "dagster/row_count": _count_rows(lake, "enriched_chunks", scopes),
+            "table_version": _version(lake, "enriched_chunks"),
             "documents": stats.documents,
             "chunks_processed": stats.processed,
             "chunks_unchanged": stats.reused,
@@ -502,15 +516,18 @@ def enriched_chunks(
 
 def _read(lake: LakeResource, table: str, org: str, kb: str) -> pl.DataFrame:
     """One knowledge base's rows of a lake table (empty, with its schema, when absent)."""
-    return read_parquet(kb_table_path(lake.lake, table, org, kb), KB_TABLE_SCHEMAS[table])
+    return read_rows(lake.lake, table, scope_where(table, org, kb))
 
 
 Scopes = list[tuple[str, str]]
 
 
 def _first_table(lake: LakeResource, table: str, scopes: Scopes) -> pl.DataFrame:
-    paths = [p for o, k in scopes if (p := kb_table_path(lake.lake, table, o, k)).exists()]
-    return read_parquet(paths[0]) if paths else pl.DataFrame()
+    for o, k in scopes:
+        frame = _read(lake, table, o, k)
+        if frame.height:
+            return frame
+    return pl.DataFrame()
 
 
 def _count_rows(lake: LakeResource, table: str, scopes: Scopes) -> int:
@@ -519,9 +536,9 @@ def _count_rows(lake: LakeResource, table: str, scopes: Scopes) -> int:
 
 def _rows(lake: LakeResource, table: str, scopes: Scopes, columns: list[str]) -> pl.DataFrame:
     """This step's partitions' rows of `table`, only `columns` read."""
-    empty = pl.from_arrow(KB_TABLE_SCHEMAS[table].empty_table()).select(columns)
-    paths = [p for o, k in scopes if (p := kb_table_path(lake.lake, table, o, k)).exists()]
-    return pl.concat([empty, *(pl.read_parquet(p, columns=columns) for p in paths)])
+    empty = empty_frame(table).select(columns)
+    parts = [read_rows(lake.lake, table, scope_where(table, o, k), columns) for o, k in scopes]
+    return pl.concat([empty, *parts])
 
 
 # ---------------------------------------------------------------- checks (run with their asset)

@@ -3,13 +3,9 @@ base) and over memories (one per user), built from the enriched text, kept in st
 and brought up to date by declarative automation when their upstream changes."""
 
 import hashlib
-import os
-import shutil
 import time
-from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
 from memcity_pipeline.defs.enrichment import enriched_chunks
 from memcity_pipeline.defs.ingestion import memories
@@ -20,22 +16,16 @@ from memcity_pipeline.defs.partitions import (
     partition_scopes,
     users,
 )
-from memcity_pipeline.lake.io import delete_table, read_parquet, write_parquet_atomic
-from memcity_pipeline.lake.scopes import drop_bm25_dir
-from memcity_pipeline.lake.tables import (
-    EMBEDDINGS,
-    ENRICHED_CHUNKS,
-    MEMORIES,
-    bm25_dir,
-    bm25_root,
-    kb_table_path,
-)
+from memcity_pipeline.lake.delta import delete_rows, read_rows, table_version, write_rows
+from memcity_pipeline.lake.location import Lake
+from memcity_pipeline.lake.tables import bm25_prefix, bm25_root, scope_where
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.resources.lake import LakeResource
+from memcity_pipeline.search import bm25_store
+from memcity_pipeline.search.bm25 import BM25Index
 from memcity_pipeline.search.embeddings import Embedder
 from memcity_pipeline.search.indexes import (
     EmbedStats,
-    build_bm25,
     index_texts,
     sync_embeddings,
     text_hash,
@@ -49,51 +39,30 @@ def _source_key(ids: list[str], texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _bm25_up_to_date(directory: Path, key: str) -> bool:
-    marker = directory.parent / f"{directory.name}.source"
-    return (directory / "meta.json").exists() and marker.exists() and marker.read_text() == key
-
-
-def _save_bm25(directory: Path, ids: list[str], texts: list[str], key: str) -> None:
-    """Build beside the live index, swap it in, then mark it current (a crash leaves either
-    index whole, and an unmarked one is rebuilt by the next run)."""
-    marker = directory.parent / f"{directory.name}.source"
-    marker.unlink(missing_ok=True)
-    staging = directory.with_name(f".{directory.name}.building")
-    retired = directory.with_name(f".{directory.name}.old")
-    for leftover in (staging, retired):
-        shutil.rmtree(leftover, ignore_errors=True)
-    build_bm25(ids, texts, staging)
-    if directory.exists():
-        directory.rename(retired)
-    staging.rename(directory)
-    shutil.rmtree(retired, ignore_errors=True)
-    tmp = marker.with_name(f".{marker.name}.tmp")
-    tmp.write_text(key)
-    os.replace(tmp, marker)
-
-
-def _refresh_bm25(directory: Path, ids: list[str], texts: list[str]) -> bool:
-    """Rebuild the index in `directory` unless it was built from these texts; True if rebuilt."""
+def _refresh_bm25(lake: Lake, prefix: str, ids: list[str], texts: list[str]) -> bool:
+    """Rebuild and publish the index under `prefix` unless it was built from these texts; True
+    if rebuilt."""
     key = _source_key(ids, texts)
-    if _bm25_up_to_date(directory, key):
+    if bm25_store.is_current(lake, prefix, key):
         return False
-    _save_bm25(directory, ids, texts, key)
+    bm25_store.publish(lake, prefix, BM25Index.build(ids, texts), key)
     return True
 
 
 def _refresh_vectors(
     context: dg.AssetExecutionContext,
-    path: Path,
+    lake: Lake,
+    table: str,
     scope: tuple[str, str],
     ids: list[str],
     texts: list[str],
     embedder: Embedder,
     items: str,
 ) -> EmbedStats:
-    """Bring one scope's embeddings table at `path` in step with `texts`; write it only when
-    something changed. A model change re-embeds everything, with a warning."""
-    old = read_parquet(path, EMBEDDINGS)
+    """Bring one scope's partition of the embeddings `table` in step with `texts`; commit only
+    when something changed. A model change re-embeds everything, with a warning."""
+    where = scope_where(table, *scope)
+    old = read_rows(lake, table, where)
     progress = step_progress(context, *scope, items)
     frame, stats = sync_embeddings(*scope, ids, texts, old, embedder, progress=progress)
     if stats.model_changed_from:
@@ -101,14 +70,14 @@ def _refresh_vectors(
             f"{scope[0]}/{scope[1]}: embeddings model changed from {stats.model_changed_from} "
             f"to {embedder.model_name}: re-embedding all {stats.items} {items}"
         )
-    if stats.changed or not path.exists():
-        write_parquet_atomic(frame, path, EMBEDDINGS)
+    if stats.changed:
+        write_rows(lake, table, where, frame)
     return stats
 
 
 @dg.asset(
     group_name="indexing",
-    kinds={"parquet", "pytorch"},
+    kinds={"deltalake", "pytorch"},
     deps=[enriched_chunks],
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
@@ -135,22 +104,20 @@ def chunk_embeddings(
     started = time.perf_counter()
     scopes = partition_scopes(context)
     for org, kb in scopes:
-        source = kb_table_path(lake.lake, "enriched_chunks", org, kb)
-        path = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
-        with lake.writing(context, "chunk_embeddings", (org, kb)):
-            if not source.exists():  # the knowledge base left: its vectors go too
-                delete_table(path)
-                continue
-            rows = read_parquet(source, ENRICHED_CHUNKS)
-            stats = _refresh_vectors(
-                context,
-                path,
-                (org, kb),
-                rows["chunk_id"].to_list(),
-                index_texts(rows),
-                embedder,
-                "chunks",
-            )
+        rows = read_rows(lake.lake, "enriched_chunks", scope_where("enriched_chunks", org, kb))
+        if rows.height == 0:  # the knowledge base left: its vectors go too
+            delete_rows(lake.lake, "chunk_embeddings", scope_where("chunk_embeddings", org, kb))
+            continue
+        stats = _refresh_vectors(
+            context,
+            lake.lake,
+            "chunk_embeddings",
+            (org, kb),
+            rows["chunk_id"].to_list(),
+            index_texts(rows),
+            embedder,
+            "chunks",
+        )
         if stats.model_changed_from:
             changed_models.add(stats.model_changed_from)
         totals["chunks"] += stats.items
@@ -174,6 +141,7 @@ def chunk_embeddings(
             "chunks_per_second": round(totals["embedded"] / seconds, 2)
             if totals["embedded"]
             else 0.0,
+            "table_version": _version(lake, "chunk_embeddings"),
         },
     )
 
@@ -190,22 +158,20 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     """A BM25 index (bm25s, English stopwords, Snowball stemming) per knowledge base over the
     same enriched text as the embeddings, saved in the lake under `indexes/chunks_bm25/<org>/<kb>/`
     and loaded by searches without rebuilding. Rebuilt only when a chunk's text changed."""
-    root = bm25_root(lake.lake, "chunks")
+    root = lake.lake.join(bm25_root("chunks"))
     built: list[str] = []
     counts = {"unchanged": 0, "chunks": 0}
 
     started = time.perf_counter()
     for org, kb in partition_scopes(context):
-        source = kb_table_path(lake.lake, "enriched_chunks", org, kb)
-        directory = bm25_dir(lake.lake, "chunks", org, kb)
-        with lake.writing(context, "bm25_index", (org, kb)):
-            if not source.exists():  # the knowledge base left: its index goes too
-                drop_bm25_dir(directory)
-                continue
-            rows = read_parquet(source, ENRICHED_CHUNKS)
-            ids, texts = rows["chunk_id"].to_list(), index_texts(rows)
-            counts["chunks"] += len(ids)
-            rebuilt = _refresh_bm25(directory, ids, texts)
+        prefix = bm25_prefix("chunks", org, kb)
+        rows = read_rows(lake.lake, "enriched_chunks", scope_where("enriched_chunks", org, kb))
+        if rows.height == 0:  # the knowledge base left: its index goes too
+            bm25_store.drop(lake.lake, prefix)
+            continue
+        ids, texts = rows["chunk_id"].to_list(), index_texts(rows)
+        counts["chunks"] += len(ids)
+        rebuilt = _refresh_bm25(lake.lake, prefix, ids, texts)
         if rebuilt:
             built.append(f"{org}/{kb}")
             context.log.info(f"bm25_index: {org}/{kb}: {len(ids)} chunks indexed")
@@ -218,14 +184,14 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
             "rebuilt": built,
             "unchanged": counts["unchanged"],
             "build_seconds": round(time.perf_counter() - started, 3),
-            "index_path": dg.MetadataValue.path(str(root)),
+            "index_path": dg.MetadataValue.path(root),
         }
     )
 
 
 @dg.asset(
     group_name="indexing",
-    kinds={"parquet", "bm25s"},
+    kinds={"deltalake", "bm25s"},
     deps=[memories],
     partitions_def=users,
     backfill_policy=backfill_policy,
@@ -241,19 +207,18 @@ def memory_index(
 
     scopes = partition_scopes(context)
     for org, user in scopes:
-        source = kb_table_path(lake.lake, "memories", org, user)
-        path = kb_table_path(lake.lake, "memory_embeddings", org, user)
-        directory = bm25_dir(lake.lake, "memories", org, user)
-        with lake.writing(context, "memory_embeddings", (org, user)):
-            if not source.exists():  # the user left (or has no memories): the index goes
-                delete_table(path)
-                drop_bm25_dir(directory)
-                continue
-            rows = read_parquet(source, MEMORIES)
-            ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
-            stats = _refresh_vectors(context, path, (org, user), ids, texts, embedder, "memories")
-            if _refresh_bm25(directory, ids, texts):
-                totals["bm25_rebuilt"] += 1
+        prefix = bm25_prefix("memories", org, user)
+        rows = read_rows(lake.lake, "memories", scope_where("memories", org, user))
+        if rows.height == 0:  # the user left (or has no memories): the index goes
+            delete_rows(lake.lake, "memory_embeddings", scope_where("memory_embeddings", org, user))
+            bm25_store.drop(lake.lake, prefix)
+            continue
+        ids, texts = rows["memory_id"].to_list(), rows["text"].to_list()
+        stats = _refresh_vectors(
+            context, lake.lake, "memory_embeddings", (org, user), ids, texts, embedder, "memories"
+        )
+        if _refresh_bm25(lake.lake, prefix, ids, texts):
+            totals["bm25_rebuilt"] += 1
         totals["memories"] += stats.items
         totals["embedded"] += stats.embedded
         totals["reused"] += stats.reused
@@ -265,25 +230,34 @@ def memory_index(
             "users": len(scopes),
             **{k: v for k, v in totals.items() if k != "memories"},
             "model": embedder.model_name,
+            "table_version": _version(lake, "memory_embeddings"),
         }
     )
+
+
+def _version(lake: LakeResource, table: str) -> dg.MetadataValue:
+    """The Delta version of `table` after this step (null when it was never written)."""
+    version = table_version(lake.lake, table)
+    return dg.MetadataValue.int(version) if version is not None else dg.MetadataValue.null()
 
 
 def _every_chunk_embedded(lake: LakeResource, scopes: list[tuple[str, str]]) -> dg.AssetCheckResult:
     missing = extra = 0
     for org, kb in scopes:
-        chunks = kb_table_path(lake.lake, "enriched_chunks", org, kb)
-        vectors = kb_table_path(lake.lake, "chunk_embeddings", org, kb)
-        chunk_ids = (
-            set(pl.read_parquet(chunks, columns=["chunk_id"])["chunk_id"])
-            if chunks.exists()
-            else set()
+        chunk_ids = set(
+            read_rows(
+                lake.lake,
+                "enriched_chunks",
+                scope_where("enriched_chunks", org, kb),
+                columns=["chunk_id"],
+            )["chunk_id"]
         )
-        ids = (
-            pl.read_parquet(vectors, columns=["item_id"])["item_id"].to_list()
-            if vectors.exists()
-            else []
-        )
+        ids = read_rows(
+            lake.lake,
+            "chunk_embeddings",
+            scope_where("chunk_embeddings", org, kb),
+            columns=["item_id"],
+        )["item_id"].to_list()
         missing += len(chunk_ids - set(ids))
         extra += len(ids) - len(set(ids) & chunk_ids)
     return dg.AssetCheckResult(

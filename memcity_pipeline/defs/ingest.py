@@ -106,7 +106,7 @@ def sync_landing_layout(
     for scope, keys in (("knowledge_base", config.knowledge_bases), ("user", config.users)):
         for key in keys:
             removed = drop_scope(lake.lake, scope, *parse_scope_key(key))  # type: ignore[arg-type]
-            context.log.info(f"{key}: removed {len(removed)} lake files: {', '.join(removed)}")
+            context.log.info(f"{key}: removed {len(removed)} lake parts: {', '.join(removed)}")
     problems = landing_scopes(lake.landing).unscoped
     for p in problems:
         context.log.warning(f"landing: {p.rel_path}: {p.reason}")

@@ -13,8 +13,8 @@ from memcity_pipeline.defs.partitions import (
     users,
 )
 from memcity_pipeline.ingestion.sync import SyncReport, sync_sources
-from memcity_pipeline.lake.io import read_parquet
-from memcity_pipeline.lake.tables import SOURCE_SCHEMAS, SOURCE_TABLES, SourceKind, kb_table_path
+from memcity_pipeline.lake.delta import empty_frame, read_rows, table_version
+from memcity_pipeline.lake.tables import SOURCE_TABLES, SourceKind, scope_where
 from memcity_pipeline.resources.lake import LakeResource
 
 PREVIEW_COLUMNS: dict[SourceKind, list[str]] = {
@@ -32,19 +32,18 @@ def _sync(
     context: dg.AssetExecutionContext, lake: LakeResource, kind: SourceKind
 ) -> dg.MaterializeResult:
     """Sync each partition of this step (its own folder and tables only); one result for all."""
-    table = SOURCE_TABLES[kind]
+    SOURCE_TABLES[kind]
     reports: list[SyncReport] = []
     for org, scope in partition_scopes(context):
-        with lake.writing(context, table, (org, scope)):
-            report = sync_sources(
-                kind,
-                lake.landing,
-                lake.lake,
-                lake.limits,
-                org,
-                scope,
-                on_progress=context.log.debug,
-            )
+        report = sync_sources(
+            kind,
+            lake.landing,
+            lake.lake,
+            lake.limits,
+            org,
+            scope,
+            on_progress=context.log.debug,
+        )
         for err in report.new_errors:
             where = f"{err['path']}:{err['line']}" if err["line"] else err["path"]
             context.log.warning(f"{kind}: {where}: {err['reason']}")
@@ -65,9 +64,12 @@ def _summary(report: SyncReport) -> str:
 
 def _metadata(lake: LakeResource, report: SyncReport, parts: list[SyncReport]) -> dict[str, Any]:
     table = SOURCE_TABLES[report.kind]
-    paths = [kb_table_path(lake.lake, table, p.org_id, p.scope_id) for p in parts]
-    first = [p for p in paths if p.exists()][:1]
-    sample = read_parquet(first[0]) if first else pl.DataFrame()
+    sample = pl.DataFrame()
+    for p in parts:
+        sample = read_rows(lake.lake, table, scope_where(table, p.org_id, p.scope_id))
+        if sample.height:
+            break
+    version = table_version(lake.lake, table)
     meta: dict[str, Any] = {
         "summary": _summary(report),
         "dagster/row_count": report.rows,
@@ -81,7 +83,11 @@ def _metadata(lake: LakeResource, report: SyncReport, parts: list[SyncReport]) -
         "rows_written": report.rows_written,
         "tables_written": report.tables_written,
         "tables_deleted": report.tables_deleted,
-        "lake_path": dg.MetadataValue.path(str(paths[0] if len(paths) == 1 else lake.lake / table)),
+        "lake_path": dg.MetadataValue.path(lake.lake.join(table)),
+        "table_version": dg.MetadataValue.int(version)
+        if version is not None
+        else dg.MetadataValue.null(),
+        "committed": report.versions.get(table) is not None,
         "preview": preview(sample, PREVIEW_COLUMNS[report.kind]),
     }
     if report.errors:
@@ -96,12 +102,12 @@ def _unique_check(
 ) -> dg.AssetCheckResult:
     keys = UNIQUE_KEYS[kind]
     table = SOURCE_TABLES[kind]
-    files = [kb_table_path(lake.lake, table, r.org_id, r.scope_id) for r in reports]
-    frames = [pl.read_parquet(f, columns=keys) for f in files if f.exists()]
-    frame = (
-        pl.concat(frames)
-        if frames
-        else pl.from_arrow(SOURCE_SCHEMAS[kind].empty_table()).select(keys)
+    frame = pl.concat(
+        [
+            read_rows(lake.lake, table, scope_where(table, r.org_id, r.scope_id), columns=keys)
+            for r in reports
+        ]
+        or [empty_frame(table).select(keys)]
     )
     dupes = frame.group_by(keys).len().filter(pl.col("len") > 1)
     return dg.AssetCheckResult(
@@ -113,7 +119,7 @@ def _unique_check(
 
 @dg.asset(
     group_name="ingestion",
-    kinds={"parquet", "polars"},
+    kinds={"deltalake", "polars"},
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
     check_specs=[
@@ -126,7 +132,8 @@ def _unique_check(
 )
 def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Knowledge-base documents from the landing folder (txt, md, html, pdf, json, jsonl),
-    normalised to UTF-8 text, one row per document, in `raw_documents/<org>/<kb>.parquet`.
+    normalised to UTF-8 text, one row per document, in the Delta table `raw_documents`
+    (partition `<org>/<kb>`).
     One partition per knowledge base (`<org>/<kb>`).
 
     Incremental: unchanged files are not read again; edited files replace their rows; deleted
@@ -137,7 +144,7 @@ def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.M
 
 @dg.asset(
     group_name="ingestion",
-    kinds={"parquet", "polars"},
+    kinds={"deltalake", "polars"},
     partitions_def=users,
     backfill_policy=backfill_policy,
     check_specs=[
@@ -150,19 +157,20 @@ def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.M
 )
 def memories(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Users' memories (`users/<user>/memories.jsonl`), one row per memory, in
-    `memories/<org>/<user>.parquet`. One partition per user (`<org>/<user>`). Incremental like
+    the Delta table `memories` (partition
+    `<org>/<user>`). One partition per user (`<org>/<user>`). Incremental like
     `raw_documents`."""
     return _sync(context, lake, "memories")
 
 
 @dg.asset(
     group_name="ingestion",
-    kinds={"parquet", "polars"},
+    kinds={"deltalake", "polars"},
     partitions_def=users,
     backfill_policy=backfill_policy,
 )
 def conversations(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Users' conversation sessions (`users/<user>/conversations/<session>.jsonl`), one row per
-    message, in `conversations/<org>/<user>.parquet`. One partition per user. Incremental like
+    message, in the Delta table `conversations`. One partition per user. Incremental like
     `raw_documents`."""
     return _sync(context, lake, "conversations")

@@ -15,6 +15,7 @@ import dagster as dg
 import polars as pl
 from pydantic import BaseModel, Field, create_model
 
+from memcity_pipeline.lake.delta import table_version
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.resources.sandbox import SandboxResource
@@ -26,10 +27,10 @@ from memcity_pipeline.rlm.sessions import read_sessions
 rlm_sessions = dg.AssetSpec(
     "rlm_sessions",
     group_name="rlm",
-    kinds={"parquet", "postgres"},
+    kinds={"deltalake", "postgres"},
     description="One row per RLM query (whatever its end): who asked what over which context, "
-    "iterations, sub-calls, tokens, cost, time, status. Parquet under "
-    "`lake/rlm_sessions/date=<day>/`, and the Postgres table `rlm_sessions`.",
+    "iterations, sub-calls, tokens, cost, time, status. The lake's Delta table `rlm_sessions` "
+    "(partitioned by org and day), and the Postgres table `rlm_sessions`.",
 )
 
 
@@ -185,7 +186,10 @@ def run_rlm_query(
     yield dg.AssetMaterialization(
         asset_key="rlm_sessions",
         description=f"session {result.session_id} ({result.status})",
-        metadata=session_metadata(data),
+        metadata={
+            **session_metadata(data),
+            "table_version": table_version(lake.lake, "rlm_sessions") or 0,
+        },
     )
     if result.warning:
         context.log.warning(result.warning)

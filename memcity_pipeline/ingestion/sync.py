@@ -1,19 +1,20 @@
 """Incremental ingestion of one knowledge base's or one user's sources into the lake.
 
-For each kind (documents, memories, conversations) the lake holds one table file per scope
-(`<table>/<org>/<kb or user>.parquet`), the bookkeeping of the files it came from
-(`_state/source_files/<kind>/<org>/<scope>.parquet`: path, size, mtime, sha256, status) and the
-errors found in them (`ingestion_errors/<kind>/<org>/<scope>.parquet`). One scope is one Dagster
-partition; a sync reads and writes only that scope's files.
+For each kind (documents, memories, conversations) the lake holds one Delta table partitioned per
+org and scope (`raw_documents`, `memories`, `conversations`), the bookkeeping of the files the
+rows came from (`_state/source_files`: path, size, mtime, sha256, status) and the errors found in
+them (`ingestion_errors`), both partitioned the same way and told apart by `kind`. One scope is
+one Dagster partition; a sync reads and writes only that scope's partitions.
 
 A run for one scope:
 1. scans its landing folder; a file whose size and mtime, or else whose sha256, are unchanged
    is not read again;
 2. parses new and changed files; a file that cannot be used becomes rows of `ingestion_errors`;
-3. rewrites the scope's table when a file was added, changed or removed (rows of a deleted file
-   are removed: deletion is a rebuild of the table without them, not a tombstone); a scope whose
-   files are all gone loses its table file;
-4. rewrites the scope's errors only when they changed.
+3. when a file was added, changed or removed, commits the difference to the scope's partition
+   (one MERGE: rows of changed files replaced, rows of deleted files removed); a scope whose
+   files are all gone loses its rows;
+4. commits the scope's errors and bookkeeping only when they changed, so a rerun on unchanged
+   files commits nothing.
 
 `sync_layout_errors` records the landing paths that lie in no knowledge base or user folder.
 
@@ -40,24 +41,21 @@ from memcity_pipeline.ingestion.landing import (
     files_fingerprint,
     scan_landing,
 )
-from memcity_pipeline.lake.io import (
-    delete_table,
-    read_parquet,
-    remove_interrupted_writes,
-    write_parquet_atomic,
-)
+from memcity_pipeline.lake.delta import delete_rows, read_rows, write_rows
+from memcity_pipeline.lake.location import Lake
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import (
     INGESTION_ERRORS,
     KINDS_OF_SCOPE,
+    LAYOUT_ERRORS,
     SCOPE_OF_KIND,
     SOURCE_FILES,
     SOURCE_SCHEMAS,
+    SOURCE_TABLES,
     ScopeKind,
-    ingestion_errors_path,
-    layout_errors_path,
-    source_files_path,
-    source_table_path,
+    Where,
+    bookkeeping_where,
+    scope_where,
 )
 
 
@@ -84,6 +82,7 @@ class SyncReport:
     rows_written: int = 0  # rows parsed from new or changed files in this run
     tables_written: list[str] = field(default_factory=list)
     tables_deleted: list[str] = field(default_factory=list)
+    versions: dict[str, int] = field(default_factory=dict)  # table -> Delta version committed
     errors: list[dict[str, Any]] = field(default_factory=list)  # current errors of this kind
     new_errors: list[dict[str, Any]] = field(default_factory=list)  # found in this run
 
@@ -103,6 +102,7 @@ class SyncReport:
             total.rows_written += r.rows_written
             total.tables_written += r.tables_written
             total.tables_deleted += r.tables_deleted
+            total.versions.update(r.versions)
             total.errors += r.errors
             total.new_errors += r.new_errors
         return total
@@ -267,6 +267,7 @@ def _find_changes(
     entries = pl.DataFrame(
         [
             {
+                "kind": kind,
                 "org_id": f.org_id,
                 "scope_id": f.scope_id,
                 "path": f.rel_path,
@@ -276,6 +277,7 @@ def _find_changes(
             for f in files
         ],
         schema={
+            "kind": pl.String,
             "org_id": pl.String,
             "scope_id": pl.String,
             "path": pl.String,
@@ -345,26 +347,29 @@ def _parse(
 
 
 def _rewrite_scope(
-    kind: SourceKind, lake: Path, files: list[SourceFile], changes: _Changes, report: SyncReport
+    kind: SourceKind, lake: Lake, files: list[SourceFile], changes: _Changes, report: SyncReport
 ) -> None:
-    """Rewrite the scope's table: its rows minus those of changed or deleted files, plus the new
-    rows; a scope left with no file loses its table."""
-    schema = SOURCE_SCHEMAS[kind]
-    table_path = source_table_path(lake, kind, report.org_id, report.scope_id)
-    rel_table = table_path.relative_to(lake).as_posix()
+    """Bring the scope's partition of its table in line: its rows minus those of changed or
+    deleted files, plus the new rows (one MERGE of the difference); a scope left with no file
+    loses its rows."""
+    name = SOURCE_TABLES[kind]
+    where = scope_where(name, report.org_id, report.scope_id)
+    label = f"{name}/{report.org_id}/{report.scope_id}"
     if not files:
-        if delete_table(table_path):
-            report.tables_deleted.append(rel_table)
+        if delete_rows(lake, name, where) is not None:
+            report.tables_deleted.append(label)
         return
-    if not (changes.parsed or changes.deleted) and table_path.exists():
+    old = read_rows(lake, name, where)
+    if not (changes.parsed or changes.deleted) and old.height:
         return
     changed_paths = list(set(changes.parsed) | changes.deleted)
-    kept = read_parquet(table_path, schema).filter(~pl.col("source_path").is_in(changed_paths))
+    kept = old.filter(~pl.col("source_path").is_in(changed_paths))
     fresh = [row for rows in changes.parsed.values() for row in rows]
-    combined = pl.concat([kept, _frame(fresh, schema)], how="vertical_relaxed")
-    sort_cols = ["source_path", "line"] if "line" in combined.columns else ["source_path"]
-    write_parquet_atomic(combined.sort(sort_cols, nulls_last=True), table_path, schema)
-    report.tables_written.append(rel_table)
+    combined = pl.concat([kept, _frame(fresh, SOURCE_SCHEMAS[kind])], how="vertical_relaxed")
+    version = write_rows(lake, name, where, combined)
+    if version is not None:
+        report.tables_written.append(label)
+        report.versions[name] = version
     report.rows_written += len(fresh)
 
 
@@ -377,7 +382,7 @@ def _records_problem(kind: SourceKind, problem: LandingProblem) -> bool:
 def sync_sources(
     kind: SourceKind,
     landing: Path,
-    lake: Path,
+    lake: Lake | str | Path,
     limits: Limits,
     org_id: str,
     scope_id: str,
@@ -386,26 +391,28 @@ def sync_sources(
 ) -> SyncReport:
     """Bring the lake's `kind` table of one knowledge base or user in line with its landing
     folder. Never raises for bad input."""
+    lake = Lake.of(lake)
     now = datetime.now(UTC)
     report = SyncReport(kind, org_id, scope_id)
     found, landing_problems = scan_landing(landing, only=(SCOPE_OF_KIND[kind], org_id, scope_id))
     files = [f for f in found if f.kind == kind]
     report.files = len(files)
 
-    manifest_path = source_files_path(lake, kind, org_id, scope_id)
-    errors_path = ingestion_errors_path(lake, kind, org_id, scope_id)
-    for path in (manifest_path, errors_path):  # the caller holds this scope's lock
-        remove_interrupted_writes(path)
-    manifest = read_parquet(manifest_path, SOURCE_FILES)
+    bookkeeping = bookkeeping_where(kind, org_id, scope_id)
+    manifest = read_rows(lake, "source_files", bookkeeping)
     changes = _find_changes(kind, files, manifest, limits, now, report, on_progress)
     _rewrite_scope(kind, lake, files, changes, report)
 
     # Errors: keep those of unchanged files, replace those of changed ones.
-    old_errors = read_parquet(errors_path, INGESTION_ERRORS)
+    old_errors = read_rows(lake, "ingestion_errors", bookkeeping)
     kept = old_errors.filter(pl.col("path").is_in(list(changes.unchanged)))
     error_rows = kept.to_dicts() + changes.errors
-    error_rows += [_landing_error(p, now) for p in landing_problems if _records_problem(kind, p)]
-    _write_errors_if_changed(errors_path, old_errors, error_rows)
+    error_rows += [
+        {**_landing_error(p, now), "kind": kind}  # a user folder's path of no kind: memories'
+        for p in landing_problems
+        if _records_problem(kind, p)
+    ]
+    _write_errors_if_changed(lake, bookkeeping, old_errors, error_rows)
     report.errors = error_rows
     old_keys = {_error_key(e) for e in old_errors.iter_rows(named=True)}
     report.new_errors = [e for e in error_rows if _error_key(e) not in old_keys]
@@ -413,24 +420,25 @@ def sync_sources(
 
     new_manifest = sorted(changes.manifest, key=lambda e: e["path"])
     if not new_manifest:
-        delete_table(manifest_path)
+        delete_rows(lake, "source_files", bookkeeping)
     elif changes.parsed or changes.deleted or new_manifest != manifest.sort("path").to_dicts():
-        write_parquet_atomic(_frame(new_manifest, SOURCE_FILES), manifest_path, SOURCE_FILES)
-    report.rows = read_parquet(
-        source_table_path(lake, kind, org_id, scope_id), SOURCE_SCHEMAS[kind]
+        write_rows(lake, "source_files", bookkeeping, _frame(new_manifest, SOURCE_FILES))
+    name = SOURCE_TABLES[kind]
+    report.rows = read_rows(
+        lake, name, scope_where(name, org_id, scope_id), columns=["source_path"]
     ).height
     return report
 
 
 def scope_is_current(
-    landing: Path, lake: Path, scope: ScopeKind, org_id: str, scope_id: str
+    landing: Path, lake: Lake | str | Path, scope: ScopeKind, org_id: str, scope_id: str
 ) -> bool:
     """Whether the lake's bookkeeping of one knowledge base or user matches its landing files
     (same paths, sizes and mtimes): then a sync of it would read nothing."""
     files, _ = scan_landing(landing, only=(scope, org_id, scope_id))
     landed = files_fingerprint((f.rel_path, f.size, f.mtime_ns) for f in files)
     manifests = [
-        read_parquet(source_files_path(lake, kind, org_id, scope_id), SOURCE_FILES)
+        read_rows(lake, "source_files", bookkeeping_where(kind, org_id, scope_id))
         for kind in KINDS_OF_SCOPE[scope]
     ]
     known = files_fingerprint(
@@ -439,22 +447,21 @@ def scope_is_current(
     return landed == known
 
 
-def layout_errors_current(lake: Path, problems: list[LandingProblem]) -> bool:
+def layout_errors_current(lake: Lake | str | Path, problems: list[LandingProblem]) -> bool:
     """Whether the recorded layout errors are exactly `problems` (paths and reasons)."""
-    recorded = read_parquet(layout_errors_path(lake), INGESTION_ERRORS)
+    recorded = read_rows(lake, "ingestion_errors", LAYOUT_ERRORS)
     return sorted(zip(recorded["path"].to_list(), recorded["reason"].to_list(), strict=True)) == (
         sorted((p.rel_path, p.reason) for p in problems)
     )
 
 
-def sync_layout_errors(lake: Path, problems: list[LandingProblem]) -> int:
+def sync_layout_errors(lake: Lake | str | Path, problems: list[LandingProblem]) -> int:
     """Record the landing paths that lie in no knowledge base or user folder (rewritten only when
     they changed); how many there are."""
     now = datetime.now(UTC)
-    path = layout_errors_path(lake)
-    _write_errors_if_changed(
-        path, read_parquet(path, INGESTION_ERRORS), [_landing_error(p, now) for p in problems]
-    )
+    old = read_rows(lake, "ingestion_errors", LAYOUT_ERRORS)
+    rows = [{**_landing_error(p, now), "scope_id": None} for p in problems]
+    _write_errors_if_changed(Lake.of(lake), LAYOUT_ERRORS, old, rows)
     return len(problems)
 
 
@@ -466,7 +473,9 @@ def _landing_error(p: LandingProblem, now: datetime) -> dict[str, Any]:
     return _error_row(p.kind, p.org_id, p.scope_id, p.rel_path, None, p.reason, None, now)
 
 
-def _write_errors_if_changed(path: Path, old: pl.DataFrame, rows: list[dict[str, Any]]) -> None:
+def _write_errors_if_changed(
+    lake: Lake, where: Where, old: pl.DataFrame, rows: list[dict[str, Any]]
+) -> None:
     """Rewrite the errors table only when its content (ignoring detection times) changed."""
 
     def keys(frame: pl.DataFrame) -> list[tuple[Any, ...]]:
@@ -476,6 +485,6 @@ def _write_errors_if_changed(path: Path, old: pl.DataFrame, rows: list[dict[str,
     if keys(new) == keys(old):
         return
     if new.height == 0:
-        delete_table(path)
+        delete_rows(lake, "ingestion_errors", where)
         return
-    write_parquet_atomic(new.sort(["path", "line"], nulls_last=False), path, INGESTION_ERRORS)
+    write_rows(lake, "ingestion_errors", where, new)

@@ -1,26 +1,20 @@
-"""The Parquet lake: atomic writes and reads of Polars frames under one root folder.
+"""Ids that become parts of lake paths, and the one OS file lock left: `table_lock`.
 
-Every table file is written to a temporary file beside it and moved into place with
-`os.replace`, so a reader (or a crash) never sees half a file. A writer of one knowledge base's
-(or user's) part of a table takes that part's lock (`table_lock` with a scope) for its whole
-read-compute-write, so two runs never interleave on it, while runs on other partitions go on.
+Lake tables need no lock of ours: Delta commits are atomic and concurrent writers of one table
+are reconciled by the format (`lake.delta`). `table_lock` remains for what is not a table
+commit: `memcity ingest` holds one per partition on the local machine for the length of a run,
+so two commands on one home do not both run the same partition's (LLM-spending) steps.
 """
 
-import logging
 import os
 import re
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import polars as pl
-import pyarrow as pa
 from filelock import FileLock, Timeout
-
-log = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -30,44 +24,6 @@ def check_id(kind: str, value: str) -> str:
     if not _SAFE_ID.fullmatch(value) or value in {".", ".."}:
         raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-'")
     return value
-
-
-def write_parquet_atomic(frame: pl.DataFrame, path: Path, schema: pa.Schema | None = None) -> None:
-    """Write `frame` to `path` atomically, cast to `schema` when one is given."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = frame.to_arrow()
-    if schema is not None:
-        table = table.select(schema.names).cast(schema)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_parquet(path: Path, schema: pa.Schema | None = None) -> pl.DataFrame:
-    """Read a table; a missing file is an empty frame of `schema` (or an empty frame)."""
-    if path.exists():
-        return pl.read_parquet(path)
-    if schema is not None:
-        return pl.from_arrow(schema.empty_table())  # type: ignore[return-value]
-    return pl.DataFrame()
-
-
-def delete_table(path: Path) -> bool:
-    """Remove a table file; True when there was one."""
-    try:
-        path.unlink()
-        return True
-    except FileNotFoundError:
-        return False
 
 
 class LakeBusyError(RuntimeError):
@@ -119,26 +75,10 @@ def table_lock(
         who.write_text(
             f"{holder or 'a run'} (pid {os.getpid()} on {socket.gethostname()}, since {stamp})"
         )
-        if scope is None:
-            _remove_stale_temporaries(lake / table, ".*.tmp")
-        else:
-            _remove_stale_temporaries(lake / table / scope[0], f".{scope[1]}.parquet.*.tmp")
         yield
     finally:
         who.unlink(missing_ok=True)
         lock.release()
-
-
-def remove_interrupted_writes(path: Path) -> None:
-    """Temporary files that a crash left beside the table file `path` (call with its lock)."""
-    _remove_stale_temporaries(path.parent, f".{path.name}.*.tmp")
-
-
-def _remove_stale_temporaries(folder: Path, pattern: str) -> None:
-    """Temporary files of writes that a crash interrupted (safe: we hold their lock)."""
-    for tmp in folder.rglob(pattern) if folder.is_dir() else []:
-        log.info("removing %s, left by an interrupted write", tmp)
-        tmp.unlink(missing_ok=True)
 
 
 def _holder(path: Path) -> str:

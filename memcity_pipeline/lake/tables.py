@@ -1,23 +1,28 @@
-"""The table registry: every lake table's name, schema, scope, key and location, and the one
-rule for "does this org, knowledge base or user exist".
+"""The table registry: every lake table's name, schema, scope, key, partition columns and
+location, and the one rule for "does this org, knowledge base or user exist".
 
-Layout under the lake root (`MEMCITY_LAKE_URI`, default `$MEMCITY_HOME/lake`):
+Every table is one Delta table under the lake root (`MEMCITY_LAKE_URI`, default
+`$MEMCITY_HOME/lake`; a local folder or object storage), read and written by `lake.delta`:
 
-- knowledge-base tables: `<table>/<org>/<kb>.parquet` (raw_documents, document_structure,
-  chunks, enriched_chunks, chunk_embeddings) and the BM25 folder `indexes/chunks_bm25/<org>/<kb>/`;
-- user tables: `<table>/<org>/<user>.parquet` (memories, conversations, memory_embeddings) and
-  `indexes/memories_bm25/<org>/<user>/`;
-- sessions: `rlm_sessions/date=<YYYY-MM-DD>/<session_id>.parquet`, trajectories in
-  `rlm_trajectories/<session_id>.jsonl`;
-- bookkeeping, per knowledge base or user like the data: `ingestion_errors/<kind>/<org>/<scope>.parquet`,
-  `_state/source_files/<kind>/<org>/<scope>.parquet`; and `ingestion_errors/layout.parquet` for
-  landing paths that belong to no knowledge base or user.
+- knowledge-base tables `<table>/` partitioned by `org_id` and `knowledge_base_id`
+  (raw_documents, document_structure, chunks, enriched_chunks) or `org_id` and `scope_id`
+  (chunk_embeddings);
+- user tables partitioned by `org_id` and `user_id` (memories, conversations) or `org_id` and
+  `scope_id` (memory_embeddings);
+- `rlm_sessions/` partitioned by `org_id` and `date` (the session's UTC day);
+- bookkeeping, partitioned by `org_id` and `scope_id` like the data, each row naming its `kind`:
+  `ingestion_errors/` (landing paths outside the layout have a null org and scope) and
+  `_state/source_files/`.
+
+Beside the tables, plain files: the BM25 index folders `indexes/chunks_bm25/<org>/<kb>/` and
+`indexes/memories_bm25/<org>/<user>/`, and trajectories `rlm_trajectories/<session_id>.jsonl`.
 
 Each knowledge base and each user is one Dagster partition, keyed `<org>/<kb>` or `<org>/<user>`
-(`scope_key`, `parse_scope_key`); a partition's step reads and writes only its own files.
+(`scope_key`, `parse_scope_key`); a partition's step reads and writes only its own partition of
+each table.
 
-An org exists when any org-scoped table has a folder for it; a knowledge base (a user) when any
-table of that scope has a file for it. Search, RLM context gathering and the CLI all ask
+An org exists when any knowledge-base or user table has a partition for it; a knowledge base (a
+user) when any table of that scope has one. Search, RLM context gathering and the CLI all ask
 `require_scope`, so they agree, and say which lake they looked in.
 
 The README's "Lake tables" section documents the same columns; keep the two in step.
@@ -26,6 +31,7 @@ This module stays whole: it is the registry, every schema of the lake in one pla
 README's table section documents them.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,12 +39,15 @@ from typing import Literal
 import pyarrow as pa
 
 from memcity_pipeline.lake.io import check_id
+from memcity_pipeline.lake.location import Lake
 
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 SourceKind = Literal["documents", "memories", "conversations"]
 SOURCE_KINDS: tuple[SourceKind, ...] = ("documents", "memories", "conversations")
 Scope = Literal["knowledge_base", "user", "date", "lake"]
+Where = Mapping[str, str | None]
+"""Equalities (None: is null) that select a partition's rows of a table."""
 
 RAW_DOCUMENTS = pa.schema(
     [
@@ -103,6 +112,7 @@ INGESTION_ERRORS = pa.schema(
 # Bookkeeping of what was ingested from which file, so unchanged files cost nothing.
 SOURCE_FILES = pa.schema(
     [
+        ("kind", pa.string()),  # documents | memories | conversations
         ("org_id", pa.string()),
         ("scope_id", pa.string()),
         ("path", pa.string()),
@@ -238,6 +248,7 @@ RLM_SESSIONS = pa.schema(
         ("trajectory_path", pa.string()),
         ("started_at", UTC_TS),
         ("ended_at", UTC_TS),
+        ("date", pa.string()),  # YYYY-MM-DD of started_at (UTC): the partition
     ]
 )
 
@@ -247,42 +258,150 @@ RLM_SESSIONS = pa.schema(
 
 @dataclass(frozen=True)
 class Table:
-    """One lake table: its name (also its folder), schema, scope and key within a scope."""
+    """One lake table: its name, schema, scope, key within a partition, the columns it is
+    partitioned by (org first, then knowledge base, user, scope or day), its folder under the
+    lake root and the order its rows are read in."""
 
     name: str
     schema: pa.Schema
     scope: Scope
     key: tuple[str, ...]
+    partition_by: tuple[str, str]
+    order_by: tuple[str, ...] = ()
+    folder: str = ""
+    bucket_by: str | None = None
 
-    def path(self, lake: Path, org_id: str, scope_id: str) -> Path:
-        """The file of one knowledge base's or user's rows: `<name>/<org>/<scope>.parquet`."""
-        if self.scope not in ("knowledge_base", "user"):
-            raise ValueError(f"table {self.name!r} is not kept per knowledge base or user")
-        return lake / self.name / org_id / f"{scope_id}.parquet"
+    @property
+    def storage_partitions(self) -> list[str]:
+        """The Delta table's partition columns: `partition_by`, then `bucket` for a table
+        spread over `BUCKETS` files per partition by a hash of `bucket_by`."""
+        return [*self.partition_by, *([BUCKET] if self.bucket_by else [])]
 
-    def scopes(self, lake: Path) -> list[tuple[str, str]]:
-        """The (org, knowledge base or user) pairs that have a file of this table."""
-        return sorted((p.parent.name, p.stem) for p in (lake / self.name).glob("*/*.parquet"))
+    @property
+    def storage_schema(self) -> pa.Schema:
+        """The schema of the Delta table: `schema`, plus `bucket` for a bucketed table."""
+        return self.schema.append(pa.field(BUCKET, pa.int32())) if self.bucket_by else self.schema
+
+    def uri(self, lake: "Lake | str | Path") -> str:
+        """Where the Delta table lies: `<lake>/<folder>`."""
+        return Lake.of(lake).join(self.folder or self.name)
+
+    def scope_where(self, org_id: str, scope_id: str) -> dict[str, str | None]:
+        """The partition of one org's knowledge base, user, scope or day."""
+        return {self.partition_by[0]: org_id, self.partition_by[1]: scope_id}
 
 
-def _table(name: str, schema: pa.Schema, scope: Scope, *key: str) -> Table:
-    return Table(name, schema, scope, key)
+BUCKET = "bucket"
+BUCKETS = 32
+"""A large table's partition is spread over this many files by a stable hash of one column
+(`Table.bucket_by`: the document, chunk, memory or session), so that editing one document
+rewrites about 1/32 of its knowledge base's files, not all of them (delta-rs rewrites each file
+that holds a changed row whole)."""
 
+KB = ("org_id", "knowledge_base_id")
+USER = ("org_id", "user_id")
+SCOPED = ("org_id", "scope_id")
 
 TABLES: dict[str, Table] = {
     t.name: t
     for t in (
-        _table("raw_documents", RAW_DOCUMENTS, "knowledge_base", "document_id"),
-        _table("document_structure", DOCUMENT_STRUCTURE, "knowledge_base", "document_id"),
-        _table("chunks", CHUNKS, "knowledge_base", "chunk_id"),
-        _table("enriched_chunks", ENRICHED_CHUNKS, "knowledge_base", "chunk_id"),
-        _table("chunk_embeddings", EMBEDDINGS, "knowledge_base", "item_id"),
-        _table("memories", MEMORIES, "user", "memory_id"),
-        _table("conversations", CONVERSATIONS, "user", "session_id", "turn"),
-        _table("memory_embeddings", EMBEDDINGS, "user", "item_id"),
-        _table("rlm_sessions", RLM_SESSIONS, "date", "session_id"),
-        _table("ingestion_errors", INGESTION_ERRORS, "lake", "kind", "path", "line", "reason"),
-        _table("source_files", SOURCE_FILES, "lake", "path"),
+        Table(
+            "raw_documents",
+            RAW_DOCUMENTS,
+            "knowledge_base",
+            ("document_id",),
+            KB,
+            ("source_path", "document_id"),
+            bucket_by="document_id",
+        ),
+        Table(
+            "document_structure",
+            DOCUMENT_STRUCTURE,
+            "knowledge_base",
+            ("document_id",),
+            KB,
+            ("document_id",),
+            bucket_by="document_id",
+        ),
+        Table(
+            "chunks",
+            CHUNKS,
+            "knowledge_base",
+            ("chunk_id",),
+            KB,
+            ("document_id", "ordinal"),
+            bucket_by="document_id",
+        ),
+        Table(
+            "enriched_chunks",
+            ENRICHED_CHUNKS,
+            "knowledge_base",
+            ("chunk_id",),
+            KB,
+            ("document_id", "ordinal"),
+            bucket_by="document_id",
+        ),
+        Table(
+            "chunk_embeddings",
+            EMBEDDINGS,
+            "knowledge_base",
+            ("item_id",),
+            SCOPED,
+            ("item_id",),
+            bucket_by="item_id",
+        ),
+        Table(
+            "memories",
+            MEMORIES,
+            "user",
+            ("memory_id",),
+            USER,
+            ("source_path", "line"),
+            bucket_by="memory_id",
+        ),
+        Table(
+            "conversations",
+            CONVERSATIONS,
+            "user",
+            ("session_id", "turn"),
+            USER,
+            ("source_path", "line"),
+            bucket_by="session_id",
+        ),
+        Table(
+            "memory_embeddings",
+            EMBEDDINGS,
+            "user",
+            ("item_id",),
+            SCOPED,
+            ("item_id",),
+            bucket_by="item_id",
+        ),
+        Table(
+            "rlm_sessions",
+            RLM_SESSIONS,
+            "date",
+            ("session_id",),
+            ("org_id", "date"),
+            ("started_at", "session_id"),
+        ),
+        Table(
+            "ingestion_errors",
+            INGESTION_ERRORS,
+            "lake",
+            ("kind", "path", "line", "reason"),
+            SCOPED,
+            ("path", "line"),
+        ),
+        Table(
+            "source_files",
+            SOURCE_FILES,
+            "lake",
+            ("kind", "path"),
+            SCOPED,
+            ("path",),
+            "_state/source_files",
+        ),
     )
 }
 
@@ -308,60 +427,38 @@ def table(name: str) -> Table:
         raise KeyError(f"no lake table {name!r}; known: {', '.join(TABLES)}") from None
 
 
-def kb_table_path(lake: Path, name: str, org_id: str, scope_id: str) -> Path:
-    """`<table>/<org>/<kb or user>.parquet` of a registered table."""
-    return table(name).path(lake, org_id, scope_id)
+def scope_where(name: str, org_id: str, scope_id: str) -> dict[str, str | None]:
+    """The partition of table `name` that holds one knowledge base's (or user's) rows."""
+    return table(name).scope_where(org_id, scope_id)
 
 
-def kb_partitions(lake: Path, name: str) -> list[tuple[str, str]]:
-    """The (org, kb or user) pairs for which table `name` has a file."""
-    return table(name).scopes(lake)
+def bookkeeping_where(kind: SourceKind, org_id: str, scope_id: str) -> dict[str, str | None]:
+    """The rows of `source_files` and `ingestion_errors` of one scope's sources of `kind`."""
+    return {"org_id": org_id, "scope_id": scope_id, "kind": kind}
 
 
-def source_table_path(lake: Path, kind: SourceKind, org_id: str, scope_id: str) -> Path:
-    """`raw_documents/<org>/<kb>.parquet`, `memories/<org>/<user>.parquet`, ..."""
-    return kb_table_path(lake, SOURCE_TABLES[kind], org_id, scope_id)
+LAYOUT_ERRORS: dict[str, str | None] = {"scope_id": None}
+"""The `ingestion_errors` rows of landing paths that belong to no knowledge base or user."""
 
 
-def source_files_path(lake: Path, kind: SourceKind, org_id: str, scope_id: str) -> Path:
-    """Bookkeeping of the landing files one scope's source of `kind` was read from."""
-    return lake / "_state" / "source_files" / kind / org_id / f"{scope_id}.parquet"
+def bm25_prefix(items: Literal["chunks", "memories"], org_id: str, scope_id: str) -> str:
+    """The lake-relative folder of one knowledge base's (`items="chunks"`) or user's
+    (`"memories"`) BM25 index."""
+    return f"{bm25_root(items)}/{org_id}/{scope_id}"
 
 
-def ingestion_errors_path(lake: Path, kind: SourceKind, org_id: str, scope_id: str) -> Path:
-    """The errors found in one knowledge base's (or user's) files of `kind`."""
-    return lake / "ingestion_errors" / kind / org_id / f"{scope_id}.parquet"
+BM25_POINTER = "CURRENT"
+"""The object in a BM25 index folder that names its current build (`search.bm25_store`)."""
 
 
-def layout_errors_path(lake: Path) -> Path:
-    """Landing paths that belong to no knowledge base or user (outside the layout)."""
-    return lake / "ingestion_errors" / "layout.parquet"
-
-
-def ingestion_error_files(lake: Path) -> list[Path]:
-    """Every file of the `ingestion_errors` table (per scope, and the layout's)."""
-    root = lake / "ingestion_errors"
-    return sorted(root.glob("*/*/*.parquet")) + sorted(root.glob("layout.parquet"))
-
-
-def bm25_dir(lake: Path, items: Literal["chunks", "memories"], org_id: str, scope_id: str) -> Path:
-    """The BM25 index folder of one knowledge base (`items="chunks"`) or user (`"memories"`)."""
-    return bm25_root(lake, items) / org_id / scope_id
-
-
-def bm25_root(lake: Path, items: Literal["chunks", "memories"]) -> Path:
+def bm25_root(items: Literal["chunks", "memories"]) -> str:
     """`indexes/chunks_bm25` or `indexes/memories_bm25`."""
-    return lake / "indexes" / f"{items}_bm25"
+    return f"indexes/{items}_bm25"
 
 
-def sessions_dir(lake: Path) -> Path:
-    """Where `rlm_sessions` rows lie, one file per session under `date=<day>/`."""
-    return lake / "rlm_sessions"
-
-
-def trajectory_path(lake: Path, session_id: str) -> Path:
-    """A session's trajectory (the rlms logger's JSONL)."""
-    return lake / TRAJECTORIES_DIR / f"{session_id}.jsonl"
+def trajectory_key(session_id: str) -> str:
+    """A session's trajectory (the rlms logger's JSONL), relative to the lake root."""
+    return f"{TRAJECTORIES_DIR}/{session_id}.jsonl"
 
 
 # ---------------------------------------------------------------- what exists
@@ -407,25 +504,35 @@ def _tables_of(scope: ScopeKind | None) -> list[Table]:
     ]
 
 
-def known_orgs(lake: Path) -> list[str]:
+def _partitions(lake: "Lake | str | Path", tables: list[Table]) -> set[tuple[str, str]]:
+    from memcity_pipeline.lake.delta import partitions
+
+    found: set[tuple[str, str]] = set()
+    for t in tables:
+        for p in partitions(lake, t.name):
+            org, scope_id = p[t.partition_by[0]], p[t.partition_by[1]]
+            if org and scope_id:
+                found.add((org, scope_id))
+    return found
+
+
+def known_orgs(lake: "Lake | str | Path") -> list[str]:
     """Orgs that have data in any knowledge-base or user table."""
-    found: set[str] = set()
-    for t in _tables_of(None):
-        folder = lake / t.name
-        if folder.is_dir():
-            found.update(p.name for p in folder.iterdir() if p.is_dir())
-    return sorted(found)
+    return sorted({org for org, _ in _partitions(lake, _tables_of(None))})
 
 
-def known_scopes(lake: Path, org_id: str, scope: ScopeKind) -> list[str]:
-    """The knowledge bases (or users) of an org that have a file in any table of that scope."""
-    return sorted(
-        {p.stem for t in _tables_of(scope) for p in (lake / t.name / org_id).glob("*.parquet")}
-    )
+def known_scopes(lake: "Lake | str | Path", org_id: str, scope: ScopeKind) -> list[str]:
+    """The knowledge bases (or users) of an org that have rows in any table of that scope."""
+    return sorted({s for org, s in _partitions(lake, _tables_of(scope)) if org == org_id})
+
+
+def table_scopes(lake: "Lake | str | Path", name: str) -> list[tuple[str, str]]:
+    """The (org, knowledge base or user) pairs for which table `name` holds rows."""
+    return sorted(_partitions(lake, [table(name)]))
 
 
 def require_scope(
-    lake: Path,
+    lake: "Lake | str | Path",
     org_id: str,
     scope: ScopeKind | None = None,
     scope_id: str | None = None,

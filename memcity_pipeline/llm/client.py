@@ -28,6 +28,7 @@ from openai import OpenAI
 from pydantic import BaseModel, ValidationError
 
 from memcity_pipeline.llm.cache import CachedAnswer, LLMCache, cache_key
+from memcity_pipeline.llm.cache_postgres import PostgresLLMCache
 from memcity_pipeline.llm.slots import Slots
 from memcity_pipeline.llm.usage import Usage, total
 from memcity_pipeline.retry import (
@@ -290,6 +291,7 @@ class LLMClient:
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 30.0,
         max_retry_after_s: float = 60.0,
+        cache_url: str | None = None,
         replica_urls: Sequence[str] = (),
     ) -> None:
         if structured_mode not in STRUCTURED_MODES:
@@ -315,7 +317,13 @@ class LLMClient:
         self.backoff_max_s = backoff_max_s
         self.max_retry_after_s = max_retry_after_s
         self.stats = LLMStats()
-        self.cache = LLMCache(cache_dir) if cache_dir is not None else None
+        self.cache: LLMCache | PostgresLLMCache | None = (
+            PostgresLLMCache(cache_url)  # shared by every machine using this database
+            if cache_url
+            else LLMCache(cache_dir)
+            if cache_dir is not None
+            else None
+        )
         self._backends = [
             OpenAI(base_url=url, api_key=api_key or NO_API_KEY, max_retries=0, timeout=timeout_s)
             for url in urls

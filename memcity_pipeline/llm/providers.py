@@ -206,6 +206,7 @@ class ClientOptions:
     max_retries: int = 4
     context_window: int = 8192
     cache_dir: Path | None = None
+    cache_url: str | None = None  # a Postgres URL: the cache lives there instead
     local_log_path: Path | None = None
     local_servers: int | None = None  # embedded model server processes (None: one per core)
     explicit_structured_mode: bool = False  # else a local model name picks json_object_schema
@@ -242,6 +243,7 @@ def open_client(target: LLMTarget, options: ClientOptions) -> tuple[LLMClient, b
             sub_model=sub_model,
             structured_mode=mode,  # type: ignore[arg-type]
             cache_dir=options.cache_dir,
+            cache_url=options.cache_url,
             # Each embedded server has one slot: a call goes to a free one.
             max_concurrency=1 if local else options.max_concurrency,
             replica_urls=replicas,

@@ -1,30 +1,37 @@
-"""The lake resource: where the lake and the landing folder are, and ingestion limits."""
+"""The lake resource: where the lake (`lake_uri`: a local folder or object storage) and the
+landing folder are, and ingestion limits. Object-storage credentials come from the standard
+environment variables of each store (`lake.location`), never from run config."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from memcity_pipeline.ingestion.sync import Limits
-from memcity_pipeline.lake.io import table_lock
+from memcity_pipeline.lake.location import Lake
 
 
 class LakeResource(dg.ConfigurableResource):
-    """The lake under `lake_dir`, fed from the landing folder `landing_dir`."""
+    """The lake at `lake_uri`, fed from the landing folder `landing_dir`."""
 
-    lake_dir: str = Field(description="Root folder of the lake.")
+    lake_uri: str = Field(description="The lake: a local folder or an s3://, gs://, az:// URI.")
     landing_dir: str = Field(description="Where sources arrive.")
     max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0, description="Larger: refused.")
     max_document_chars: int = Field(default=2_000_000, gt=0, description="Longer: refused.")
-    lock_timeout_s: float = Field(
-        default=1800.0, ge=0, description="Wait for another run writing the same partition."
-    )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Convert a Parquet lake of an earlier version before a step reads it (once; a few
+        folder listings when there is nothing to convert)."""
+        from memcity_pipeline.lake.migrate import migrate_lake, needs_migration
+
+        if needs_migration(self.lake):
+            report = migrate_lake(self.lake)
+            if context.log is not None:
+                context.log.warning(report.summary(self.lake))
 
     @property
-    def lake(self) -> Path:
-        return Path(self.lake_dir)
+    def lake(self) -> Lake:
+        return Lake.of(self.lake_uri)
 
     @property
     def landing(self) -> Path:
@@ -33,20 +40,3 @@ class LakeResource(dg.ConfigurableResource):
     @property
     def limits(self) -> Limits:
         return Limits(self.max_file_bytes, self.max_document_chars)
-
-    @contextmanager
-    def writing(
-        self, context: dg.AssetExecutionContext, table: str, scope: tuple[str, str]
-    ) -> Iterator[None]:
-        """Hold the write lock of one partition's (`scope`'s) part of `table` while a step
-        reads, computes and writes it (another run's write of that part waits; other
-        partitions go on)."""
-        with table_lock(
-            self.lake,
-            table,
-            scope,
-            timeout_s=self.lock_timeout_s,
-            holder=f"run {context.run_id}",
-            on_wait=context.log.warning,
-        ):
-            yield

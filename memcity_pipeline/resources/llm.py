@@ -56,6 +56,11 @@ class LLMResource(dg.ConfigurableResource):
     cache_dir: str | None = Field(
         default=None, description="Folder of the persistent answer cache (none: no cache)."
     )
+    cache_url: str | None = Field(
+        default=None,
+        description="postgresql://... to keep the answer cache in Postgres instead of "
+        "`cache_dir` (a secret: use dg.EnvVar).",
+    )
     use_cache: bool = Field(default=True, description="Keep and reuse answers across runs.")
     context_window: int = Field(default=8192, gt=0, description="Context size in tokens.")
     structured_mode: StructuredOutput | None = Field(
@@ -104,6 +109,7 @@ class LLMResource(dg.ConfigurableResource):
                     max_retries=self.max_retries,
                     context_window=self.context_window,
                     cache_dir=Path(self.cache_dir) if self.use_cache and self.cache_dir else None,
+                    cache_url=secret_value(self.cache_url) if self.use_cache else None,
                     local_log_path=Path(self.log_dir) / "llm.log" if self.log_dir else None,
                     local_servers=self.local_servers,
                     explicit_structured_mode=self.structured_mode is not None,

@@ -1,7 +1,5 @@
 """The sessions resource: where RLM session rows go (the lake, and Postgres when configured)."""
 
-from pathlib import Path
-
 import dagster as dg
 from pydantic import Field
 
@@ -10,12 +8,12 @@ from memcity_pipeline.rlm.sessions import SessionStore
 
 
 class SessionsResource(dg.ConfigurableResource):
-    """`rlm_sessions` in the lake under `lake_dir` and, with `postgres_url`, in Postgres."""
+    """`rlm_sessions` in the lake at `lake_uri` and, with `postgres_url`, in Postgres."""
 
-    lake_dir: str = Field(description="Root folder of the lake.")
+    lake_uri: str = Field(description="The lake: a local folder or an s3://, gs://, az:// URI.")
     postgres_url: str | None = Field(
         default=None, description="postgresql://... (a secret: use dg.EnvVar)."
     )
 
     def get_store(self) -> SessionStore:
-        return SessionStore(Path(self.lake_dir), secret_value(self.postgres_url))
+        return SessionStore(self.lake_uri, secret_value(self.postgres_url))

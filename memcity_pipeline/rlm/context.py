@@ -23,12 +23,14 @@ from typing import Any, Literal
 
 import polars as pl
 
+from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.lake.io import check_id
+from memcity_pipeline.lake.location import Lake
 from memcity_pipeline.lake.tables import (
     ScopeKind,
     UnknownScopeError,
-    kb_table_path,
     require_scope,
+    scope_where,
 )
 
 ContextType = Literal["memories", "documents", "conversation", "custom"]
@@ -94,7 +96,10 @@ def _valid(kind: str, value: str | None) -> str:
 
 
 def _require(
-    lake: Path, org_id: str, scope: ScopeKind | None = None, scope_id: str | None = None
+    lake: Lake | str | Path,
+    org_id: str,
+    scope: ScopeKind | None = None,
+    scope_id: str | None = None,
 ) -> None:
     """ContextError unless the lake knows the org (and its knowledge base or user)."""
     _valid("org_id", org_id)
@@ -106,7 +111,9 @@ def _require(
         raise ContextError(str(exc)) from None
 
 
-def _require_user(lake: Path, org_id: str, user_id: str | None, context_type: str) -> str:
+def _require_user(
+    lake: Lake | str | Path, org_id: str, user_id: str | None, context_type: str
+) -> str:
     if not user_id:
         raise ContextError(f"context_type {context_type!r} needs user_id")
     _require(lake, org_id, "user", user_id)
@@ -114,7 +121,7 @@ def _require_user(lake: Path, org_id: str, user_id: str | None, context_type: st
 
 
 def gather_context(
-    lake: Path,
+    lake: Lake | str | Path,
     org_id: str,
     context_type: str,
     *,
@@ -163,10 +170,9 @@ def _ts(value: Any) -> str:
     return value.strftime("%Y-%m-%d %H:%M") if value is not None else "undated"
 
 
-def memories(lake: Path, org_id: str, user_id: str) -> GatheredContext:
+def memories(lake: Lake | str | Path, org_id: str, user_id: str) -> GatheredContext:
     """A user's most recent memories (at most 1,000), oldest first, one string each."""
-    path = kb_table_path(lake, "memories", org_id, user_id)
-    frame = pl.read_parquet(path) if path.exists() else pl.DataFrame()
+    frame = read_rows(lake, "memories", scope_where("memories", org_id, user_id))
     if frame.is_empty():
         raise ContextError(f"user {user_id!r} of org {org_id!r} has no memories")
     total = frame.height
@@ -187,10 +193,9 @@ def memories(lake: Path, org_id: str, user_id: str) -> GatheredContext:
     )
 
 
-def conversations(lake: Path, org_id: str, user_id: str) -> GatheredContext:
+def conversations(lake: Lake | str | Path, org_id: str, user_id: str) -> GatheredContext:
     """A user's most recent sessions (at most 50), oldest first, one transcript string each."""
-    path = kb_table_path(lake, "conversations", org_id, user_id)
-    frame = pl.read_parquet(path) if path.exists() else pl.DataFrame()
+    frame = read_rows(lake, "conversations", scope_where("conversations", org_id, user_id))
     if frame.is_empty():
         raise ContextError(f"user {user_id!r} of org {org_id!r} has no conversations")
     starts = (
@@ -217,17 +222,13 @@ def conversations(lake: Path, org_id: str, user_id: str) -> GatheredContext:
     )
 
 
-def documents(lake: Path, org_id: str, kb_id: str) -> GatheredContext:
+def documents(lake: Lake | str | Path, org_id: str, kb_id: str) -> GatheredContext:
     """A knowledge base's chunks (at most 5,000), enriched text when present, in order."""
-    candidates = [
-        (table, kb_table_path(lake, table, org_id, kb_id))
-        for table in ("enriched_chunks", "chunks", "raw_documents")
-    ]
-    existing = [(table, path) for table, path in candidates if path.exists()]
-    if not existing:
-        raise ContextError(f"knowledge base {kb_id!r} of org {org_id!r} has no documents")
-    table, path = existing[0]
-    frame = pl.read_parquet(path)
+    table, frame = "raw_documents", pl.DataFrame()
+    for table in ("enriched_chunks", "chunks", "raw_documents"):
+        frame = read_rows(lake, table, scope_where(table, org_id, kb_id))
+        if frame.height:
+            break
     if frame.is_empty():
         raise ContextError(f"knowledge base {kb_id!r} of org {org_id!r} has no documents")
     total = frame.height

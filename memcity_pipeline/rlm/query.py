@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import re
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ from rlm.utils.exceptions import (
     TokenLimitExceededError,
 )
 
-from memcity_pipeline.lake.tables import trajectory_path
+from memcity_pipeline.lake.files import put_bytes
+from memcity_pipeline.lake.location import Lake
+from memcity_pipeline.lake.tables import trajectory_key
 from memcity_pipeline.llm.client import LLMClient, LLMError, parse_structured
 from memcity_pipeline.rlm.config import (
     AVAILABLE_RUNTIMES,
@@ -114,7 +117,7 @@ class PreparedQuery:
     knowledge_base_id: str | None
     config: RLMConfig
     context: GatheredContext
-    lake: Path
+    lake: Lake
 
 
 def prepare_query(
@@ -126,14 +129,14 @@ def prepare_query(
     knowledge_base_id: str | None = None,
     custom_context: str | list[Any] | None = None,
     rlm_config: RLMConfig | dict[str, Any] | None = None,
-    lake_dir: Path,
+    lake_dir: Lake | str | Path,
 ) -> PreparedQuery:
     """Check a request and gather its context from the lake; RLMRequestError when it is wrong
     (so a wrong request costs no LLM, no sandbox and no model start)."""
     cfg = parse_config(rlm_config)
     if not query or not query.strip():
         raise RLMRequestError("query is empty")
-    lake = Path(lake_dir)
+    lake = Lake.of(lake_dir)
     try:
         gathered = gather_context(
             lake,
@@ -179,7 +182,7 @@ def rlm_query(
     rlm_config: RLMConfig | dict[str, Any] | None = None,
     llm: LLMClient,
     sandbox: SandboxBackend,
-    lake_dir: Path,
+    lake_dir: Lake | str | Path,
     session_store: SessionStore | None = None,
     progress: ProgressFn | None = None,
 ) -> RLMResult:
@@ -217,7 +220,7 @@ class _Run:
         knowledge_base_id: str | None,
         cfg: RLMConfig,
         gathered: GatheredContext,
-        lake: Path,
+        lake: Lake,
     ) -> None:
         self.session_id = uuid.uuid4().hex
         self.org_id = org_id
@@ -292,7 +295,7 @@ class _Run:
         fail_fast = runtime != "python"
         self.root_model = cfg.model or client.model
         self.sub_model = cfg.sub_model or cfg.model or client.sub_model
-        self.trajectory = trajectory_path(self.lake, self.session_id)
+        self.trajectory = _trajectory_file(self.lake, self.session_id)
         logger = RLMLogger(log_dir=str(self.trajectory.parent))
         logger.log_file_path = str(self.trajectory)
         exec_timeout = cfg.sandbox_exec_timeout_s or float(opener.exec_timeout_s or 120.0)
@@ -387,14 +390,10 @@ class _Run:
         return "; ".join(parts) or None
 
     def finish(self, store: SessionStore) -> RLMResult:
-        """Record the session (Parquet, then Postgres) and build the result."""
+        """Record the session (the lake, then Postgres) and build the result."""
         ended = now_utc()
         elapsed = time.monotonic() - self.t0
-        trajectory = (
-            str(self.trajectory)
-            if self.trajectory is not None and self.trajectory.exists()
-            else None
-        )
+        trajectory = _publish_trajectory(self.lake, self.session_id, self.trajectory)
         result = RLMResult(
             answer=self.answer,
             status=self.status,
@@ -455,6 +454,30 @@ class _Run:
         return result
 
 
+def _trajectory_file(lake: Lake, session_id: str) -> Path:
+    """Where the rlms logger writes a session's trajectory: in place on a local lake, else a
+    local file uploaded by `_publish_trajectory` when the session ends."""
+    if lake.is_local:
+        return lake.path / trajectory_key(session_id)
+    return Path(tempfile.gettempdir()) / "memcity-trajectories" / f"{session_id}.jsonl"
+
+
+def _publish_trajectory(lake: Lake, session_id: str, local: Path | None) -> str | None:
+    """The trajectory's location in the lake (uploaded from `local` for object storage)."""
+    if local is None or not local.exists():
+        return None
+    if lake.is_local:
+        return str(local)
+    key = trajectory_key(session_id)
+    try:
+        put_bytes(lake, key, local.read_bytes())
+    except Exception as exc:  # the session is recorded even when its trajectory is not
+        log.warning("rlm session %s: trajectory not uploaded: %s", session_id, exc)
+        return None
+    local.unlink(missing_ok=True)
+    return lake.join(key)
+
+
 def rlm_extract(
     org_id: str,
     document: str | list[Any],
@@ -464,7 +487,7 @@ def rlm_extract(
     rlm_config: RLMConfig | dict[str, Any] | None = None,
     llm: LLMClient,
     sandbox: SandboxBackend,
-    lake_dir: Path,
+    lake_dir: Lake | str | Path,
     session_store: SessionStore | None = None,
 ) -> tuple[BaseModel | None, RLMResult]:
     """Structured output over a context too long for one call (e.g. phase 1 of enrichment).

@@ -1,30 +1,33 @@
-"""The session log of RLM queries (the spec's `rlmSessions`): Parquet in the lake + Postgres.
+"""The session log of RLM queries (the spec's `rlmSessions`): a Delta table in the lake + Postgres.
 
 Every query, whatever its end, is one row:
 
-- in the lake, one Parquet file per session, `rlm_sessions/date=<YYYY-MM-DD>/<session_id>.parquet`,
-  written atomically (so appending never rewrites or races with other writers);
+- in the lake's Delta table `rlm_sessions`, partitioned by org and day (`date`, UTC), appended
+  (appends from concurrent processes never conflict, on a local folder or object storage);
 - in Postgres (`MEMCITY_POSTGRES_URL`), table `rlm_sessions` (created if missing, with indexes
-  on org and time), inserted in a transaction with `ON CONFLICT (session_id) DO NOTHING`.
+  on org and time; every column but the partition column `date`), inserted in a transaction with
+  `ON CONFLICT (session_id) DO NOTHING`.
 
-Parquet is written first. If Postgres is down, the error is logged and the row waits in the
-lake, marked pending (`rlm_sessions/_pending/<session_id>`); the next session that reaches
-Postgres copies every pending row (catch-up), and `SessionStore.sync_to_postgres()` (or
-`memcity sessions --sync`) copies every row Postgres lacks. Nothing is lost, nothing duplicated. The trajectory of each session (rlms logger format, JSONL) lies beside it in
+The lake is written first. If Postgres is down, the error is logged and the row waits in the
+lake, marked pending (the object `_state/sessions_pending/<session_id>`); the next session that
+reaches Postgres copies every pending row (catch-up), and `SessionStore.sync_to_postgres()` (or
+`memcity sessions --sync`) copies every row Postgres lacks. Nothing is lost, nothing duplicated.
+The trajectory of each session (rlms logger format, JSONL) lies in the lake at
 `rlm_trajectories/<session_id>.jsonl`.
 """
 
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
-from memcity_pipeline.lake.io import write_parquet_atomic
-from memcity_pipeline.lake.tables import RLM_SESSIONS, UTC_TS, sessions_dir
+from memcity_pipeline.lake.delta import append_rows, read_rows
+from memcity_pipeline.lake.files import delete_keys, list_keys, put_bytes
+from memcity_pipeline.lake.location import Lake
+from memcity_pipeline.lake.tables import RLM_SESSIONS, UTC_TS
 
 log = logging.getLogger(__name__)
 
@@ -37,37 +40,30 @@ _PG_TYPES = {
     pa.float64(): "DOUBLE PRECISION",
     UTC_TS: "TIMESTAMPTZ",
 }
-COLUMNS: list[str] = RLM_SESSIONS.names
+COLUMNS: list[str] = [n for n in RLM_SESSIONS.names if n != "date"]
+"""The Postgres columns: the lake's, but the partition column `date`."""
+PENDING = "_state/sessions_pending"
 
 
-def pending_dir(lake: Path) -> Path:
-    """Markers of session rows that are in the lake but not yet in Postgres."""
-    return sessions_dir(lake) / "_pending"
+def pending_ids(lake: Lake | str) -> list[str]:
+    """Session ids whose rows are in the lake but not yet in Postgres."""
+    return [k.rsplit("/", 1)[-1] for k in list_keys(lake, PENDING)]
 
 
-def session_parquet_path(lake: Path, session_id: str, started_at: datetime) -> Path:
-    day = started_at.astimezone(UTC).strftime("%Y-%m-%d")
-    return sessions_dir(lake) / f"date={day}" / f"{session_id}.parquet"
-
-
-def write_session_parquet(lake: Path, row: dict[str, Any]) -> Path:
-    """Write one session row as its own Parquet file (atomic); returns the path."""
+def write_session_row(lake: Lake | str, row: dict[str, Any]) -> int:
+    """Append one session row to the lake's `rlm_sessions`; the table version committed."""
     missing = [name for name in ("session_id", "started_at") if not row.get(name)]
     if missing:
         raise ValueError(f"a session row needs {', '.join(missing)}")
-    full = {name: row.get(name) for name in COLUMNS}
+    full = {name: row.get(name) for name in RLM_SESSIONS.names}
+    full["date"] = row["started_at"].astimezone(UTC).strftime("%Y-%m-%d")
     frame = pl.from_arrow(pa.Table.from_pylist([full], schema=RLM_SESSIONS))
-    path = session_parquet_path(lake, row["session_id"], row["started_at"])
-    write_parquet_atomic(frame, path, RLM_SESSIONS)  # type: ignore[arg-type]
-    return path
+    return append_rows(lake, "rlm_sessions", frame)  # type: ignore[arg-type]
 
 
-def read_sessions(lake: Path, *, org_id: str | None = None) -> pl.DataFrame:
+def read_sessions(lake: Lake | str, *, org_id: str | None = None) -> pl.DataFrame:
     """Every session row of the lake (optionally one org's), newest first."""
-    files = sorted(sessions_dir(lake).glob("date=*/*.parquet"))
-    if not files:
-        return pl.from_arrow(RLM_SESSIONS.empty_table())  # type: ignore[return-value]
-    frame = pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+    frame = read_rows(lake, "rlm_sessions")
     if org_id is not None:
         frame = frame.filter(pl.col("org_id") == org_id)
     return frame.sort("started_at", descending=True)
@@ -86,6 +82,7 @@ def _ddl(table: str) -> list[Any]:
             sql.SQL(" PRIMARY KEY" if f.name == "session_id" else ""),
         )
         for f in RLM_SESSIONS
+        if f.name in COLUMNS
     ]
     create = sql.SQL("CREATE TABLE IF NOT EXISTS {} ({})").format(
         sql.Identifier(table), sql.SQL(", ").join(columns)
@@ -159,18 +156,18 @@ def postgres_session_ids(
 class SessionStore:
     """Where session rows go: the lake (always) and Postgres (when a URL is set)."""
 
-    lake: Path
+    lake: Lake | str
     postgres_url: str | None = None
     table: str = SESSIONS_TABLE
     connect_timeout_s: int = 5
 
     def record(self, row: dict[str, Any]) -> bool:
-        """Write a row to Parquet, then Postgres; True when Postgres has it too.
+        """Write a row to the lake, then Postgres; True when Postgres has it too.
 
         A Postgres failure is logged, not raised: the row waits in the lake for
         `sync_to_postgres()`.
         """
-        write_session_parquet(self.lake, row)
+        write_session_row(self.lake, row)
         if not self.postgres_url:
             return False
         try:
@@ -178,9 +175,7 @@ class SessionStore:
                 self.postgres_url, [row], self.table, connect_timeout_s=self.connect_timeout_s
             )
         except Exception as exc:
-            marker = pending_dir(self.lake) / str(row["session_id"])
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
+            put_bytes(self.lake, f"{PENDING}/{row['session_id']}", b"")
             log.error(
                 "rlm session %s: not written to Postgres (%s: %s); it is kept in the lake and "
                 "the next session that reaches Postgres copies it",
@@ -194,7 +189,7 @@ class SessionStore:
 
     def _catch_up(self) -> None:
         """Copy the rows marked pending (Postgres was down when they were recorded)."""
-        markers = list(pending_dir(self.lake).glob("*")) if self.postgres_url else []
+        markers = pending_ids(self.lake) if self.postgres_url else []
         if not markers:
             return
         try:
@@ -208,7 +203,7 @@ class SessionStore:
         """Copy the lake's rows that Postgres lacks; returns how many were inserted."""
         if not self.postgres_url:
             raise ValueError("no Postgres URL configured (MEMCITY_POSTGRES_URL)")
-        frame = read_sessions(self.lake)
+        frame = read_sessions(self.lake).select(COLUMNS)
         if frame.is_empty():
             return 0
         have = postgres_session_ids(
@@ -224,9 +219,7 @@ class SessionStore:
                 connect_timeout_s=self.connect_timeout_s,
             )
         stored = have | set(missing["session_id"].to_list())
-        for marker in pending_dir(self.lake).glob("*"):
-            if marker.name in stored:
-                marker.unlink(missing_ok=True)
+        delete_keys(self.lake, [f"{PENDING}/{i}" for i in pending_ids(self.lake) if i in stored])
         return copied
 
 

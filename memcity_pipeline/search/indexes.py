@@ -1,9 +1,10 @@
 """Embeddings and BM25 indexes over enriched chunks and memories, kept in step incrementally.
 
-Vectors live in Parquet (`chunk_embeddings/<org>/<kb>.parquet`, `memory_embeddings/<org>/<user>.parquet`)
-with the model name, the dimension and a hash of the text that was embedded, so that only new or
-changed texts are embedded again, and a model change re-embeds everything. BM25 indexes are
-folders (`indexes/<table>/<org>/<scope>/`) written atomically and loaded without rebuilding.
+Vectors live in the lake's Delta tables `chunk_embeddings` and `memory_embeddings` (one partition
+per knowledge base or user) with the model name, the dimension and a hash of the text that was
+embedded, so that only new or changed texts are embedded again, and a model change re-embeds
+everything. BM25 indexes are folders (`indexes/<items>_bm25/<org>/<scope>/`) published whole
+by `search.bm25_store` and loaded without rebuilding.
 """
 
 import hashlib

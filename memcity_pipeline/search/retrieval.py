@@ -1,7 +1,8 @@
 """`get_context`: hybrid search (BM25 + vectors, fused by reciprocal rank) over one knowledge
 base's enriched chunks, and the same over one user's memories.
 
-Indexes are loaded once per process and reloaded when their files change. A search only ever
+Indexes are loaded once per process and reloaded when the lake's tables get a new version or
+the BM25 index a new build. The lake may be a local folder or object storage (`Lake`). A search only ever
 opens the index files of the org and knowledge base (or user) it was asked for.
 """
 
@@ -12,17 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 from pydantic import BaseModel
 
+from memcity_pipeline.lake.delta import has_rows, read_rows, table_version
+from memcity_pipeline.lake.location import Lake
 from memcity_pipeline.lake.tables import (
     ScopeKind,
     UnknownScopeError,
-    bm25_dir,
-    kb_table_path,
+    bm25_prefix,
     require_scope,
+    scope_where,
 )
-from memcity_pipeline.search.bm25 import BM25Index
+from memcity_pipeline.search import bm25_store
 from memcity_pipeline.search.embeddings import Embedder
 from memcity_pipeline.search.fusion import HybridIndex
 from memcity_pipeline.search.indexes import vectors_of
@@ -72,37 +74,35 @@ _CACHE: dict[tuple[str, ...], _Loaded] = {}
 _LOCK = threading.Lock()
 
 
-def _stamp(*paths: Path) -> tuple[Any, ...]:
-    out: list[Any] = []
-    for p in paths:
-        target = p / "meta.json" if p.is_dir() else p
-        out.append(target.stat().st_mtime_ns if target.exists() else None)
-    return tuple(out)
-
-
 def _load(
-    lake: Path,
+    lake: Lake,
     kind: str,
     org_id: str,
     scope_id: str,
     embedder: Embedder,
-    rows_of: Callable[[Path, str, str], dict[str, dict[str, Any]]],
+    rows_of: Callable[[Lake, str, str], dict[str, dict[str, Any]]],
 ) -> _Loaded:
     table = "chunk_embeddings" if kind == "chunks" else "memory_embeddings"
-    vec_path = kb_table_path(lake, table, org_id, scope_id)
-    index_dir = bm25_dir(lake, kind, org_id, scope_id)  # type: ignore[arg-type]
-    if not vec_path.exists() or not (index_dir / "meta.json").exists():
+    where = scope_where(table, org_id, scope_id)
+    prefix = bm25_prefix(kind, org_id, scope_id)  # type: ignore[arg-type]
+    built = bm25_store.current_key(lake, prefix)
+    if built is None or not has_rows(lake, table, where):
         raise SearchError(
             f"the {kind} index of {org_id}/{scope_id} is not built yet: run `memcity ingest`"
         )
     key = (kind, org_id, scope_id, embedder.model_name)
-    stamp = _stamp(vec_path, index_dir)
+    source = "enriched_chunks" if kind == "chunks" else "memories"
+    stamp = (built, table_version(lake, table), table_version(lake, source))
     with _LOCK:
         cached = _CACHE.get(key)
         if cached and cached.key == stamp:
             return cached
-    bm25 = BM25Index.load(index_dir)
-    emb = pl.read_parquet(vec_path)
+    bm25 = bm25_store.load(lake, prefix)
+    if bm25 is None:
+        raise SearchError(
+            f"the {kind} index of {org_id}/{scope_id} is not built yet: run `memcity ingest`"
+        )
+    emb = read_rows(lake, table, where)
     models = set(emb["model"].unique().to_list()) if emb.height else {embedder.model_name}
     if models != {embedder.model_name}:
         raise SearchError(
@@ -129,28 +129,34 @@ def _load(
     return loaded
 
 
-def _chunk_rows(lake: Path, org_id: str, kb_id: str) -> dict[str, dict[str, Any]]:
-    chunks = pl.read_parquet(
-        kb_table_path(lake, "enriched_chunks", org_id, kb_id),
+def _chunk_rows(lake: Lake, org_id: str, kb_id: str) -> dict[str, dict[str, Any]]:
+    chunks = read_rows(
+        lake,
+        "enriched_chunks",
+        scope_where("enriched_chunks", org_id, kb_id),
         columns=["org_id", "chunk_id", "document_id", "section_title", "text", "resolved_text"],
     )
-    docs_path = kb_table_path(lake, "raw_documents", org_id, kb_id)
-    if docs_path.exists():
-        docs = pl.read_parquet(docs_path, columns=["document_id", "title"])
-        chunks = chunks.join(docs, on="document_id", how="left")
-    joined = chunks
+    docs = read_rows(
+        lake,
+        "raw_documents",
+        scope_where("raw_documents", org_id, kb_id),
+        columns=["document_id", "title"],
+    )
+    joined = chunks.join(docs, on="document_id", how="left")
     return {r["chunk_id"]: r for r in joined.iter_rows(named=True)}
 
 
-def _memory_rows(lake: Path, org_id: str, user_id: str) -> dict[str, dict[str, Any]]:
-    mem = pl.read_parquet(
-        kb_table_path(lake, "memories", org_id, user_id),
+def _memory_rows(lake: Lake, org_id: str, user_id: str) -> dict[str, dict[str, Any]]:
+    mem = read_rows(
+        lake,
+        "memories",
+        scope_where("memories", org_id, user_id),
         columns=["org_id", "memory_id", "text", "created_at"],
     )
     return {r["memory_id"]: r for r in mem.iter_rows(named=True)}
 
 
-def _check_scope(lake: Path, org_id: str, scope: ScopeKind, scope_id: str) -> None:
+def _check_scope(lake: Lake, org_id: str, scope: ScopeKind, scope_id: str) -> None:
     """SearchError unless the lake knows the org and its knowledge base (or user); the message
     is `rlm_query`'s for the same ids (`lake.tables.require_scope` words both)."""
     words = ("org_id", "knowledge_base_id" if scope == "knowledge_base" else "user_id")
@@ -168,7 +174,7 @@ Reranker = Callable[[str, list[str]], list[int]]  # (query, passages) -> order o
 
 
 def get_context(
-    lake: Path,
+    lake: Lake | str | Path,
     org_id: str,
     knowledge_base_id: str,
     query: str,
@@ -183,6 +189,7 @@ def get_context(
         raise SearchError("the query is empty")
     if k < 1:
         raise SearchError(f"k must be at least 1, got {k}")
+    lake = Lake.of(lake)
     _check_scope(lake, org_id, "knowledge_base", knowledge_base_id)
     loaded = _load(lake, "chunks", org_id, knowledge_base_id, embedder, _chunk_rows)
     if len(loaded.index) == 0:
@@ -215,7 +222,7 @@ def get_context(
 
 
 def search_memories(
-    lake: Path,
+    lake: Lake | str | Path,
     org_id: str,
     user_id: str,
     query: str,
@@ -227,6 +234,7 @@ def search_memories(
     """The `k` memories of one user that best match `query`."""
     if not query.strip():
         raise SearchError("the query is empty")
+    lake = Lake.of(lake)
     _check_scope(lake, org_id, "user", user_id)
     loaded = _load(lake, "memories", org_id, user_id, embedder, _memory_rows)
     if len(loaded.index) == 0:

@@ -248,7 +248,7 @@ def test_sessions_show_id_status_and_error_uncut_and_json_has_every_column(
 ) -> None:
     from datetime import UTC, datetime
 
-    from memcity_pipeline.rlm.sessions import COLUMNS, write_session_parquet
+    from memcity_pipeline.rlm.sessions import COLUMNS, write_session_row
 
     lake = memcity_home.resolve() / "lake"
     error = (
@@ -256,7 +256,7 @@ def test_sessions_show_id_status_and_error_uncut_and_json_has_every_column(
         "connection error (ConnectError: [Errno 111] Connection refused)"
     )
     question = "Which ferries leave Saltmarsh harbour before nine in the morning in the winter?"
-    write_session_parquet(
+    write_session_row(
         lake,
         {
             "session_id": "5f0c2d9e8b7a4c1d9e8f7a6b5c4d3e2f",
@@ -278,7 +278,7 @@ def test_sessions_show_id_status_and_error_uncut_and_json_has_every_column(
         assert cell in row, cell  # whole, on the session's line, whatever the width
     code, stdout, _ = run_split("sessions", "--json")
     (listed,) = json.loads(stdout)
-    assert set(listed) == set(COLUMNS) and listed["error_message"] == error
+    assert set(listed) == {*COLUMNS, "date"} and listed["error_message"] == error
 
 
 def test_no_session_yet_names_the_lake(memcity_home: Path) -> None:

@@ -17,6 +17,8 @@ import pytest
 from memcity_pipeline.api import get_context
 from memcity_pipeline.cli.ingest import PARTITION_TAG, ingest
 from memcity_pipeline.cli.runner import get_instance
+from memcity_pipeline.lake.delta import has_rows
+from memcity_pipeline.lake.tables import TABLES, Table, scope_where
 from memcity_pipeline.search.retrieval import SearchError
 from memcity_pipeline.settings import load_settings
 
@@ -62,7 +64,13 @@ def _materialized_partitions(instance: dg.DagsterInstance, run_id: str) -> set[s
 
 
 def _lake_files(lake: Path) -> dict[str, int]:
-    return {p.relative_to(lake).as_posix(): p.stat().st_mtime_ns for p in lake.rglob("*.parquet")}
+    """Data files of the lake's tables (Delta never rewrites a file: a change adds new ones),
+    by `<table>/<org>/<scope>/<file>` (partition folders `org_id=<org>/<column>=<scope>`)."""
+    return {
+        "/".join(part.split("=", 1)[-1] for part in p.relative_to(lake).parts): p.stat().st_mtime_ns
+        for p in lake.rglob("*.parquet")
+        if "_delta_log" not in p.parts
+    }
 
 
 def test_one_edited_file_runs_its_partition_only_and_a_removed_kb_leaves_no_trace(
@@ -115,14 +123,24 @@ def test_one_edited_file_runs_its_partition_only_and_a_removed_kb_leaves_no_trac
     assert third.partitions == []
     assert "north/guides" not in instance.get_dynamic_partitions("knowledge_bases")
     left = [
-        p
-        for p in lake.rglob("*")
-        if "north" in p.parts and "guides" in p.as_posix() and ".locks" not in p.parts
+        t.name
+        for t in TABLES.values()
+        if t.scope != "date" and _has_scope(lake, t, "north", "guides")
     ]
     assert left == [], left
-    assert (lake / "chunks" / "north" / "notes.parquet").is_file()
+    assert not list((lake / "indexes").rglob("north/guides/*"))
+    assert has_rows(lake, "chunks", scope_where("chunks", "north", "notes"))
     with pytest.raises(SearchError, match="unknown knowledge base 'guides' in org 'north'"):
         get_context("north", "guides", "hello", settings=settings)
+
+
+def _has_scope(lake: Path, table: Table, org: str, scope: str) -> bool:
+    where = (
+        {"org_id": org, "scope_id": scope}
+        if table.scope == "lake"
+        else table.scope_where(org, scope)
+    )
+    return has_rows(lake, table.name, where)
 
 
 def _run_span(instance: dg.DagsterInstance, key: str) -> list[tuple[float, float]]:

@@ -6,7 +6,8 @@ process group (the run and its step processes) with SIGKILL on the n-th time any
 the point, counted across processes in `MEMCITY_TEST_CRASH_COUNTER`:
 
 - `parse`: a landing file is about to be parsed (during ingestion);
-- `lake-write`: a lake table's temporary file is written and about to replace the table.
+- `lake-write`: a lake table's MERGE is about to run (odd n: killed before it commits) or has
+  just committed (even n: killed before the step records anything else).
 """
 
 import fcntl
@@ -31,14 +32,20 @@ def _reached(point: str) -> None:
 def _install() -> None:
     if not os.environ.get("MEMCITY_TEST_CRASH"):
         return
-    real_replace = os.replace
+    from memcity_pipeline.lake import delta
 
-    def replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if str(dst).endswith(".parquet") and "/lake/" in str(dst):
+    real_merge = delta._merge
+    after_commit = int(os.environ["MEMCITY_TEST_CRASH"].partition(":")[2] or 1) % 2 == 0
+
+    def merge(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not after_commit:
             _reached("lake-write")
-        return real_replace(src, dst, *args, **kwargs)
+        version = real_merge(*args, **kwargs)
+        if after_commit and version is not None:
+            _reached("lake-write")
+        return version
 
-    os.replace = replace
+    delta._merge = merge
 
     from memcity_pipeline.ingestion import parsing
 

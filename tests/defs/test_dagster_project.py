@@ -21,6 +21,8 @@ from memcity_pipeline.cli.runner import (
     ingest_users_job,
 )
 from memcity_pipeline.defs.ingest import execution_config
+from memcity_pipeline.lake.delta import read_rows, table_versions
+from memcity_pipeline.lake.tables import TABLES
 from memcity_pipeline.settings import get_settings
 from tests.conftest import POSTGRES_TEST_URL
 
@@ -77,7 +79,10 @@ def test_definitions_hold_every_ingestion_piece() -> None:
     assert sorted(s.name for s in repo.schedule_defs) == [
         "daily_ingest_knowledge_bases",
         "daily_ingest_users",
+        "weekly_lake_maintenance",
     ]
+    weekly = repo.get_schedule_def("weekly_lake_maintenance")
+    assert weekly.cron_schedule == "0 3 * * 0" and weekly.job_name == "lake_maintenance_job"
     assert {"landing_sensor", "memcity_automation"} <= {s.name for s in repo.sensor_defs}
     # Every ingestion asset is partitioned: knowledge bases or users, never both in one job.
     graph = repo.asset_graph
@@ -137,13 +142,16 @@ def test_memcity_demo_runs_on_embedded_defaults_and_second_run_changes_nothing()
     assert all(p["success"] for p in partitions.values())
     home = Path(env["MEMCITY_HOME"])
     assert (home / "dagster_home" / "dagster.yaml").exists()  # embedded SQLite instance
-    assert list((home / "lake" / "raw_documents").glob("*/*.parquet"))
+    assert (home / "lake" / "raw_documents" / "_delta_log").is_dir()  # a Delta table
+    assert read_rows(home / "lake", "raw_documents").height > 0
+    versions = table_versions(home / "lake", TABLES)
 
     second = subprocess.run(
         [str(BIN / "memcity"), "ingest"], capture_output=True, text=True, env=env, timeout=900
     )
     assert second.returncode == 0, second.stderr
     assert "nothing changed in the landing folder (6 partitions up to date" in second.stderr
+    assert table_versions(home / "lake", TABLES) == versions  # nothing committed
 
     # The runs are in the same instance the UI reads: one per partition (and the layout's).
     os.environ["DAGSTER_HOME"] = str(home / "dagster_home")

@@ -24,9 +24,11 @@ import psycopg
 import pytest
 
 from memcity_pipeline.cli.runner import copy_sample_corpus
+from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.lake.io import LakeBusyError, table_lock
+from memcity_pipeline.lake.tables import TABLES
 from memcity_pipeline.rlm.query import rlm_query
-from memcity_pipeline.rlm.sessions import SessionStore, pending_dir, postgres_session_ids
+from memcity_pipeline.rlm.sessions import SessionStore, pending_ids, postgres_session_ids
 from memcity_pipeline.sandbox.local import LocalSandboxBackend
 from tests.enrichment.test_enrichment import smart_responder
 from tests.fixtures_sandbox import isolation_for_tests
@@ -34,6 +36,13 @@ from tests.scripted_llm_server import Fault, ScriptedLLMServer
 
 MEMCITY = str(Path(sys.executable).with_name("memcity"))
 CRASHPOINT = str(Path(__file__).resolve().parents[1] / "crashpoint")
+_AWS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ALLOW_HTTP",
+)
 SEED = int(os.environ.get("MEMCITY_TEST_SEED", random.SystemRandom().randrange(10**6)))
 # Tables compared between a crashed-then-rerun lake and a clean one (timestamps and LLM
 # accounting aside: a rerun answered from the response cache spends nothing).
@@ -100,13 +109,18 @@ def _new_home(root: Path, name: str) -> Path:
     return home
 
 
-def _table(home: Path, name: str) -> pl.DataFrame:
-    files = sorted((home / "lake" / name).glob("*/*.parquet"))
-    assert files, f"no {name} table in {home}"
-    return pl.concat([pl.read_parquet(f) for f in files], how="vertical_relaxed")
+def _lake(home: Path | str) -> str:
+    """A lake given as its home (the local lake `<home>/lake`) or as its URI."""
+    return str(home / "lake") if isinstance(home, Path) else home
 
 
-def _comparable(home: Path, name: str) -> pl.DataFrame:
+def _table(home: Path | str, name: str) -> pl.DataFrame:
+    frame = read_rows(_lake(home), name)
+    assert frame.height, f"no {name} rows in {_lake(home)}"
+    return frame
+
+
+def _comparable(home: Path | str, name: str) -> pl.DataFrame:
     frame = _table(home, name)
     keep = [
         c
@@ -128,13 +142,12 @@ def _answered(server: ScriptedLLMServer) -> set[str]:
     }
 
 
-def _assert_lake_whole(home: Path) -> None:
-    """Every Parquet file of the lake reads; no temporary file is left in a table folder."""
-    lake = home / "lake"
-    for path in lake.rglob("*.parquet"):
-        pl.read_parquet(path)
-    leftovers = [p for p in lake.rglob(".*.tmp") if not p.parent.name.startswith("_")]
-    assert not leftovers, leftovers
+def _assert_lake_whole(home: Path | str) -> None:
+    """Every table of the lake reads at its current version, with no key twice in a partition."""
+    for table in TABLES.values():
+        frame = read_rows(_lake(home), table.name)
+        keys = [*table.partition_by, *table.key]
+        assert frame.select(keys).is_duplicated().sum() == 0, f"{table.name}: duplicated keys"
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +168,27 @@ def clean_home(tmp_path_factory: pytest.TempPathFactory, ops_server: ScriptedLLM
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lake_kind", ["local", "s3"])
 @pytest.mark.parametrize("point", ["parse", "enrichment", "lake-write"])
 def test_kill_9_then_rerun_matches_a_clean_run_without_repeating_llm_work(
-    point: str, tmp_path: Path, ops_server: ScriptedLLMServer, clean_home: Path
+    point: str,
+    lake_kind: str,
+    tmp_path: Path,
+    ops_server: ScriptedLLMServer,
+    clean_home: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     rng = random.Random(f"{SEED}-{point}")
     home = _new_home(tmp_path, "home")
     ops_server.reset()
     killed = threading.Event()
     process: subprocess.Popen | None = None
-    extra: dict[str, str] = {}
+    lake: Path | str = home
+    lake_env: dict[str, str] = {}
+    if lake_kind == "s3":  # the same runs against an S3-protocol server (moto)
+        lake = request.getfixturevalue("s3_lake")
+        lake_env = {k: os.environ[k] for k in (*_AWS, "MEMCITY_LAKE_URI")}
+    extra: dict[str, str] = dict(lake_env)
     if point == "enrichment":
         # kill on the n-th LLM call, once every answered call had time to reach the cache
         nth = rng.randrange(3, 40)
@@ -187,8 +211,8 @@ def test_kill_9_then_rerun_matches_a_clean_run_without_repeating_llm_work(
         ops_server.responder = responder
     else:
         nth = rng.randrange(1, 15 if point == "parse" else 25)
-        extra = {
-            "PYTHONPATH": CRASHPOINT,
+        extra |= {
+            "PYTHONPATH": os.pathsep.join(filter(None, [CRASHPOINT, os.environ.get("PYTHONPATH")])),
             "MEMCITY_TEST_CRASH": f"{point}:{nth}",
             "MEMCITY_TEST_CRASH_COUNTER": str(tmp_path / "crash-counter"),
         }
@@ -201,15 +225,15 @@ def test_kill_9_then_rerun_matches_a_clean_run_without_repeating_llm_work(
     assert code == -signal.SIGKILL, f"{where}: the run was not killed:\n{output[-2000:]}"
 
     # The lake is readable as the crash left it.
-    for path in (home / "lake").rglob("*.parquet"):
-        pl.read_parquet(path)
+    for table in TABLES:
+        read_rows(_lake(lake), table)
     before_rerun = _answered(ops_server)
     ops_server.reset()
 
-    _ingest(home, ops_server)
-    _assert_lake_whole(home)
+    _ingest(home, ops_server, **lake_env)
+    _assert_lake_whole(lake)
     for name, keys in COMPARED.items():
-        recovered, clean = _comparable(home, name), _comparable(clean_home, name)
+        recovered, clean = _comparable(lake, name), _comparable(clean_home, name)
         assert recovered.select(keys).is_duplicated().sum() == 0, f"{where}: {name} duplicated"
         assert recovered.equals(clean), f"{where}: {name} differs from a clean run"
     repeated = before_rerun & {_prompt(r) for r in ops_server.chat_requests}
@@ -269,7 +293,7 @@ def test_ingestion_and_a_query_hold_up_when_30_percent_of_llm_calls_fail(
             assert result.answer == "6 parts read"
         else:
             assert result.warning
-        sessions = pl.read_parquet(next((home / "lake" / "rlm_sessions").rglob("*.parquet")))
+        sessions = read_rows(home / "lake", "rlm_sessions")
         assert sessions["status"].to_list() == [result.status]
 
 
@@ -387,13 +411,13 @@ def test_postgres_stopped_mid_series_loses_and_duplicates_no_session(
     assert [r.status for r in results] == ["completed"] * 6
     assert [r.logged_to_postgres for r in results] == [True, True, False, False, True, True]
     ids = {r.session_id for r in results}
-    assert not list(pending_dir(lake).glob("*"))  # the 5th session caught up the two missed
+    assert not pending_ids(lake)  # the 5th session caught up the two missed
     assert postgres_session_ids(private_postgres.url) == ids
     with psycopg.connect(private_postgres.url) as conn:
         count = conn.execute("SELECT count(*) FROM rlm_sessions").fetchone()
     assert count == (6,)
     assert store.sync_to_postgres() == 0  # a catch-up run finds nothing more to copy
-    assert len(list((lake / "rlm_sessions").rglob("*.parquet"))) == 6
+    assert read_rows(lake, "rlm_sessions").height == 6
 
 
 # ------------------------------------------------------------------------------ concurrency

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 from memcity_pipeline.cli.runner import sample_corpus_dir
 from memcity_pipeline.defs.enrichment import chunks, document_structure, enriched_chunks
 from memcity_pipeline.defs.ingestion import raw_documents
+from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.settings import build_resources, get_settings
@@ -139,9 +141,7 @@ def _resources(
 
 
 def _table(name: str) -> pl.DataFrame:
-    lake = get_settings().lake_dir
-    files = sorted((lake / name).glob("*/*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+    return read_rows(get_settings().lake, name)
 
 
 def _materialize(
@@ -193,11 +193,12 @@ def test_three_phases_enrich_and_a_rerun_makes_no_llm_call(scripted_llm: Scripte
     assert again.success and scripted_llm.call_count == calls_before
     assert _meta(again, "document_structure")["processed"] == 0
     assert _meta(again, "enriched_chunks")["chunks_processed"] == 0
+    for table in ("document_structure", "chunks", "enriched_chunks"):  # versions, unchanged
+        assert _meta(again, table)["table_version"] == _meta(result, table)["table_version"]
 
     # With the lake's enrichment tables gone, the persistent response cache still answers.
     for table in ("document_structure", "enriched_chunks"):
-        for f in (get_settings().lake_dir / table).glob("*/*.parquet"):
-            f.unlink()
+        shutil.rmtree(get_settings().lake_dir / table)
     third = _materialize(_resources(scripted_llm))
     assert third.success and scripted_llm.call_count == calls_before
     assert _meta(third, "enriched_chunks")["cache_hits"] >= 1
@@ -292,8 +293,7 @@ def rlm_structure_responder(program: str) -> Any:
 
 
 def _sessions() -> pl.DataFrame:
-    files = sorted((get_settings().lake_dir / "rlm_sessions").rglob("*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+    return read_rows(get_settings().lake, "rlm_sessions")
 
 
 def test_a_long_document_is_read_whole_by_the_rlm_engine(scripted_llm: ScriptedLLMServer) -> None:

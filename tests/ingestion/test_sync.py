@@ -13,7 +13,8 @@ from memcity_pipeline.cli.runner import copy_sample_corpus, sample_corpus_dir
 from memcity_pipeline.defs.ingestion import conversations, memories, raw_documents
 from memcity_pipeline.ingestion.landing import landing_scopes
 from memcity_pipeline.ingestion.sync import Limits, SyncReport, sync_layout_errors, sync_sources
-from memcity_pipeline.lake.tables import ingestion_error_files
+from memcity_pipeline.lake.delta import partitions, read_rows, table_versions
+from memcity_pipeline.lake.tables import TABLES
 from memcity_pipeline.settings import build_resources, get_settings
 from tests.partitioned import materialize_partitions, metadata, sync_every_scope
 
@@ -32,13 +33,11 @@ def _write(landing: Path, rel: str, data: str | bytes) -> Path:
 
 
 def _docs(lake: Path) -> pl.DataFrame:
-    files = sorted((lake / "raw_documents").glob("*/*.parquet"))
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+    return read_rows(lake, "raw_documents")
 
 
 def _errors(lake: Path) -> pl.DataFrame:
-    files = ingestion_error_files(lake)
-    return pl.concat([pl.read_parquet(f) for f in files]) if files else pl.DataFrame()
+    return read_rows(lake, "ingestion_errors")
 
 
 def _sync_kb(landing: Path, lake: Path) -> SyncReport:
@@ -67,11 +66,19 @@ def test_sample_corpus_ingests_every_kind_without_errors(dirs: tuple[Path, Path]
     assert docs["document_id"].n_unique() == docs.height
     assert docs.filter(pl.col("text").str.len_chars() == 0).height == 0
     assert reports["memories"].rows > 0 and reports["conversations"].rows > 0
-    mem = pl.read_parquet(next((lake / "memories").glob("*/*.parquet")))
+    mem = read_rows(lake, "memories")
     assert set(mem.columns) >= {"org_id", "user_id", "memory_id", "text", "created_at"}
-    # Every org's rows live under that org's folder only.
-    for f in (lake / "raw_documents").glob("*/*.parquet"):
-        assert set(pl.read_parquet(f)["org_id"].to_list()) == {f.parent.name}
+    # Every knowledge base's rows live in its own partition's files (org_id=/knowledge_base_id=).
+    files = [
+        f.relative_to(lake / "raw_documents") for f in lake.rglob("raw_documents/**/*.parquet")
+    ]
+    assert files and all(f.parts[0].startswith("org_id=") for f in files)
+    for part in partitions(lake, "raw_documents"):
+        rows = read_rows(lake, "raw_documents", part)
+        assert rows.select("org_id", "knowledge_base_id").unique().rows() == [tuple(part.values())]
+    assert sorted({p["org_id"] for p in partitions(lake, "raw_documents")}) == sorted(
+        set(docs["org_id"].to_list())
+    )
 
 
 def test_rerun_with_unchanged_files_rewrites_nothing(dirs: tuple[Path, Path]) -> None:
@@ -79,36 +86,17 @@ def test_rerun_with_unchanged_files_rewrites_nothing(dirs: tuple[Path, Path]) ->
     copy_sample_corpus(landing)
     first = sync_every_scope("documents", landing, lake, LIMITS)
     assert first.changed_total == first.files > 0
-    stamps = {p: p.stat().st_mtime_ns for p in lake.rglob("*.parquet")}
+    versions = table_versions(lake, TABLES)
     second = sync_every_scope("documents", landing, lake, LIMITS)
     assert second.changed_total == 0 and second.unchanged == first.files
     assert second.tables_written == [] and second.rows == first.rows
-    assert {p: p.stat().st_mtime_ns for p in lake.rglob("*.parquet")} == stamps
+    assert table_versions(lake, TABLES) == versions  # nothing committed
     # A touched but identical file is still "unchanged" (hash compare), and costs no rewrite.
     some = next(landing.rglob("*.md"))
     os.utime(some, ns=(some.stat().st_atime_ns, some.stat().st_mtime_ns + 10**9))
     third = sync_every_scope("documents", landing, lake, LIMITS)
     assert third.changed_total == 0 and third.tables_written == []
-
-
-def test_a_crash_while_writing_the_bookkeeping_leaves_nothing_after_the_next_sync(
-    dirs: tuple[Path, Path],
-) -> None:
-    """A kill -9 between writing a manifest's (or error table's) temporary file and moving it
-    into place leaves that file; the next sync of the scope removes it."""
-    landing, lake = dirs
-    _write(landing, f"{KB}/a.md", "# A\n\nText.\n")
-    _sync_kb(landing, lake)
-    left = [
-        lake / "_state/source_files/documents/acme/.handbook.parquet.x1y2.tmp",
-        lake / "ingestion_errors/documents/acme/.handbook.parquet.z3.tmp",
-    ]
-    for path in left:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"half a file")
-    _sync_kb(landing, lake)
-    assert not any(p.exists() for p in left)
-    assert list(lake.rglob("*.tmp")) == []
+    assert table_versions(lake, TABLES)["raw_documents"] == versions["raw_documents"]
 
 
 def test_edited_file_is_picked_up_and_deleted_file_removed(dirs: tuple[Path, Path]) -> None:
@@ -133,7 +121,7 @@ def test_edited_file_is_picked_up_and_deleted_file_removed(dirs: tuple[Path, Pat
 
     (landing / f"{KB}/b.txt").unlink()
     report = _sync_kb(landing, lake)
-    assert report.tables_deleted == ["raw_documents/acme/handbook.parquet"]
+    assert report.tables_deleted == ["raw_documents/acme/handbook"]
     assert _docs(lake).height == 0
 
 
@@ -227,6 +215,10 @@ def test_assets_report_counts_and_warnings_in_metadata(tmp_path: Path) -> None:
     meta = metadata(again, "raw_documents")["saltmarsh/operations"]
     assert meta["changed"] == 0
     assert meta["summary"].startswith("documents: 0 changed")
+    # Each materialization records the table's Delta version; the rerun committed nothing.
+    version = table_versions(settings.lake, ["raw_documents"])["raw_documents"]
+    assert max(m["table_version"] for m in docs.values()) == version
+    assert meta["table_version"] == version and meta["committed"] is False
 
 
 def _evaluate(cursor: str | None, instance: dg.DagsterInstance, lake: object) -> dg.SensorResult:

@@ -7,16 +7,19 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from memcity_pipeline.lake.io import table_lock, write_parquet_atomic
+from memcity_pipeline.lake.delta import empty_frame, has_rows, read_rows, write_rows
+from memcity_pipeline.lake.files import list_keys
+from memcity_pipeline.lake.io import table_lock
 from memcity_pipeline.lake.scopes import drop_scope
 from memcity_pipeline.lake.tables import (
     TABLES,
-    bm25_dir,
-    ingestion_errors_path,
+    bm25_prefix,
+    bookkeeping_where,
     parse_scope_key,
     scope_key,
-    source_files_path,
 )
+from memcity_pipeline.search.bm25 import BM25Index
+from memcity_pipeline.search.bm25_store import publish
 
 
 def test_partition_keys_round_trip_and_bad_keys_are_refused() -> None:
@@ -26,43 +29,50 @@ def test_partition_keys_round_trip_and_bad_keys_are_refused() -> None:
             parse_scope_key(bad)
 
 
+def _one_row(name: str, where: dict[str, str | None]) -> pl.DataFrame:
+    """A row of table `name` in the partition `where` (key columns filled, the rest null)."""
+    table = TABLES[name]
+    values = {c: pl.lit(v) for c, v in where.items()}
+    values |= {k: pl.lit(1 if k in ("line", "turn") else "k") for k in table.key if k not in where}
+    return pl.concat([empty_frame(name), pl.select(**values)], how="diagonal_relaxed")
+
+
 def _fill(lake: Path, org: str, kb: str, user: str) -> None:
-    frame = pl.DataFrame({"x": [1]})
     for table in TABLES.values():
         if table.scope in ("knowledge_base", "user"):
-            write_parquet_atomic(
-                frame, table.path(lake, org, kb if table.scope == "knowledge_base" else user)
-            )
+            where = table.scope_where(org, kb if table.scope == "knowledge_base" else user)
+            write_rows(lake, table.name, where, _one_row(table.name, where))
     for kind, scope in (("documents", kb), ("memories", user), ("conversations", user)):
-        write_parquet_atomic(frame, source_files_path(lake, kind, org, scope))  # type: ignore[arg-type]
-        write_parquet_atomic(frame, ingestion_errors_path(lake, kind, org, scope))  # type: ignore[arg-type]
+        for name in ("source_files", "ingestion_errors"):
+            where = bookkeeping_where(kind, org, scope)  # type: ignore[arg-type]
+            write_rows(lake, name, where, _one_row(name, where))
     for items, scope in (("chunks", kb), ("memories", user)):
-        folder = bm25_dir(lake, items, org, scope)  # type: ignore[arg-type]
-        folder.mkdir(parents=True)
-        (folder / "meta.json").write_text("{}")
-        (folder.parent / f"{folder.name}.source").write_text("key")
+        prefix = bm25_prefix(items, org, scope)  # type: ignore[arg-type]
+        publish(lake, prefix, BM25Index.build(["a"], ["some text"]), f"key-{scope}")
 
 
-def test_dropping_a_knowledge_base_removes_its_files_everywhere_and_nothing_else(
+def test_dropping_a_knowledge_base_removes_its_rows_everywhere_and_nothing_else(
     tmp_path: Path,
 ) -> None:
     _fill(tmp_path, "acme", "gone", "ann")
     _fill(tmp_path, "acme", "kept", "bob")
-    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    counts = {name: read_rows(tmp_path, name).height for name in TABLES}
 
     removed = drop_scope(tmp_path, "knowledge_base", "acme", "gone")
 
-    after = {p for p in tmp_path.rglob("*") if p.is_file()}
-    gone = {p.relative_to(tmp_path).as_posix() for p in before - after}
-    assert all("gone" in p for p in gone) and not any("gone" in str(p) for p in after)
     kb_tables = [t.name for t in TABLES.values() if t.scope == "knowledge_base"]
-    assert {f"{t}/acme/gone.parquet" for t in kb_tables} <= set(removed)
-    assert "_state/source_files/documents/acme/gone.parquet" in removed
-    assert "ingestion_errors/documents/acme/gone.parquet" in removed
+    assert {f"{t}/acme/gone" for t in kb_tables} <= set(removed)
+    assert "source_files/documents/acme/gone" in removed
+    assert "ingestion_errors/documents/acme/gone" in removed
     assert "indexes/chunks_bm25/acme/gone" in removed
+    for t in kb_tables:
+        assert not has_rows(tmp_path, t, TABLES[t].scope_where("acme", "gone")), t
+        assert read_rows(tmp_path, t).height == counts[t] - 1, t
+    assert not list_keys(tmp_path, "indexes/chunks_bm25/acme/gone")
     # The users of the same org, and the other knowledge base, are untouched.
-    assert (tmp_path / "memories" / "acme" / "ann.parquet").is_file()
-    assert (tmp_path / "chunks" / "acme" / "kept.parquet").is_file()
+    assert has_rows(tmp_path, "memories", TABLES["memories"].scope_where("acme", "ann"))
+    assert has_rows(tmp_path, "chunks", TABLES["chunks"].scope_where("acme", "kept"))
+    assert list_keys(tmp_path, "indexes/chunks_bm25/acme/kept")
     assert drop_scope(tmp_path, "knowledge_base", "acme", "gone") == []  # nothing left to drop
 
 

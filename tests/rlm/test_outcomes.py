@@ -21,8 +21,8 @@ import pyarrow as pa
 import pytest
 
 from memcity_pipeline.ingestion.sync import Limits
-from memcity_pipeline.lake.io import write_parquet_atomic
-from memcity_pipeline.lake.tables import ENRICHED_CHUNKS
+from memcity_pipeline.lake.delta import write_rows
+from memcity_pipeline.lake.tables import ENRICHED_CHUNKS, scope_where
 from memcity_pipeline.llm.client import LLMClient, LLMError
 from memcity_pipeline.resources.sandbox import LocalSandboxResource, SandboxResource
 from memcity_pipeline.rlm.context import MAX_CHUNKS, MAX_MEMORIES, MAX_SESSIONS, gather_context
@@ -273,8 +273,8 @@ def big_lake(memcity_home: Path) -> Path:
         for i in range(MAX_CHUNKS + 10)
     ]
     table = pa.Table.from_pylist(rows, schema=ENRICHED_CHUNKS)
-    path = lake_dir / "enriched_chunks" / "bigorg" / "manual.parquet"
-    write_parquet_atomic(pl.from_arrow(table), path)  # type: ignore[arg-type]
+    where = scope_where("enriched_chunks", "bigorg", "manual")
+    write_rows(lake_dir, "enriched_chunks", where, pl.from_arrow(table))  # type: ignore[arg-type]
     return lake_dir
 
 

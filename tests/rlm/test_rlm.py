@@ -17,8 +17,8 @@ import pytest
 
 from memcity_pipeline.api import rlm_query
 from memcity_pipeline.ingestion.sync import Limits
-from memcity_pipeline.lake.io import write_parquet_atomic
-from memcity_pipeline.lake.tables import ENRICHED_CHUNKS
+from memcity_pipeline.lake.delta import read_rows, table_version, write_rows
+from memcity_pipeline.lake.tables import ENRICHED_CHUNKS, scope_where
 from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.resources.sandbox import LocalSandboxResource, SandboxResource
@@ -115,7 +115,8 @@ def lake(memcity_home: Path) -> Path:
         for i in range(3)
     ]
     frame = pl.from_arrow(pa.Table.from_pylist(rows, schema=ENRICHED_CHUNKS))
-    write_parquet_atomic(frame, lake_dir / "enriched_chunks" / "saltmarsh" / "handbook.parquet")  # type: ignore[arg-type]
+    where = scope_where("enriched_chunks", "saltmarsh", "handbook")
+    write_rows(lake_dir, "enriched_chunks", where, frame)  # type: ignore[arg-type]
     return lake_dir
 
 
@@ -176,7 +177,7 @@ def opening_text(script: Script) -> str:
 def test_memories_query_ends_with_final_var_and_logs_the_session(
     scripted_llm: ScriptedLLMServer, sandbox: SandboxResource, lake: Path
 ) -> None:
-    memories = pl.read_parquet(lake / "memories" / "saltmarsh" / "ruth.parquet")
+    memories = read_rows(lake, "memories", scope_where("memories", "saltmarsh", "ruth"))
     last_text = memories.sort("created_at")["text"][-1]
     script = Script(
         repl("print(len(context))\nprint(context[0][:80])"),
@@ -524,7 +525,7 @@ def test_session_row_lands_in_postgres_with_its_indexes(
 
 
 @pytest.mark.postgres
-def test_postgres_down_keeps_the_row_in_parquet_and_the_next_session_catches_up(
+def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up(
     scripted_llm: ScriptedLLMServer,
     sandbox: SandboxResource,
     lake: Path,
@@ -583,6 +584,7 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
     metadata = events[0].metadata
     assert metadata["status"].value == "completed"
     assert metadata["iterations"].value == 1
+    assert metadata["table_version"].value == table_version(configured["lake"].lake, "rlm_sessions")
     assert result.output_for_node("run_rlm_query")["answer"] == "from dagster"
 
     report = dg.materialize([rlm_session_report], resources={"lake": configured["lake"]})

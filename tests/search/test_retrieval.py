@@ -5,13 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from memcity_pipeline.api import SearchError, get_context, search_memories
 from memcity_pipeline.cli.ingest import IngestOutcome, PartitionRef, ingest
 from memcity_pipeline.cli.runner import copy_sample_corpus
 from memcity_pipeline.defs.indexing import chunk_embeddings
+from memcity_pipeline.lake.delta import read_rows
+from memcity_pipeline.lake.tables import known_scopes, scope_where
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.settings import build_resources, get_settings
 from tests.partitioned import materialize_partitions, metadata, scope_keys
@@ -55,11 +56,11 @@ def test_get_context_finds_the_warranty_and_stays_in_its_org(built_lake: Path) -
     assert scores == sorted(scores, reverse=True)
 
     brambleway_chunks = set(
-        pl.read_parquet(built_lake / "enriched_chunks" / ORG / f"{KB}.parquet")[
+        read_rows(built_lake, "enriched_chunks", scope_where("enriched_chunks", ORG, KB))[
             "chunk_id"
         ].to_list()
     )
-    other_kb = next((built_lake / "raw_documents" / "saltmarsh").glob("*.parquet")).stem
+    other_kb = known_scopes(built_lake, "saltmarsh", "knowledge_base")[0]
     other = get_context("saltmarsh", other_kb, "HiveScale warranty years refund", k=10)
     assert other and not ({h.chunk_id for h in other} & brambleway_chunks)
 
@@ -90,11 +91,11 @@ def test_an_index_not_built_yet_is_an_error_not_an_empty_list() -> None:
 
 @pytest.mark.slow
 def test_memories_are_searchable_per_user(built_lake: Path) -> None:
-    users = sorted(p.stem for p in (built_lake / "memories" / ORG).glob("*.parquet"))
+    users = known_scopes(built_lake, ORG, "user")
     hits = search_memories(ORG, users[0], "what does this user like", k=3)
     assert 1 <= len(hits) <= 3
     own = set(
-        pl.read_parquet(built_lake / "memories" / ORG / f"{users[0]}.parquet")[
+        read_rows(built_lake, "memories", scope_where("memories", ORG, users[0]))[
             "memory_id"
         ].to_list()
     )
@@ -144,7 +145,7 @@ def test_embeddings_are_incremental_and_a_model_change_re_embeds_all(
     for meta in changed.values():  # every knowledge base re-embedded whole
         assert meta["model_changed"] is True
         assert meta["embedded"] == meta["dagster/row_count"] > 0
-    table = pl.read_parquet(built_lake / "chunk_embeddings" / ORG / f"{KB}.parquet")
+    table = read_rows(built_lake, "chunk_embeddings", scope_where("chunk_embeddings", ORG, KB))
     assert set(table["model"].to_list()) == {"openai:scripted-embed"}
     with pytest.raises(SearchError, match="embedded with"):
         get_context(ORG, KB, "warranty")  # the configured (local) model no longer matches

@@ -22,6 +22,8 @@ from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 from memcity_pipeline.definitions import defs
 from memcity_pipeline.defs.partitions import knowledge_bases
 from memcity_pipeline.defs.rlm import RLMQueryConfig
+from memcity_pipeline.lake.delta import has_rows
+from memcity_pipeline.lake.tables import scope_where, table_scopes
 from memcity_pipeline.rlm.sessions import read_sessions
 from tests.scripted_llm_server import ScriptedLLMServer
 from tests.ui import driver
@@ -98,7 +100,7 @@ class OnePartition:
     run_id: str
     view: dict[str, str]  # partition -> the status filter of the Partitions tab that lists it
     details: dict[str, tuple[str, str]]  # partition -> its status tag and latest run, selected
-    raw_documents: list[str]  # the files of the raw_documents table
+    raw_documents: list[str]  # the partitions (`<org>/<kb>`) the raw_documents table holds
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +126,8 @@ def one_partition(ui: UISession) -> OnePartition:
         raise
     finally:
         tab.close()
-    files = sorted(p.relative_to(ui.lake).as_posix() for p in ui.lake.glob(f"{asset}/*/*"))
-    return OnePartition(outcome, ran["run_id"], view, details, files)
+    written = sorted("/".join(k) for k in table_scopes(ui.lake, asset))
+    return OnePartition(outcome, ran["run_id"], view, details, written)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +186,8 @@ def test_one_knowledge_base_partition_materialized_from_its_asset_page(
     assert one_partition.details[chosen] == ("Materialized", one_partition.run_id)
     for key in set(partitions) - {chosen}:
         assert one_partition.details[key] == ("", ""), key  # no tag, no run
-    # The run wrote that knowledge base's table and no other.
-    assert one_partition.raw_documents == [f"raw_documents/{chosen}.parquet"]
+    # The run wrote that knowledge base's partition of the table and no other.
+    assert one_partition.raw_documents == [chosen]
 
 
 def test_ingest_launched_from_the_ui_fills_the_lake(
@@ -210,12 +212,12 @@ def test_ingest_launched_from_the_ui_fills_the_lake(
             "enriched_chunks",
             "chunk_embeddings",
         ):
-            assert (ui.lake / table / f"{key}.parquet").is_file(), (table, key)
-        assert (ui.lake / "indexes" / "chunks_bm25" / key).is_dir(), key
+            assert has_rows(ui.lake, table, scope_where(table, *key.split("/"))), (table, key)
+        assert (ui.lake / "indexes" / "chunks_bm25" / key / "CURRENT").is_file(), key
     for key in partitions["ingest_users"]:
         for table in ("memories", "conversations", "memory_embeddings"):
-            assert (ui.lake / table / f"{key}.parquet").is_file(), (table, key)
-        assert (ui.lake / "indexes" / "memories_bm25" / key).is_dir(), key
+            assert has_rows(ui.lake, table, scope_where(table, *key.split("/"))), (table, key)
+        assert (ui.lake / "indexes" / "memories_bm25" / key / "CURRENT").is_file(), key
 
     # Each group's list shows every asset of the jobs with all its partitions materialized.
     by_group: dict[str, dict[str, int]] = {}

@@ -1,0 +1,310 @@
+"""The lake's tables on Delta Lake (delta-rs): read a partition's rows, bring them to a wanted
+state with one MERGE, delete a partition, list partitions, and keep tables compact.
+
+Contracts:
+
+- Every registered table (`lake.tables.TABLES`) is one Delta table at `<lake>/<folder>`,
+  partitioned by its `partition_by` columns (org and knowledge base, user or day) and, for the
+  large tables, by `bucket`: a stable hash (crc32) of one column modulo `BUCKETS`, so that a
+  partition's rows lie in up to 32 files and a change rewrites only the files of its buckets.
+  `bucket` is a storage column: reads leave it out, writes compute it.
+- `write_rows(lake, table, where, frame)` makes the rows that match `where` (equalities on the
+  partition columns, and possibly one more column such as `kind`) exactly `frame`. It reads those
+  rows, finds the keys that are new or whose row changed and the keys that left, and commits ONE
+  `MERGE` whose predicate names the partition (so only that partition's files holding changed
+  rows are rewritten, and concurrent writers of other partitions do not conflict). With no
+  difference it commits nothing and returns None; otherwise the table version it committed.
+- A commit that loses a race with a concurrent one (`CommitFailedError`) is retried from the
+  read, with jittered backoff: the wanted state is recomputed against what the other run wrote.
+- Readers see a committed version, never part of a write; a process killed during a write leaves
+  at most data files no version references (removed by `maintain`'s vacuum).
+- Reads return the table's columns in schema order, cast to its schema, sorted by its
+  `order_by`; a table or partition with no rows is an empty frame of the schema.
+"""
+
+import logging
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from memcity_pipeline.lake.location import Lake
+from memcity_pipeline.lake.tables import BUCKET, BUCKETS, Table, Where, table
+
+log = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 12
+_DELETE = "_memcity_delete"
+
+
+def _lake(lake: "Lake | str | Any") -> Lake:
+    return Lake.of(lake)
+
+
+def open_table(lake: Lake | str, name: str) -> DeltaTable | None:
+    """The Delta table of `name`, or None when it was never written."""
+    lake = _lake(lake)
+    try:
+        return DeltaTable(table(name).uri(lake), storage_options=lake.storage_options())
+    except TableNotFoundError:
+        return None
+
+
+def table_version(lake: Lake | str, name: str) -> int | None:
+    """The current version of table `name` (None when it does not exist)."""
+    dt = open_table(lake, name)
+    return None if dt is None else dt.version()
+
+
+def _ensure_table(lake: Lake, t: Table) -> DeltaTable:
+    dt = open_table(lake, t.name)
+    if dt is not None:
+        return dt
+    return DeltaTable.create(
+        t.uri(lake),
+        t.storage_schema,
+        mode="ignore",
+        partition_by=t.storage_partitions,
+        name=t.name,
+        storage_options=lake.storage_options(),
+    )
+
+
+def _literal(value: str | None) -> str:
+    if value is None:
+        return "NULL"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sql_where(where: Where, alias: str = "") -> str:
+    prefix = f"{alias}." if alias else ""
+    parts = [
+        f"({prefix}`{col}` IS NULL)" if val is None else f"({prefix}`{col}` = {_literal(val)})"
+        for col, val in where.items()
+    ]
+    return " AND ".join(parts) or "TRUE"
+
+
+def _polars_where(where: Where) -> pl.Expr:
+    expr = pl.lit(True)
+    for col, val in where.items():
+        expr = expr & (pl.col(col).is_null() if val is None else pl.col(col) == val)
+    return expr
+
+
+def empty_frame(name: str) -> pl.DataFrame:
+    """An empty frame of table `name`'s schema."""
+    return pl.from_arrow(table(name).schema.empty_table())  # type: ignore[return-value]
+
+
+def _conform(t: Table, frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` with exactly the table's columns, in order, cast to its schema."""
+    missing = [c for c in t.schema.names if c not in frame.columns]
+    if missing:
+        frame = frame.with_columns(pl.lit(None).alias(c) for c in missing)
+    arrow = frame.select(t.schema.names).to_arrow().cast(t.schema)
+    return pl.from_arrow(arrow)  # type: ignore[return-value]
+
+
+def _with_bucket(t: Table, frame: pl.DataFrame) -> pl.DataFrame:
+    """`frame` (conformed) with the storage column `bucket` of a bucketed table."""
+    if not t.bucket_by:
+        return frame
+    buckets = [zlib.crc32(v.encode()) % BUCKETS for v in frame[t.bucket_by].fill_null("")]
+    return frame.with_columns(pl.Series(BUCKET, buckets, pl.Int32))
+
+
+def _read(dt: DeltaTable | None, t: Table, where: Where, columns: list[str] | None) -> pl.DataFrame:
+    if dt is None:
+        frame = empty_frame(t.name)
+        return frame.select(columns) if columns else frame
+    filters = [(c, "=", v) for c, v in where.items() if c in t.partition_by and v is not None]
+    arrow = dt.to_pyarrow_table(filters=filters or None)
+    frame = _conform(t, pl.from_arrow(arrow))  # type: ignore[arg-type]
+    frame = frame.filter(_polars_where(where))
+    order = [c for c in t.order_by if c in frame.columns]
+    if order:
+        frame = frame.sort(order, nulls_last=True, maintain_order=True)
+    return frame.select(columns) if columns else frame
+
+
+def read_rows(
+    lake: Lake | str, name: str, where: Where | None = None, columns: list[str] | None = None
+) -> pl.DataFrame:
+    """The rows of table `name` that match `where` (all rows without it)."""
+    t = table(name)
+    return _read(open_table(lake, name), t, where or {}, columns)
+
+
+def has_rows(lake: Lake | str, name: str, where: Where) -> bool:
+    """Whether table `name` holds any row matching `where` (from the log: no data file read
+    when `where` names only partition columns)."""
+    t = table(name)
+    if set(where) <= set(t.partition_by):
+        return any(_matches(p, where) for p in partitions(lake, name))
+    return read_rows(lake, name, where, columns=list(t.key[:1])).height > 0
+
+
+def _matches(partition: Mapping[str, str | None], where: Where) -> bool:
+    return all(partition.get(c) == v for c, v in where.items())
+
+
+def partitions(lake: Lake | str, name: str) -> list[dict[str, str | None]]:
+    """The partitions (partition column -> value) that hold files of table `name`."""
+    t = table(name)
+    dt = open_table(lake, name)
+    if dt is None:
+        return []
+    actions = pl.from_arrow(pa.table(dt.get_add_actions(flatten=True)))
+    cols = [f"partition.{c}" for c in t.partition_by]
+    if actions.height == 0:  # type: ignore[union-attr]
+        return []
+    rows = actions.select(cols).unique().sort(cols, nulls_last=True)  # type: ignore[union-attr]
+    return [{c: r[f"partition.{c}"] for c in t.partition_by} for r in rows.iter_rows(named=True)]
+
+
+def _changes(t: Table, old: pl.DataFrame, new: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows of `new` to upsert: new keys or changed rows, keys of `old` no longer in `new`)."""
+    keys = list(t.key)
+    hashed_old = old.with_columns(_h=old.hash_rows(seed=7))
+    hashed_new = new.with_columns(_h=new.hash_rows(seed=7))
+    upserts = hashed_new.join(
+        hashed_old.select([*keys, "_h"]), on=[*keys, "_h"], how="anti", nulls_equal=True
+    ).drop("_h")
+    gone = old.select(keys).join(new.select(keys), on=keys, how="anti", nulls_equal=True)
+    return upserts, gone
+
+
+def write_rows(lake: Lake | str, name: str, where: Where, frame: pl.DataFrame) -> int | None:
+    """Make the rows of `name` matching `where` exactly `frame` (one MERGE inside the partition);
+    the version committed, or None when nothing differed (nothing is committed then)."""
+    lake, t = _lake(lake), table(name)
+    wanted = _conform(t, frame).filter(_polars_where(where))
+    if wanted.height != frame.height:
+        raise ValueError(f"{name}: rows given outside {dict(where)}")
+    wanted = wanted.unique(subset=list(t.key), keep="last", maintain_order=True)
+    for attempt in Retrying(
+        retry=retry_if_exception_type(CommitFailedError),
+        stop=stop_after_attempt(COMMIT_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        reraise=True,
+        before_sleep=lambda s: log.info("%s: concurrent commit, retrying (%s)", name, s.outcome),
+    ):
+        with attempt:
+            return _merge(lake, t, where, wanted)
+    return None  # pragma: no cover (Retrying re-raises)
+
+
+def _merge(lake: Lake, t: Table, where: Where, wanted: pl.DataFrame) -> int | None:
+    dt = open_table(lake, t.name)
+    old = _read(dt, t, where, None)
+    upserts, gone = _changes(t, old, wanted)
+    if upserts.height == 0 and gone.height == 0:
+        return None
+    if dt is None:
+        dt = _ensure_table(lake, t)
+    source = pl.concat(
+        [
+            upserts.with_columns(pl.lit(False).alias(_DELETE)),
+            _conform(t, gone).with_columns(pl.lit(True).alias(_DELETE)),
+        ]
+    )
+    source = _with_bucket(t, source).to_arrow()
+    # parenthesised: the SQL parser binds `IS NOT DISTINCT FROM` looser than `AND`
+    on = " AND ".join(f"(t.`{k}` IS NOT DISTINCT FROM s.`{k}`)" for k in t.key)
+    if t.bucket_by:  # lets delta-rs skip the files of other buckets
+        on += f" AND t.`{BUCKET}` = s.`{BUCKET}`"
+    columns = {c: f"s.`{c}`" for c in t.storage_schema.names}
+    (
+        dt.merge(
+            source,
+            predicate=f"{_sql_where(where, 't')} AND {on}",
+            source_alias="s",
+            target_alias="t",
+        )
+        .when_matched_delete(predicate=f"s.`{_DELETE}`")
+        .when_matched_update(updates=columns)
+        .when_not_matched_insert(updates=columns, predicate=f"NOT s.`{_DELETE}`")
+        .execute()
+    )
+    return dt.version()
+
+
+def delete_rows(lake: Lake | str, name: str, where: Where) -> int | None:
+    """Delete the rows of `name` matching `where`; the version committed, or None when there
+    were none (nothing committed)."""
+    lake, t = _lake(lake), table(name)
+    if not has_rows(lake, name, where):
+        return None
+    for attempt in Retrying(
+        retry=retry_if_exception_type(CommitFailedError),
+        stop=stop_after_attempt(COMMIT_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        reraise=True,
+    ):
+        with attempt:
+            dt = open_table(lake, t.name)
+            assert dt is not None
+            dt.delete(_sql_where(where))
+            return dt.version()
+    return None  # pragma: no cover
+
+
+def append_rows(lake: Lake | str, name: str, frame: pl.DataFrame) -> int:
+    """Append `frame` to table `name` (appends never conflict with one another)."""
+    from deltalake import write_deltalake
+
+    lake, t = _lake(lake), table(name)
+    _ensure_table(lake, t)
+    for attempt in Retrying(
+        retry=retry_if_exception_type(CommitFailedError),
+        stop=stop_after_attempt(COMMIT_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        reraise=True,
+    ):
+        with attempt:
+            write_deltalake(
+                t.uri(lake),
+                _with_bucket(t, _conform(t, frame)).to_arrow(),
+                mode="append",
+                partition_by=t.storage_partitions,
+                storage_options=lake.storage_options(),
+            )
+    version = table_version(lake, name)
+    assert version is not None
+    return version
+
+
+def table_versions(lake: Lake | str, names: Iterable[str]) -> dict[str, int | None]:
+    """The current version of each of `names` (None for a table never written)."""
+    return {n: table_version(lake, n) for n in names}
+
+
+def maintain(lake: Lake | str, name: str, retention_hours: float) -> dict[str, Any]:
+    """Compact table `name`'s small files and vacuum files older than `retention_hours` that no
+    kept version references; what was done."""
+    dt = open_table(lake, name)
+    if dt is None:
+        return {"table": name, "exists": False}
+    compacted = dt.optimize.compact()
+    removed = dt.vacuum(
+        retention_hours=int(retention_hours), dry_run=False, enforce_retention_duration=False
+    )
+    dt.cleanup_metadata()
+    return {
+        "table": name,
+        "version": dt.version(),
+        "files_added": compacted.get("numFilesAdded", 0),
+        "files_removed": compacted.get("numFilesRemoved", 0),
+        "vacuumed_files": len(removed),
+    }
