@@ -47,6 +47,17 @@ COMMIT_ATTEMPTS = 12
 _DELETE = "_memcity_delete"
 
 
+def _commit_retries(name: str) -> Retrying:
+    """The retries of a commit to table `name` that lost a race with a concurrent one."""
+    return Retrying(
+        retry=retry_if_exception_type(CommitFailedError),
+        stop=stop_after_attempt(COMMIT_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        reraise=True,
+        before_sleep=lambda s: log.info("%s: concurrent commit, retrying (%s)", name, s.outcome),
+    )
+
+
 def _lake(lake: "Lake | str | Any") -> Lake:
     return Lake.of(lake)
 
@@ -193,13 +204,7 @@ def write_rows(lake: Lake | str, name: str, where: Where, frame: pl.DataFrame) -
     if wanted.height != frame.height:
         raise ValueError(f"{name}: rows given outside {dict(where)}")
     wanted = wanted.unique(subset=list(t.key), keep="last", maintain_order=True)
-    for attempt in Retrying(
-        retry=retry_if_exception_type(CommitFailedError),
-        stop=stop_after_attempt(COMMIT_ATTEMPTS),
-        wait=wait_random_exponential(multiplier=0.05, max=2.0),
-        reraise=True,
-        before_sleep=lambda s: log.info("%s: concurrent commit, retrying (%s)", name, s.outcome),
-    ):
+    for attempt in _commit_retries(name):
         with attempt:
             return _merge(lake, t, where, wanted)
     return None  # pragma: no cover (Retrying re-raises)
@@ -246,12 +251,7 @@ def delete_rows(lake: Lake | str, name: str, where: Where) -> int | None:
     lake, t = _lake(lake), table(name)
     if not has_rows(lake, name, where):
         return None
-    for attempt in Retrying(
-        retry=retry_if_exception_type(CommitFailedError),
-        stop=stop_after_attempt(COMMIT_ATTEMPTS),
-        wait=wait_random_exponential(multiplier=0.05, max=2.0),
-        reraise=True,
-    ):
+    for attempt in _commit_retries(name):
         with attempt:
             dt = open_table(lake, t.name)
             assert dt is not None
@@ -266,12 +266,7 @@ def append_rows(lake: Lake | str, name: str, frame: pl.DataFrame) -> int:
 
     lake, t = _lake(lake), table(name)
     _ensure_table(lake, t)
-    for attempt in Retrying(
-        retry=retry_if_exception_type(CommitFailedError),
-        stop=stop_after_attempt(COMMIT_ATTEMPTS),
-        wait=wait_random_exponential(multiplier=0.05, max=2.0),
-        reraise=True,
-    ):
+    for attempt in _commit_retries(name):
         with attempt:
             write_deltalake(
                 t.uri(lake),
