@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-# Characters of JSON around values: quotes, `": "`, `, ` and brackets, counted generously.
+# The longest JSON text of a scalar of each type (an int64, a float in exponent form, ...).
 _SCALAR_CHARS = {"integer": 12, "number": 24, "boolean": 5, "null": 4}
 
 
