@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # python_docs_corpus
 
 from memcity_pipeline.cli.ingest import ingest
 from memcity_pipeline.cli.runner import copy_sample_corpus, sample_corpus_dir
-from memcity_pipeline.search.fusion import vector_top_k
+from memcity_pipeline.search.fusion import RRF_K, WEIGHTS, rrf_fuse
 from memcity_pipeline.search.retrieval import _load
 from memcity_pipeline.settings import get_settings
 
@@ -80,7 +81,7 @@ def evaluate(mode: str, home: Path) -> dict[str, dict[str, float]]:
         index = loaded.index
         bm25 = [i for i, _ in index.bm25.query(q["question"], 10)]
         qv = embedder.embed([q["question"]])[0]
-        vec = [index.ids[p] for p, _ in vector_top_k(index.vectors, qv, 10)]
+        vec = [index.ids[p] for p, _ in index.nearest(qv, 10)]
         hyb = [h.id for h in index.search(q["question"], k=10, query_vector=qv)]
         for name, ranked in (("bm25", bm25), ("vector", vec), ("hybrid", hyb)):
             results[name].append(_first_relevant(ranked, relevant))
@@ -135,9 +136,94 @@ def _page_scores(rankings: list[tuple[list[str], set[str]]]) -> dict[str, float]
     return {"recall@5": r5 / n, "recall@10": r10 / n, "mrr": mrr / n, "ndcg@10": ndcg / n}
 
 
-def evaluate_python_docs(mode: str, home: Path) -> dict[str, dict[str, float]]:
-    """Page-level scores of BM25, vectors and the hybrid on the Python docs development set."""
+def _percentiles(seconds: list[float]) -> str:
+    ordered = sorted(seconds)
+    p50 = ordered[len(ordered) // 2]
+    p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+    return f"p50 {p50 * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms"
+
+
+def _step_seconds(home: Path) -> dict[str, float]:
+    """Seconds per asset step over the runs of the home's instance (all partitions summed)."""
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = str(home / "dagster_home")
+    totals: dict[str, float] = {}
+    with dg.DagsterInstance.get() as instance:
+        for run in instance.get_runs():
+            for stat in instance.get_run_step_stats(run.run_id):
+                if stat.start_time and stat.end_time:
+                    step = stat.step_key.split("[")[0]
+                    totals[step] = totals.get(step, 0.0) + stat.end_time - stat.start_time
+    return totals
+
+
+CANDIDATES = 50  # per retriever, as `get_context` fuses
+
+
+def _fused(ranked: dict[str, list[str]], k: int, weights: dict[str, float]) -> list[str]:
+    top = {name: ids[:CANDIDATES] for name, ids in ranked.items()}
+    return [h.id for h in rrf_fuse(top, k=k, weights=weights)]
+
+
+def _tune(
+    questions: list[dict], lists: list[dict[str, list[str]]], rows: dict, targets: list[set[str]]
+) -> None:
+    """Weighted RRF over a grid, chosen on the even-numbered questions and checked on the odd."""
+    tune = [i for i in range(len(questions)) if i % 2 == 0]
+    held = [i for i in range(len(questions)) if i % 2 == 1]
+
+    def score(which: list[int], k: int, w: float) -> dict[str, float]:
+        weights = {"bm25": 1.0, "vector": w}
+        return _page_scores(
+            [(_page_ranking(_fused(lists[i], k, weights), rows), targets[i]) for i in which]
+        )
+
+    grid = [(k, w) for k in (5, 10, 20, 40, 60) for w in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)]
+    results = {(k, w): score(tune, k, w) for k, w in grid}
+    best = max(grid, key=lambda kw: (results[kw]["mrr"] + results[kw]["recall@10"], -kw[0]))
+    print("\n  weighted RRF on the tuning half (even-numbered questions): MRR / recall@10")
+    print("  " + " " * 8 + "".join(f"{f'vector x{w}':>16}" for w in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)))
+    for k in (5, 10, 20, 40, 60):
+        cells = "".join(
+            f"{results[(k, w)]['mrr']:>9.3f}/{results[(k, w)]['recall@10']:.3f}"
+            for w in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+        )
+        print(f"  k={k:<5}{cells}")
+    chosen, current = score(held, *best), score(held, RRF_K, WEIGHTS["vector"])
+    print(f"  best on the tuning half: k={best[0]}, vector weight {best[1]} (BM25 1)")
+    print(
+        f"  held-out half (odd-numbered): best MRR {chosen['mrr']:.3f} r@10 "
+        f"{chosen['recall@10']:.3f}; the configured k={RRF_K}, weights {WEIGHTS}: MRR "
+        f"{current['mrr']:.3f} r@10 {current['recall@10']:.3f}"
+    )
+
+
+def _cold_start(settings_home: Path, calls: int = 10) -> list[float]:
+    """Wall seconds of `memcity search` from a fresh process, `calls` times."""
+    import python_docs_corpus as corpus
+
+    memcity = Path(sys.executable).parent / "memcity"
+    cmd = [str(memcity)] if memcity.exists() else [sys.executable, "-m", "memcity_pipeline.cli"]
+    env = {**os.environ, "MEMCITY_HOME": str(settings_home)}
+    out = []
+    for i in range(calls):
+        started = time.perf_counter()
+        subprocess.run(
+            [*cmd, "search", "--org", corpus.ORG, "--kb", corpus.KB, "--json",
+             f"how do I read a file line by line {i}"],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def evaluate_python_docs(mode: str, home: Path, tune: bool) -> dict[str, dict[str, float]]:
+    """Page-level scores of BM25, vectors and the hybrid on the Python docs development set,
+    with the ingest's time, search latencies and (with `tune`) the fusion's weight grid."""
     import python_docs_corpus as corpus  # bench/python_docs_corpus.py, beside this script
+
+    from memcity_pipeline.api import get_context
 
     os.environ["MEMCITY_HOME"] = str(home)
     os.environ["MEMCITY_ENRICHMENT"] = mode
@@ -150,37 +236,61 @@ def evaluate_python_docs(mode: str, home: Path) -> dict[str, dict[str, float]]:
     if not outcome.success:
         failed = [f"{p.partition.key}: {p.failure}" for p in outcome.partitions if not p.success]
         raise SystemExit(f"ingestion failed ({mode}): {'; '.join(failed)}")
-    ran = "up to date" if not outcome.partitions else f"{time.perf_counter() - started:.0f} s"
-    print(f"  {pages} pages, {len(questions)} questions; ingest ({mode}): {ran}", flush=True)
+    wall = time.perf_counter() - started
+    print(f"  {pages} pages, {len(questions)} questions", flush=True)
+    if outcome.partitions:
+        steps = _step_seconds(home)
+        embed = steps.get("chunk_embeddings", 0.0)
+        print(
+            f"  ingest ({mode}, chunks of {settings.chunk_tokens} tokens): {wall:.0f} s wall; "
+            f"chunk_embeddings {embed:.0f} s ({embed / wall:.0%} of the wall time); steps: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in sorted(steps.items(), key=lambda x: -x[1])),
+            flush=True,
+        )
+    else:
+        print(f"  ingest ({mode}): up to date", flush=True)
 
     from memcity_pipeline.settings import build_resources
 
     embedder = build_resources(settings)["embeddings"].get_embedder()
     loaded = _load(settings.lake, "chunks", corpus.ORG, corpus.KB, embedder, _rows)
     index, depth = loaded.index, 100  # chunks fetched to fill 10 pages
+    vectors = int(index.vectors.shape[0])
+    print(f"  {len(index)} chunks, {vectors} vectors ({vectors / len(index):.2f} per chunk)")
     rankings: dict[str, list[tuple[list[str], set[str]]]] = {"bm25": [], "vector": [], "hybrid": []}
-    latencies = []
+    if settings.rerank == "llm":
+        rankings["hybrid+llm"] = []
+    lists, targets, without, with_embedding = [], [], [], []
     for q in questions:
-        targets = {corpus.source_path(t) for t in q["targets"]}
+        wanted = {corpus.source_path(t) for t in q["targets"]}
         qv = embedder.embed([q["question"]])[0]
         started = time.perf_counter()
         hybrid = [
-            h.id for h in index.search(q["question"], k=depth, candidates=depth, query_vector=qv)
+            h.id
+            for h in index.search(q["question"], k=depth, candidates=CANDIDATES, query_vector=qv)
         ]
-        latencies.append(time.perf_counter() - started)
+        without.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        get_context(corpus.ORG, corpus.KB, q["question"], 10, settings=settings)
+        with_embedding.append(time.perf_counter() - started)
         ranked = {
             "bm25": [i for i, _ in index.bm25.query(q["question"], depth)],
-            "vector": [index.ids[p] for p, _ in vector_top_k(index.vectors, qv, depth)],
-            "hybrid": hybrid,
+            "vector": [index.ids[p] for p, _ in index.nearest(qv, depth)],
         }
+        lists.append(ranked)
+        targets.append(wanted)
+        ranked = {**ranked, "hybrid": hybrid}
+        if settings.rerank == "llm":
+            reranked = get_context(corpus.ORG, corpus.KB, q["question"], 10, settings=settings)
+            ranked["hybrid+llm"] = [h.chunk_id for h in reranked]
         for name, chunk_ids in ranked.items():
-            rankings[name].append((_page_ranking(chunk_ids, loaded.rows), targets))
-    latencies.sort()
-    print(
-        f"  {len(index)} chunks; hybrid search without the query embedding: p50 "
-        f"{latencies[len(latencies) // 2] * 1000:.1f} ms",
-        flush=True,
-    )
+            rankings[name].append((_page_ranking(chunk_ids, loaded.rows), wanted))
+    print(f"  hybrid search, warm, without the query embedding: {_percentiles(without)}")
+    print(f"  get_context, warm, with the query embedding:      {_percentiles(with_embedding)}")
+    cold = _cold_start(home)
+    print(f"  `memcity search` from a cold start (10 calls):     {_percentiles(cold)}")
+    if tune:
+        _tune(questions, lists, loaded.rows, targets)
     return {name: _page_scores(r) for name, r in rankings.items()}
 
 
@@ -191,6 +301,9 @@ def main() -> None:
     parser.add_argument("--corpus", choices=["sample", "python-docs"], default="sample")
     parser.add_argument("--modes", default=None, help="enrichment modes (default: off,llm; off)")
     parser.add_argument("--home", type=Path, default=None, help="keep the lakes here")
+    parser.add_argument(
+        "--tune", action="store_true", help="python-docs: print the fusion's weight grid"
+    )
     args = parser.parse_args()
     docs = args.corpus == "python-docs"
     if docs:
@@ -207,13 +320,15 @@ def main() -> None:
     table = []
     for mode in modes:
         home = base / (f"python-docs-{mode}" if docs else f"enrichment-{mode}")
-        scores = (evaluate_python_docs if docs else evaluate)(mode, home)
+        scores = evaluate_python_docs(mode, home, args.tune) if docs else evaluate(mode, home)
         for retriever, s in scores.items():
             table.append((mode, retriever, s))
     metrics = ["recall@5", "recall@10", "mrr", *(["ndcg@10"] if docs else [])]
-    print(f"\n{'enrichment':<11}{'retriever':<10}" + "".join(f"{m:>11}" for m in metrics))
+    print(f"\n{'enrichment':<11}{'retriever':<11}" + "".join(f"{m:>11}" for m in metrics))
     for mode, retriever, s in table:
-        print(f"{mode:<11}{retriever:<10}" + "".join(f"{s[m]:>11.3f}" for m in metrics))
+        print(f"{mode:<11}{retriever:<11}" + "".join(f"{s[m]:>11.3f}" for m in metrics))
+    if docs:
+        print("goals (enrichment off, hybrid): recall@10 >= 0.93, MRR >= 0.75")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from memcity_pipeline.search.retrieval import (
     MemoryHit,
     SearchError,
     llm_reranker,
+    set_index_cache_limit,
 )
 from memcity_pipeline.search.retrieval import get_context as _get_context
 from memcity_pipeline.search.retrieval import search_memories as _search_memories
@@ -46,12 +47,15 @@ def get_context(
     query: str,
     k: int = 10,
     *,
+    per_document: bool = False,
     settings: Settings | None = None,
 ) -> list[ContextHit]:
     """The `k` chunks of a knowledge base that best answer `query` (BM25 + vectors, fused;
-    reranked by the LLM when `MEMCITY_RERANK=llm`). Raises `SearchError` for an unknown org or
-    knowledge base, or an index that is not built yet."""
+    reranked by the LLM when `MEMCITY_RERANK=llm`); with `per_document`, the best chunk of each
+    of the `k` best documents. Raises `SearchError` for an unknown org or knowledge base, or an
+    index that is not built yet."""
     s = settings or load_settings()
+    set_index_cache_limit(s.search_cache_mb << 20)
     llm = build_resources(s)["llm"] if s.rerank == "llm" else None
     try:
         return _get_context(
@@ -62,6 +66,7 @@ def get_context(
             k,
             embedder=build_embedder(s),
             reranker=llm_reranker(llm.get_client()) if llm is not None else None,
+            per_document=per_document,
         )
     finally:
         if llm is not None:
@@ -73,6 +78,7 @@ def search_memories(
 ) -> list[MemoryHit]:
     """The `k` memories of a user that best match `query`."""
     s = settings or load_settings()
+    set_index_cache_limit(s.search_cache_mb << 20)
     return _search_memories(
         s.lake,
         org_id,

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         "on sentence-transformers) or `openai:<model>`.",
     )
     rerank: Literal["off", "llm"] = "off"
+    search_cache_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Memory for the search indexes one process keeps loaded, in MiB.",
+    )
 
     # Sandboxes
     sandbox: Literal["local", "daytona"] = "local"

@@ -205,17 +205,23 @@ def search(
     kb: Annotated[str | None, typer.Option("--kb", help="Knowledge base id.")] = None,
     user: Annotated[str | None, typer.Option("--user", help="Search this user's memories.")] = None,
     k: Annotated[int, typer.Option("--k", min=1, max=100, help="How many results.")] = 10,
+    per_document: Annotated[
+        bool,
+        typer.Option("--per-document", help="The best chunk of each of the k best documents."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Hybrid search (BM25 + vectors) over a knowledge base (--kb) or a user's memories (--user)."""
-    from memcity_pipeline.api import SearchError, get_context, search_memories
+    from memcity_pipeline.api import ContextHit, SearchError, get_context, search_memories
 
     if (kb is None) == (user is None):
         raise CommandError("give exactly one of --kb or --user", 2)
+    if per_document and kb is None:
+        raise CommandError("--per-document applies to a knowledge base (--kb)", 2)
     settings = command_settings(ctx)
     try:
         hits = (
-            get_context(org, kb, query, k, settings=settings)
+            get_context(org, kb, query, k, per_document=per_document, settings=settings)
             if kb is not None
             else search_memories(org, user or "", query, k, settings=settings)
         )
@@ -231,7 +237,11 @@ def search(
     table.add_column("where")
     table.add_column("text")
     for i, h in enumerate(hits, start=1):
-        where = f"{h.title} › {h.section or ''}" if hasattr(h, "title") else str(h.created_at)
+        where = (
+            (h.header or f"{h.title} › {h.section or ''}")
+            if isinstance(h, ContextHit)
+            else str(h.created_at)
+        )
         text = getattr(h, "resolved_text", None) or h.text
         table.add_row(
             str(i), f"{h.score:.4f}", ", ".join(h.retrievers), where, " ".join(text.split())[:200]

@@ -58,13 +58,16 @@ def _refresh_vectors(
     texts: list[str],
     embedder: Embedder,
     items: str,
+    leads: list[str] | None = None,
 ) -> EmbedStats:
     """Bring one scope's partition of the embeddings `table` in step with `texts`; commit only
     when something changed. A model change re-embeds everything, with a warning."""
     where = scope_where(table, *scope)
     old = read_rows(lake, table, where)
     progress = step_progress(context, *scope, items)
-    frame, stats = sync_embeddings(*scope, ids, texts, old, embedder, progress=progress)
+    frame, stats = sync_embeddings(
+        *scope, ids, texts, old, embedder, progress=progress, leads=leads
+    )
     if stats.model_changed_from:
         context.log.warning(
             f"{scope[0]}/{scope[1]}: embeddings model changed from {stats.model_changed_from} "
@@ -86,16 +89,18 @@ def _refresh_vectors(
         dg.AssetCheckSpec(
             "every_chunk_embedded",
             asset="chunk_embeddings",
-            description="Every enriched chunk has exactly one vector.",
+            description="Every enriched chunk has its vectors, and nothing else has.",
         )
     ],
 )
 def chunk_embeddings(
     context: dg.AssetExecutionContext, lake: LakeResource, embeddings: EmbeddingsResource
 ) -> dg.MaterializeResult:
-    """One vector per chunk, per knowledge base, of the enriched text (summary, key terms and
-    resolved text; the original text where enrichment is off or failed), with the model name and
-    dimension. Only new or changed chunks are embedded again; a model change re-embeds everything.
+    """The vectors of each chunk, per knowledge base, of its indexed text (header, then summary,
+    key terms and resolved text; the original text where enrichment is off or failed), with the
+    model name and dimension. A text longer than the model's window gets one vector per window
+    (each headed by the chunk's header), so no part of it goes unembedded. Only new or changed
+    chunks are embedded again; a model change re-embeds everything.
     """
     embedder = embeddings.get_embedder()
     totals = {"chunks": 0, "embedded": 0, "reused": 0}
@@ -117,6 +122,7 @@ def chunk_embeddings(
             index_texts(rows),
             embedder,
             "chunks",
+            leads=rows["header"].fill_null("").to_list(),
         )
         if stats.model_changed_from:
             changed_models.add(stats.model_changed_from)

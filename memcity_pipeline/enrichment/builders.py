@@ -18,7 +18,12 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from memcity_pipeline.enrichment.chunking import Section, chunk_document, heading_sections
+from memcity_pipeline.enrichment.chunking import (
+    CHUNKING_VERSION,
+    Section,
+    chunk_document,
+    heading_sections,
+)
 from memcity_pipeline.enrichment.enrich import ChunkEnrichment
 from memcity_pipeline.enrichment.structure import DocumentStructure, EntityOut, headings_structure
 from memcity_pipeline.lake.reconcile import plan_rows
@@ -199,7 +204,7 @@ def build_chunks(
         r["document_id"]: sections_of(r)
         for r in structure.select("document_id", "sections").iter_rows(named=True)
     }
-    budget = f"{max_tokens}/{overlap_tokens}"
+    budget = f"{max_tokens}/{overlap_tokens}/{CHUNKING_VERSION}"
     # What a document's chunks are made from: its text, its sections and the budget.
     wanted = docs.with_columns(
         pl.Series(
@@ -241,6 +246,7 @@ def build_chunks(
                     "end": c.end,
                     "text": c.text,
                     "token_count": c.token_count,
+                    "header": c.header,
                     "source_key": doc["source_key"],
                 }
             )
@@ -294,9 +300,9 @@ def build_enriched_chunks(
         fingerprint="context_key",
         reusable=pl.col("enrichment_status").is_in(["enriched", "off"]),
     )
-    # A kept row takes the chunk's current position.
-    reused = plan.reuse.drop("ordinal").join(
-        chunks.select("chunk_id", "ordinal"), on="chunk_id", how="left"
+    # A kept row takes the chunk's current position and header (not inputs of the LLM).
+    reused = plan.reuse.drop("ordinal", "header").join(
+        chunks.select("chunk_id", "ordinal", "header"), on="chunk_id", how="left"
     )
     stats.reused, stats.dropped = reused.height, plan.dropped
     jobs = [
@@ -323,7 +329,8 @@ def build_enriched_chunks(
         return [
             {
                 **{k: r[k] for k in ("org_id", "knowledge_base_id", "document_id", "chunk_id")},
-                **{k: r[k] for k in ("ordinal", "section_title", "start", "end", "text")},
+                **{k: r[k] for k in ("ordinal", "section_title", "header", "start", "end")},
+                "text": r["text"],
                 "resolved_text": o.resolved_text,
                 "key_terms": o.key_terms,
                 "summary": o.summary,

@@ -44,7 +44,11 @@ class Section:
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of a document that fits the token budget; `text == document[start:end]`."""
+    """A piece of a document that fits the token budget; `text == document[start:end]`.
+
+    `header` says where the chunk sits (document title, then the headings enclosing it); the
+    budget counts it, so `header` + blank line + `text` fits `max_tokens`.
+    """
 
     ordinal: int
     start: int
@@ -52,6 +56,7 @@ class Chunk:
     text: str
     section_title: str | None
     token_count: int
+    header: str = ""
 
 
 @dataclass
@@ -86,6 +91,60 @@ def _in_ranges(pos: int, ranges: list[tuple[int, int]], starts: list[int]) -> bo
 def _headings(text: str) -> list[tuple[int, str]]:
     """(line start, heading text) of every markdown ATX heading outside fenced code."""
     return [(line, title) for line, _, title in _heading_marks(text)]
+
+
+HEADER_SEPARATOR = " › "
+CHUNKING_VERSION = "2"  # part of a document's chunking fingerprint: a change re-chunks everything
+
+
+def section_paths(text: str, sections: Sequence[Section]) -> list[list[str]]:
+    """For each section, the titles of the markdown headings enclosing its start, outermost first.
+
+    A heading closes every open heading of its level or deeper (`##` closes `##` and `###`). A
+    section whose title is not the innermost heading (a title phase 1 gave) ends with its own title.
+    """
+    marks = _heading_marks(text)
+    levels = [len(text[hash_at:].split(None, 1)[0]) for _, hash_at, _ in marks]
+    paths: list[list[str]] = []
+    stack: list[tuple[int, str]] = []
+    m = 0
+    for sec in sections:
+        while m < len(marks) and marks[m][0] <= sec.start:
+            level = levels[m]
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, marks[m][2]))
+            m += 1
+        path = [title for _, title in stack]
+        if sec.title and (not path or path[-1] != sec.title):
+            path.append(sec.title)
+        paths.append(path)
+    return paths
+
+
+def chunk_header(title: str | None, path: Sequence[str]) -> str:
+    """`Title › Heading › Subheading`: the document title, then the section path, without a
+    heading that repeats the one before it or begins the title."""
+    parts: list[str] = []
+    for part in (title, *path):
+        cleaned = " ".join((part or "").split()).strip(" ¶#")
+        low = cleaned.lower()
+        repeats = parts and (low == parts[-1].lower() or parts[0].lower().startswith(low))
+        if cleaned and not repeats:
+            parts.append(cleaned)
+    return HEADER_SEPARATOR.join(parts)
+
+
+def _fit_header(header: str, budget: int, count: Callable[[str], int]) -> tuple[str, int]:
+    """`header` cut (at its end, by words) to at most `budget` tokens, and its token count."""
+    tokens = count(header) if header else 0
+    if tokens <= budget:
+        return header, tokens
+    words = header.split(" ")
+    while words and count(" ".join(words)) > budget:
+        words.pop()
+    header = " ".join(words)
+    return header, count(header) if header else 0
 
 
 def _heading_marks(text: str) -> list[tuple[int, int, str]]:
@@ -481,8 +540,9 @@ def chunk_document(
     count: Callable[[str], int] = count_tokens,
     max_chars: int | None = None,
     title: str | None = None,
+    headers: bool = True,
 ) -> list[Chunk]:
-    """Split `text` into chunks of at most `max_tokens` tokens (overlap included).
+    """Split `text` into chunks of at most `max_tokens` tokens (overlap and header included).
 
     `sections` (from phase 1) are repaired with `normalise_sections`; with None or [] the
     document's markdown headings make the sections (text before the first one titled `title`).
@@ -490,6 +550,9 @@ def chunk_document(
     a tail of about `overlap_tokens` tokens of the one before. `max_chars` (default 16 characters
     a token) also caps a chunk's length, so that long runs the tokenizer counts as a single
     unknown token (hashes, base64) are still cut.
+
+    With `headers`, each chunk gets a header (`chunk_header`: title and section path), at most a
+    quarter of the budget, whose tokens (and the blank line after it) the budget counts.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -509,10 +572,18 @@ def chunk_document(
     heading_at = {pos for _, pos, _ in _heading_marks(text)}
     many = _batch_counter(count)
     additive = _is_additive(count)
+    paths = section_paths(text, secs) if headers else [[] for _ in secs]
     chunks: list[Chunk] = []
-    for sec in secs:
-        pieces = _pieces(text, sec.start, sec.end, heading_at, max_tokens, max_chars, count, many)
-        packed = _pack(text, pieces, max_tokens, overlap_tokens, max_chars, count, additive)
+    for sec, path in zip(secs, paths, strict=True):
+        header, used = _fit_header(
+            chunk_header(title, path) if headers else "", max_tokens // 4, count
+        )
+        budget = max_tokens - used
+        overlap = min(overlap_tokens, budget // 2)
+        pieces = _pieces(text, sec.start, sec.end, heading_at, budget, max_chars, count, many)
+        packed = _pack(text, pieces, budget, overlap, max_chars, count, additive)
         for start, end, tokens in packed:
-            chunks.append(Chunk(len(chunks), start, end, text[start:end], sec.title, tokens))
+            chunks.append(
+                Chunk(len(chunks), start, end, text[start:end], sec.title, tokens, header)
+            )
     return chunks

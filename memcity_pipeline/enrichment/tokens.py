@@ -70,6 +70,12 @@ class MiniLMTokenizer:
             return 0
         return len(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """The character span `[start, end)` in `text` of each of its tokens, in order."""
+        if not text:
+            return []
+        return list(self._tok.encode(text, add_special_tokens=False).offsets)
+
     def count_many(self, texts: Sequence[str]) -> list[int]:
         """The token counts of several texts, encoded as one batch."""
         if not texts:

@@ -19,7 +19,10 @@ Contracts:
 - Readers see a committed version, never part of a write; a process killed during a write leaves
   at most data files no version references (removed by `maintain`'s vacuum).
 - Reads return the table's columns in schema order, cast to its schema, sorted by its
-  `order_by`; a table or partition with no rows is an empty frame of the schema.
+  `order_by`; a table or partition with no rows is an empty frame of the schema. A read of some
+  columns fetches only those (and the ones it filters and sorts on) from storage.
+- A column added to a table's schema is added to the stored table by its next write; until
+  then (and for rows written before) it reads as null.
 """
 
 import logging
@@ -29,7 +32,7 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable
+from deltalake import DeltaTable, Field
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from tenacity import (
     Retrying,
@@ -91,6 +94,16 @@ def _ensure_table(lake: Lake, t: Table) -> DeltaTable:
     )
 
 
+def _add_new_columns(dt: DeltaTable, t: Table) -> None:
+    """Add to the stored table the columns its schema gained since it was created (a
+    metadata-only commit; existing rows read them as null)."""
+    stored = set(dt.schema().to_arrow().names)
+    new = [f for f in t.storage_schema if f.name not in stored]
+    if new:
+        dt.alter.add_columns([Field.from_arrow(f) for f in new])
+        log.info("%s: added the columns %s", t.name, ", ".join(f.name for f in new))
+
+
 def _literal(value: str | None) -> str:
     if value is None:
         return "NULL"
@@ -118,12 +131,15 @@ def empty_frame(name: str) -> pl.DataFrame:
     return pl.from_arrow(table(name).schema.empty_table())  # type: ignore[return-value]
 
 
-def _conform(t: Table, frame: pl.DataFrame) -> pl.DataFrame:
-    """`frame` with exactly the table's columns, in order, cast to its schema."""
-    missing = [c for c in t.schema.names if c not in frame.columns]
+def _conform(t: Table, frame: pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
+    """`frame` with exactly the table's columns (or `columns` of them), in order, cast to its
+    schema; a column the stored table lacks (added to the schema since) is null."""
+    names = columns or t.schema.names
+    missing = [c for c in names if c not in frame.columns]
     if missing:
         frame = frame.with_columns(pl.lit(None).alias(c) for c in missing)
-    arrow = frame.select(t.schema.names).to_arrow().cast(t.schema)
+    schema = pa.schema([t.schema.field(c) for c in names])
+    arrow = frame.select(names).to_arrow().cast(schema)
     return pl.from_arrow(arrow)  # type: ignore[return-value]
 
 
@@ -140,10 +156,17 @@ def _read(dt: DeltaTable | None, t: Table, where: Where, columns: list[str] | No
         frame = empty_frame(t.name)
         return frame.select(columns) if columns else frame
     filters = [(c, "=", v) for c, v in where.items() if c in t.partition_by and v is not None]
-    arrow = dt.to_pyarrow_table(filters=filters or None)
-    frame = _conform(t, pl.from_arrow(arrow))  # type: ignore[arg-type]
+    order = [c for c in t.order_by if c in t.schema.names]
+    wanted = None
+    if columns:  # only what is asked, filtered on and sorted by is read from storage
+        wanted = list(dict.fromkeys([*columns, *where, *order]))
+    stored = set(dt.schema().to_arrow().names)
+    arrow = dt.to_pyarrow_table(
+        filters=filters or None,
+        columns=[c for c in wanted if c in stored] if wanted is not None else None,
+    )
+    frame = _conform(t, pl.from_arrow(arrow), wanted)  # type: ignore[arg-type]
     frame = frame.filter(_polars_where(where))
-    order = [c for c in t.order_by if c in frame.columns]
     if order:
         frame = frame.sort(order, nulls_last=True, maintain_order=True)
     return frame.select(columns) if columns else frame
@@ -218,6 +241,7 @@ def _merge(lake: Lake, t: Table, where: Where, wanted: pl.DataFrame) -> int | No
         return None
     if dt is None:
         dt = _ensure_table(lake, t)
+    _add_new_columns(dt, t)
     source = pl.concat(
         [
             upserts.with_columns(pl.lit(False).alias(_DELETE)),
@@ -268,6 +292,7 @@ def append_rows(lake: Lake | str, name: str, frame: pl.DataFrame) -> int:
     _ensure_table(lake, t)
     for attempt in _commit_retries(name):
         with attempt:
+            _add_new_columns(_ensure_table(lake, t), t)
             write_deltalake(
                 t.uri(lake),
                 _with_bucket(t, _conform(t, frame)).to_arrow(),

@@ -172,10 +172,8 @@ CHUNKS = pa.schema(
         ("end", pa.int64()),
         ("text", pa.large_string()),
         ("token_count", pa.int64()),
-        (
-            "source_key",
-            pa.string(),
-        ),  # hash of what the chunks were made from (text, sections, budget)
+        ("source_key", pa.string()),  # hash of what the chunks were made from
+        ("header", pa.string()),  # "Title › Section › Subsection": heads the indexed text
     ]
 )
 
@@ -203,6 +201,7 @@ ENRICHED_CHUNKS = pa.schema(
         ("completion_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
         ("enriched_at", UTC_TS),
+        ("header", pa.string()),  # the chunk's header (chunks.header)
     ]
 )
 

@@ -83,6 +83,14 @@ class BM25Index:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of the index's score arrays (its ids not counted)."""
+        if self._retriever is None:
+            return 0
+        arrays = self._retriever.scores.values()
+        return sum(int(a.nbytes) for a in arrays if isinstance(a, np.ndarray))
+
     @classmethod
     def build(
         cls, ids: Sequence[str], texts: Sequence[str], *, k1: float = 1.5, b: float = 0.75

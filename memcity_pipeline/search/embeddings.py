@@ -3,7 +3,8 @@ OpenAI-compatible endpoint.
 
 Every embedder returns float32 rows of unit length, so a dot product is a cosine similarity.
 `embedder_from_setting` turns the `MEMCITY_EMBEDDINGS` setting (`local`, `local-torch` or
-`openai:<model>`) into an embedder; `embedding_text` is the text that gets indexed for a chunk.
+`openai:<model>`) into an embedder; `embedding_text` is the text that gets indexed for a chunk,
+and `embed_whole` embeds a text longer than the model's window as several vectors.
 Remote requests follow the shared retry policy of `memcity_pipeline.retry`.
 """
 
@@ -71,12 +72,13 @@ class LocalMiniLMEmbedder:
     `backend`: ``onnx`` (the default: ONNX Runtime on the model's export, see
     `memcity_pipeline.search.onnx_minilm`; no torch import) or ``torch`` (sentence-transformers).
     Both give the same vectors (cosine >= 0.999), so the model name is the same and switching
-    does not re-embed. The model loads on first use, once per process. Texts longer than the
-    model's window (256 word pieces) are truncated.
+    does not re-embed. The model loads on first use, once per process. `embed` truncates a text
+    longer than the model's window (`max_tokens` word pieces); `embed_whole` does not.
     """
 
     model_name: str = LOCAL_MODEL_NAME
     dimension: int = LOCAL_DIMENSION
+    max_tokens: int = 254  # the window (256 word pieces) without [CLS] and [SEP]
 
     def __init__(
         self,
@@ -258,14 +260,18 @@ def shared_embedder(setting: str, *, base_url: str | None, api_key: str | None) 
         return _SHARED[key]
 
 
-def embedding_text(text: str, key_terms: Sequence[str] | None, summary: str | None) -> str:
-    """The text embedded and indexed for a chunk: its summary, key terms, then its text.
+def embedding_text(
+    text: str, key_terms: Sequence[str] | None, summary: str | None, header: str | None = None
+) -> str:
+    """The text indexed for a chunk (BM25 and vectors): its header (document title and section
+    path), then its summary and key terms when enriched, then its text.
 
-    `text` is the resolved text from enrichment (or the original text). The summary and key
-    terms come first because a model truncates long inputs at the end (all-MiniLM-L6-v2 reads
-    256 word pieces), and they carry most of the meaning. Key terms are de-duplicated.
+    `text` is the resolved text from enrichment (or the original text). Key terms are
+    de-duplicated. Parts are separated by blank lines; nothing is cut (see `windows`).
     """
     parts: list[str] = []
+    if header and header.strip():
+        parts.append(header.strip())
     if summary and summary.strip():
         parts.append(summary.strip())
     seen: set[str] = set()
@@ -280,3 +286,58 @@ def embedding_text(text: str, key_terms: Sequence[str] | None, summary: str | No
     if text.strip():
         parts.append(text.strip())
     return "\n\n".join(parts)
+
+
+def windows(text: str, lead: str, max_tokens: int) -> list[str]:
+    """`text` as one or more texts of at most `max_tokens` word pieces that together hold all of
+    it: `text` itself when it fits, else consecutive slices of its body (cut between words), each
+    headed by `lead` (the header `text` starts with, repeated so that every slice says where it
+    sits; a lead longer than a quarter of the budget is left out)."""
+    from memcity_pipeline.enrichment.tokens import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    if tokenizer.count(text) <= max_tokens:
+        return [text]
+    body = text
+    lead = lead.strip()
+    if lead and text.startswith(lead):
+        body = text[len(lead) :].lstrip()
+    lead_tokens = tokenizer.count(lead) if lead else 0
+    if lead_tokens > max_tokens // 4:
+        lead, lead_tokens = "", 0
+    room = max_tokens - lead_tokens
+    offsets = tokenizer.offsets(body)
+    out: list[str] = []
+    i = 0
+    while i < len(offsets):
+        j = min(i + room, len(offsets))
+        if j < len(offsets):  # end before a word starts, not inside one
+            k = j
+            while k > i + room // 2 and not body[offsets[k - 1][1] : offsets[k][0]]:
+                k -= 1
+            if k > i + room // 2:
+                j = k
+        piece = body[offsets[i][0] : offsets[j - 1][1]]
+        out.append(f"{lead}\n\n{piece}" if lead else piece)
+        i = j
+    return out
+
+
+def embed_whole(
+    embedder: Embedder,
+    texts: Sequence[str],
+    leads: Sequence[str] | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every text embedded whole: (vectors, parts), where text i owns `parts[i]` consecutive
+    rows of `vectors`. A text longer than the embedder's window (`max_tokens`, when it has one)
+    gets a vector per window (`windows`, each headed by `leads[i]`); a search scores it by its
+    best one."""
+    limit = getattr(embedder, "max_tokens", None)
+    if not limit:
+        vectors = embedder.embed(list(texts), batch_size=batch_size)
+        return vectors, np.ones(len(texts), dtype=np.int64)
+    pieces = [windows(t, leads[i] if leads else "", limit) for i, t in enumerate(texts)]
+    flat = [w for ws in pieces for w in ws]
+    vectors = embedder.embed(flat, batch_size=batch_size)
+    return vectors, np.array([len(ws) for ws in pieces], dtype=np.int64)

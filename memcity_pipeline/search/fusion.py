@@ -1,9 +1,14 @@
-"""Hybrid search: BM25 and vector candidates fused by reciprocal rank fusion (RRF).
+"""Hybrid search: BM25 and vector candidates fused by weighted reciprocal rank fusion (RRF).
 
 `HybridIndex` keeps, for one collection of texts known by string ids, a BM25 index and a matrix
-of unit-length vectors, saves both into one folder and answers queries with fused hits. It knows
-nothing of organisations or documents: callers keep such metadata beside it, keyed by id, and
-restrict a search to some rows with a boolean `mask`.
+of unit-length vectors (one or more per text: a text scores by its best vector), saves both into
+one folder and answers queries with fused hits. It knows nothing of organisations or documents:
+callers keep such metadata beside it, keyed by id, and restrict a search to some rows with a
+boolean `mask`.
+
+The fusion's weights and RRF constant (`WEIGHTS`, `RRF_K`) were chosen on the development set
+of the Python documentation (`bench/retrieval.py --corpus python-docs --tune`): see the README's
+"Search" section for the grid and the figures.
 """
 
 import json
@@ -19,6 +24,7 @@ from memcity_pipeline.search.embeddings import Embedder, l2_normalise
 BM25 = "bm25"
 VECTOR = "vector"
 RRF_K = 60
+WEIGHTS: dict[str, float] = {BM25: 1.0, VECTOR: 1.0}
 FORMAT_VERSION = 1
 
 
@@ -32,21 +38,29 @@ class FusedHit:
     retriever_scores: dict[str, float] = field(default_factory=dict)
 
 
-def rrf_fuse(ranked_lists: Mapping[str, Sequence[str]], k: int = RRF_K) -> list[FusedHit]:
-    """Fuse ranked id lists: score(id) = sum over the lists holding it of 1 / (k + rank).
+def rrf_fuse(
+    ranked_lists: Mapping[str, Sequence[str]],
+    k: int = RRF_K,
+    weights: Mapping[str, float] | None = None,
+) -> list[FusedHit]:
+    """Fuse ranked id lists: score(id) = sum over the lists holding it of w / (k + rank), where
+    w is the list's weight in `weights` (1 for a list it does not name).
 
     Ranks start at 1; an id repeated within one list counts at its first place. Hits come best
     first; equal scores are ordered by their best rank, then by id.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    weights = weights or {}
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"weights must be >= 0, got {dict(weights)}")
     ranks: dict[str, dict[str, int]] = {}
     for name, ids in ranked_lists.items():
         for rank, hit_id in enumerate(ids, start=1):
             found = ranks.setdefault(hit_id, {})
             found.setdefault(name, rank)
     hits = [
-        FusedHit(hit_id, sum(1.0 / (k + r) for r in found.values()), found)
+        FusedHit(hit_id, sum(weights.get(n, 1.0) / (k + r) for n, r in found.items()), found)
         for hit_id, found in ranks.items()
     ]
     hits.sort(key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
@@ -54,11 +68,17 @@ def rrf_fuse(ranked_lists: Mapping[str, Sequence[str]], k: int = RRF_K) -> list[
 
 
 def vector_top_k(
-    matrix: np.ndarray, query: np.ndarray, k: int, *, mask: np.ndarray | None = None
+    matrix: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    *,
+    mask: np.ndarray | None = None,
+    parts: np.ndarray | None = None,
 ) -> list[tuple[int, float]]:
-    """The `k` rows of `matrix` (unit-length rows) closest to `query`: (row, cosine), best first.
-
-    The query is normalised here; `mask` (boolean, one per row) keeps only rows where it is True.
+    """The `k` items closest to `query`: (item, cosine), best first. `matrix` holds unit-length
+    rows; item i owns `parts[i]` consecutive rows (one each without `parts`) and scores by its
+    best one. The query is normalised here; `mask` (boolean, one per item) keeps only the items
+    where it is True.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -71,16 +91,23 @@ def vector_top_k(
     if norm > 0:
         q = q / norm
     scores = matrix @ q
+    if parts is not None and len(parts) != matrix.shape[0]:
+        starts = np.concatenate([[0], np.cumsum(parts)[:-1]])
+        scores = np.maximum.reduceat(scores, starts)
     if mask is not None:
-        if len(mask) != matrix.shape[0]:
-            raise ValueError(f"mask has {len(mask)} entries for {matrix.shape[0]} rows")
+        if len(mask) != scores.shape[0]:
+            raise ValueError(f"mask has {len(mask)} entries for {scores.shape[0]} items")
         scores = np.where(mask, scores, -np.inf)
         k = min(k, int(np.count_nonzero(mask)))
     return [(p, float(scores[p])) for p in top_k_positions(scores, k)]
 
 
 class HybridIndex:
-    """BM25 plus vectors over one collection of texts, searched with RRF."""
+    """BM25 plus vectors over one collection of texts, searched with weighted RRF.
+
+    `parts` (one count per id, summing to the rows of `vectors`) says how many consecutive
+    vectors each text owns; without it, one each.
+    """
 
     def __init__(
         self,
@@ -89,17 +116,33 @@ class HybridIndex:
         vectors: np.ndarray,
         model_name: str,
         embedder: Embedder | None = None,
+        parts: np.ndarray | None = None,
     ) -> None:
-        if len(bm25) != len(ids) or vectors.shape[0] != len(ids):
+        if parts is not None:
+            parts = np.asarray(parts, dtype=np.int64)
+            if len(parts) != len(ids) or int(parts.sum()) != vectors.shape[0] or (parts < 1).any():
+                raise ValueError(
+                    f"{len(ids)} ids own {int(parts.sum())} vectors by `parts`, "
+                    f"the matrix has {vectors.shape[0]}"
+                )
+            if len(parts) == vectors.shape[0]:
+                parts = None  # one vector each
+        if len(bm25) != len(ids) or (parts is None and vectors.shape[0] != len(ids)):
             raise ValueError(
                 f"{len(ids)} ids, {len(bm25)} BM25 rows and {vectors.shape[0]} vectors differ"
             )
         self.ids = list(ids)
         self.bm25 = bm25
         self.vectors = vectors
+        self.parts = parts
         self.model_name = model_name
         self.embedder = embedder
         self._positions = {hit_id: i for i, hit_id in enumerate(self.ids)}
+
+    @property
+    def nbytes(self) -> int:
+        """About how much memory the index holds (vectors and BM25 arrays), in bytes."""
+        return int(self.vectors.nbytes) + self.bm25.nbytes + 100 * len(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,6 +151,12 @@ class HybridIndex:
     def dimension(self) -> int:
         """The vector dimension."""
         return int(self.vectors.shape[1])
+
+    def nearest(
+        self, query_vector: np.ndarray, k: int, *, mask: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
+        """The `k` texts whose best vector is closest to `query_vector`: (position, cosine)."""
+        return vector_top_k(self.vectors, query_vector, k, mask=mask, parts=self.parts)
 
     def position(self, hit_id: str) -> int:
         """The row of `hit_id` (for building masks); KeyError when it is not indexed."""
@@ -144,6 +193,8 @@ class HybridIndex:
             (folder / "bm25").mkdir()
             self.bm25.write_into(folder / "bm25")
             np.save(folder / "vectors.npy", np.ascontiguousarray(self.vectors, dtype=np.float32))
+            if self.parts is not None:
+                np.save(folder / "parts.npy", self.parts)
             (folder / "ids.json").write_text(json.dumps(self.ids, ensure_ascii=False), "utf-8")
             meta = {
                 "format": FORMAT_VERSION,
@@ -175,8 +226,9 @@ class HybridIndex:
             )
         ids = json.loads((directory / "ids.json").read_text("utf-8"))
         vectors = np.load(directory / "vectors.npy", mmap_mode="r" if mmap else None)
+        parts = np.load(directory / "parts.npy") if (directory / "parts.npy").is_file() else None
         bm25 = BM25Index.load(directory / "bm25", mmap=mmap)
-        return cls(ids, bm25, vectors, meta["model_name"], embedder)
+        return cls(ids, bm25, vectors, meta["model_name"], embedder, parts)
 
     def search(
         self,
@@ -187,11 +239,13 @@ class HybridIndex:
         *,
         mask: np.ndarray | None = None,
         rrf_k: int = RRF_K,
+        weights: Mapping[str, float] | None = None,
     ) -> list[FusedHit]:
-        """The best `k` hits for `query`: the top `candidates` of BM25 and of vectors, fused.
+        """The best `k` hits for `query`: the top `candidates` of BM25 and of vectors, fused
+        with `weights` (default `WEIGHTS`) and `rrf_k`.
 
         `query_vector` saves embedding the query (needed when the index has no embedder);
-        `mask` (boolean, one per row) keeps only the rows where it is True.
+        `mask` (boolean, one per text) keeps only the texts where it is True.
         """
         if not query.strip():
             raise ValueError("the query is empty")
@@ -204,9 +258,11 @@ class HybridIndex:
             if self.embedder is None:
                 raise ValueError("this index has no embedder: pass query_vector")
             query_vector = self.embedder.embed([query])[0]
-        nearest = vector_top_k(self.vectors, query_vector, candidates, mask=mask)
+        nearest = self.nearest(query_vector, candidates, mask=mask)
         fused = rrf_fuse(
-            {BM25: [i for i, _ in keyword], VECTOR: [self.ids[p] for p, _ in nearest]}, k=rrf_k
+            {BM25: [i for i, _ in keyword], VECTOR: [self.ids[p] for p, _ in nearest]},
+            k=rrf_k,
+            weights=WEIGHTS if weights is None else weights,
         )
         raw: dict[str, dict[str, float]] = {}
         for hit_id, score in keyword:

@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import EMBEDDINGS
 from memcity_pipeline.progress import NoProgress, ProgressLog
 from memcity_pipeline.search.bm25 import BM25Index
-from memcity_pipeline.search.embeddings import Embedder, embedding_text
+from memcity_pipeline.search.embeddings import Embedder, embed_whole, embedding_text
 
 EMBED_BATCHES_PER_REPORT = 4  # embedder batches between two progress counts
 
@@ -34,7 +35,8 @@ class EmbedStats:
 
 
 def index_texts(frame: pl.DataFrame) -> list[str]:
-    """The text indexed for each enriched chunk: resolved text (or the original) + terms + summary."""
+    """The text indexed for each enriched chunk: its header, then (when enriched) its summary and
+    key terms, then its resolved text (or the original)."""
     out = []
     for row in frame.iter_rows(named=True):
         enriched = row.get("enrichment_status") == "enriched"
@@ -44,6 +46,7 @@ def index_texts(frame: pl.DataFrame) -> list[str]:
                 text,
                 row.get("key_terms") if enriched else None,
                 row.get("summary") if enriched else None,
+                header=row.get("header"),
             )
         )
     return out
@@ -63,10 +66,13 @@ def sync_embeddings(
     *,
     batch_size: int = 64,
     progress: ProgressLog | None = None,
+    leads: list[str] | None = None,
 ) -> tuple[pl.DataFrame, EmbedStats]:
     """Vectors for `ids`/`texts` (in that order), reusing `existing` rows of the same text and
-    model. `EmbedStats.changed` says whether the table needs writing. `progress` counts the
-    texts embedded now."""
+    model. Each text is embedded whole (`embed_whole`: a text longer than the model's window
+    gets one vector per window, headed by its entry in `leads`), and its row's `vector` holds
+    its vectors one after another. `EmbedStats.changed` says whether the table needs writing.
+    `progress` counts the texts embedded now."""
     stats = EmbedStats(items=len(ids))
     model = embedder.model_name
     if existing.height:
@@ -74,8 +80,13 @@ def sync_embeddings(
         if models != {model}:
             stats.model_changed_from = ", ".join(sorted(m for m in models if m))
     wanted = pl.DataFrame(
-        {"item_id": ids, "text_hash": [text_hash(t) for t in texts], "text": texts},
-        schema={"item_id": pl.String, "text_hash": pl.String, "text": pl.String},
+        {
+            "item_id": ids,
+            "text_hash": [text_hash(t) for t in texts],
+            "text": texts,
+            "lead": leads or [""] * len(ids),
+        },
+        schema={"item_id": pl.String, "text_hash": pl.String, "text": pl.String, "lead": pl.String},
     )
     plan = plan_rows(
         wanted,
@@ -85,13 +96,16 @@ def sync_embeddings(
         reusable=pl.col("model") == model,
     )
     todo = plan.todo
-    fresh = _embed(embedder, todo["text"].to_list(), batch_size, progress or NoProgress())
+    fresh, parts = _embed(
+        embedder, todo["text"].to_list(), todo["lead"].to_list(), batch_size, progress
+    )
     if todo.height:
         dim = fresh.shape[1]
     elif plan.reuse.height:
         dim = int(plan.reuse["dimension"][0])
     else:
         dim = getattr(embedder, "dimension", 0)
+    offsets = np.concatenate([[0], np.cumsum(parts) * dim]).astype(np.int32)
     computed = pa.table(
         {
             "org_id": [org_id] * todo.height,
@@ -100,11 +114,7 @@ def sync_embeddings(
             "text_hash": todo["text_hash"].to_list(),
             "model": [model] * todo.height,
             "dimension": pa.array([dim] * todo.height, pa.int32()),
-            "vector": pa.FixedSizeListArray.from_arrays(fresh.reshape(-1), dim).cast(
-                pa.list_(pa.float32())
-            )
-            if todo.height
-            else pa.array([], pa.list_(pa.float32())),
+            "vector": pa.ListArray.from_arrays(pa.array(offsets), pa.array(fresh.reshape(-1))),
         },
         schema=EMBEDDINGS,
     )
@@ -122,26 +132,43 @@ def sync_embeddings(
 
 
 def _embed(
-    embedder: Embedder, texts: list[str], batch_size: int, progress: ProgressLog
-) -> np.ndarray:
-    """`texts` embedded as a float32 matrix, a few batches at a time so that progress shows."""
+    embedder: Embedder,
+    texts: list[str],
+    leads: list[str],
+    batch_size: int,
+    progress: ProgressLog | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`texts` embedded whole (vectors, parts per text), a few batches at a time so that
+    progress shows."""
     if not texts:
-        return np.zeros((0, 0), np.float32)
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    progress = progress or NoProgress()
     progress.begin(len(texts))
-    parts = []
+    vectors, parts = [], []
     step = batch_size * EMBED_BATCHES_PER_REPORT
     for start in range(0, len(texts), step):
-        part = texts[start : start + step]
-        parts.append(np.asarray(embedder.embed(part, batch_size=batch_size), np.float32))
-        progress.advance(len(part))
-    return np.concatenate(parts)
+        end = start + step
+        v, p = embed_whole(embedder, texts[start:end], leads[start:end], batch_size)
+        vectors.append(np.asarray(v, np.float32))
+        parts.append(p)
+        progress.advance(len(p))
+    return np.concatenate(vectors), np.concatenate(parts)
 
 
-def vectors_of(frame: pl.DataFrame) -> np.ndarray:
-    """The vectors of an embeddings frame as a float32 matrix (rows in frame order)."""
+def vectors_of(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors of an embeddings frame: (a float32 matrix of every vector, rows in frame
+    order; how many rows each item owns). Read from the Arrow buffers, never via Python lists."""
     if frame.height == 0:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.asarray(frame["vector"].to_list(), dtype=np.float32)
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    dim = int(frame["dimension"][0])
+    column = frame["vector"].to_arrow()
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if dim <= 0 or np.any(lengths % dim) or np.any(lengths == 0):
+        raise ValueError("an embeddings row holds no vector or a part of one")
+    return values.reshape(-1, dim), (lengths // dim).astype(np.int64)
 
 
 def build_bm25(ids: list[str], texts: list[str], directory: Path) -> None:

@@ -1,12 +1,15 @@
-"""`get_context`: hybrid search (BM25 + vectors, fused by reciprocal rank) over one knowledge
-base's enriched chunks, and the same over one user's memories.
+"""`get_context`: hybrid search (BM25 + vectors, fused by weighted reciprocal rank) over one
+knowledge base's enriched chunks, and the same over one user's memories.
 
 Indexes are loaded once per process and reloaded when the lake's tables get a new version or
-the BM25 index a new build. The lake may be a local folder or object storage (`Lake`). A search only ever
-opens the index files of the org and knowledge base (or user) it was asked for.
+the BM25 index a new build. The loaded indexes are kept in a cache bounded by bytes
+(`set_index_cache_limit`; the least recently used index leaves first). The lake may be a local
+folder or object storage (`Lake`). A search only ever opens the index files of the org and
+knowledge base (or user) it was asked for.
 """
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +49,7 @@ class ContextHit:
     resolved_text: str | None
     score: float
     retrievers: dict[str, int] = field(default_factory=dict)  # retriever -> rank (1-based)
+    header: str = ""  # where the chunk sits: "Title › Section › Subsection"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,10 +72,46 @@ class _Loaded:
     key: tuple[Any, ...]
     index: HybridIndex
     rows: dict[str, dict[str, Any]]
+    nbytes: int = 0
 
 
-_CACHE: dict[tuple[str, ...], _Loaded] = {}
+DEFAULT_CACHE_BYTES = 1 << 30
+_CACHE: "OrderedDict[tuple[str, ...], _Loaded]" = OrderedDict()
+_CACHE_LIMIT = [DEFAULT_CACHE_BYTES]
 _LOCK = threading.Lock()
+
+
+def set_index_cache_limit(max_bytes: int) -> None:
+    """Bound the loaded indexes kept by this process to about `max_bytes` (least recently used
+    leave first; the index of the current search always stays)."""
+    if max_bytes < 0:
+        raise ValueError(f"the index cache limit must be >= 0, got {max_bytes}")
+    with _LOCK:
+        _CACHE_LIMIT[0] = max_bytes
+        _evict(None)
+
+
+def index_cache_bytes() -> int:
+    """About how many bytes the loaded indexes of this process hold."""
+    with _LOCK:
+        return sum(entry.nbytes for entry in _CACHE.values())
+
+
+def _evict(keep: tuple[str, ...] | None) -> None:
+    """Drop least recently used indexes until the cache fits its limit (caller holds `_LOCK`)."""
+    total = sum(entry.nbytes for entry in _CACHE.values())
+    for key in list(_CACHE):
+        if total <= _CACHE_LIMIT[0]:
+            break
+        if key != keep:
+            total -= _CACHE.pop(key).nbytes
+
+
+def _rows_nbytes(rows: dict[str, dict[str, Any]]) -> int:
+    """About how many bytes the rows kept beside an index hold (their strings, and overhead)."""
+    return sum(
+        400 + sum(len(v) for v in row.values() if isinstance(v, str)) for row in rows.values()
+    )
 
 
 def _load(
@@ -96,13 +136,14 @@ def _load(
     with _LOCK:
         cached = _CACHE.get(key)
         if cached and cached.key == stamp:
+            _CACHE.move_to_end(key)
             return cached
     bm25 = bm25_store.load(lake, prefix)
     if bm25 is None:
         raise SearchError(
             f"the {kind} index of {org_id}/{scope_id} is not built yet: run `memcity ingest`"
         )
-    emb = read_rows(lake, table, where)
+    emb = read_rows(lake, table, where, columns=["item_id", "model", "dimension", "vector"])
     models = set(emb["model"].unique().to_list()) if emb.height else {embedder.model_name}
     if models != {embedder.model_name}:
         raise SearchError(
@@ -116,16 +157,26 @@ def _load(
             f"the {kind} index of {org_id}/{scope_id} is out of step with its embeddings "
             f"({len(missing)} items missing): run `memcity ingest`"
         )
-    matrix = vectors_of(emb)
-    vectors = (
-        matrix[[position[i] for i in bm25.ids]]
-        if len(bm25.ids)
-        else np.zeros((0, getattr(embedder, "dimension", 1)), dtype=np.float32)
-    )
-    index = HybridIndex(bm25.ids, bm25, vectors, embedder.model_name, embedder)
-    loaded = _Loaded(stamp, index, rows_of(lake, org_id, scope_id))
+    matrix, parts = vectors_of(emb)
+    if len(bm25.ids):
+        order = np.array([position[i] for i in bm25.ids], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(parts)[:-1]])
+        counts = parts[order]
+        # the rows of each item, items in BM25 order: start of the item + 0..count-1
+        rows = np.repeat(starts[order] - np.cumsum(counts) + counts, counts) + np.arange(
+            int(counts.sum())
+        )
+        vectors = matrix if np.array_equal(order, np.arange(len(order))) else matrix[rows]
+    else:
+        counts = np.zeros(0, dtype=np.int64)
+        vectors = np.zeros((0, getattr(embedder, "dimension", 1)), dtype=np.float32)
+    index = HybridIndex(bm25.ids, bm25, vectors, embedder.model_name, embedder, counts)
+    found = rows_of(lake, org_id, scope_id)
+    loaded = _Loaded(stamp, index, found, index.nbytes + _rows_nbytes(found))
     with _LOCK:
         _CACHE[key] = loaded
+        _CACHE.move_to_end(key)
+        _evict(key)
     return loaded
 
 
@@ -134,7 +185,15 @@ def _chunk_rows(lake: Lake, org_id: str, kb_id: str) -> dict[str, dict[str, Any]
         lake,
         "enriched_chunks",
         scope_where("enriched_chunks", org_id, kb_id),
-        columns=["org_id", "chunk_id", "document_id", "section_title", "text", "resolved_text"],
+        columns=[
+            "org_id",
+            "chunk_id",
+            "document_id",
+            "section_title",
+            "header",
+            "text",
+            "resolved_text",
+        ],
     )
     docs = read_rows(
         lake,
@@ -183,8 +242,10 @@ def get_context(
     embedder: Embedder,
     candidates: int = 50,
     reranker: Reranker | None = None,
+    per_document: bool = False,
 ) -> list[ContextHit]:
-    """The `k` chunks of one knowledge base that best answer `query`."""
+    """The `k` chunks of one knowledge base that best answer `query`; with `per_document`, the
+    best chunk of each of the `k` best documents (fewer when the candidates hold fewer)."""
     if not query.strip():
         raise SearchError("the query is empty")
     if k < 1:
@@ -194,9 +255,10 @@ def get_context(
     loaded = _load(lake, "chunks", org_id, knowledge_base_id, embedder, _chunk_rows)
     if len(loaded.index) == 0:
         return []
-    fused = loaded.index.search(
-        query, k=max(k, candidates if reranker else k), candidates=candidates
-    )
+    if per_document:  # documents have several chunks each: look deeper to find k of them
+        candidates = max(candidates, 5 * k)
+    depth = candidates if reranker or per_document else k
+    fused = loaded.index.search(query, k=max(k, depth), candidates=candidates)
     hits = [
         ContextHit(
             chunk_id=h.id,
@@ -207,6 +269,7 @@ def get_context(
             resolved_text=row.get("resolved_text"),
             score=float(h.score),
             retrievers=dict(h.retrievers),
+            header=row.get("header") or "",
         )
         for h in fused
         if (row := loaded.rows.get(h.id)) is not None and row["org_id"] == org_id
@@ -218,6 +281,11 @@ def get_context(
         hits = [hits[i] for i in seen + rest]
         for rank, h in enumerate(hits, start=1):
             h.retrievers["llm_rerank"] = rank
+    if per_document:
+        best: dict[str, ContextHit] = {}
+        for h in hits:
+            best.setdefault(h.document_id, h)
+        hits = list(best.values())
     return hits[:k]
 
 

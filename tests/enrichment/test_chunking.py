@@ -10,8 +10,10 @@ from memcity_pipeline.enrichment.chunking import (
     Chunk,
     Section,
     chunk_document,
+    chunk_header,
     heading_sections,
     normalise_sections,
+    section_paths,
 )
 from memcity_pipeline.enrichment.tokens import MiniLMTokenizer, count_tokens
 
@@ -304,3 +306,48 @@ def test_the_last_chunk_of_a_section_is_not_a_sliver() -> None:
     chunks = chunk_document(text, None, max_tokens=100, overlap_tokens=0, count=words)
     assert [c.token_count for c in chunks] == [95, 57, 57]  # greedy packing would end on 19
     assert "\n".join(c.text for c in chunks) == text
+
+
+def test_section_paths_follow_heading_levels() -> None:
+    text = (
+        "# Guide\n\nIntro.\n\n## Install\n\nSteps.\n\n### On Linux\n\nApt.\n\n## Use\n\nRun it.\n"
+    )
+    sections = heading_sections(text, "Guide")
+    assert section_paths(text, sections) == [
+        ["Guide"],
+        ["Guide", "Install"],
+        ["Guide", "Install", "On Linux"],
+        ["Guide", "Use"],
+    ]
+    # a section phase 1 titled itself ends its path with that title
+    given = [Section("Everything", 0, len(text))]
+    assert section_paths(text, given) == [["Guide", "Everything"]]
+
+
+def test_chunk_header_names_title_and_path_without_repeats() -> None:
+    assert chunk_header("json — JSON encoder", ["json — JSON encoder", "Basic usage"]) == (
+        "json — JSON encoder › Basic usage"
+    )
+    assert chunk_header(None, ["A", "A", "B¶"]) == "A › B"
+    assert chunk_header("", []) == ""
+
+
+def test_every_chunk_with_its_header_fits_the_budget() -> None:
+    text = markdown_doc(3)
+    chunks = chunk_document(text, None, max_tokens=64, overlap_tokens=16, title="Field manual")
+    check_chunks(text, chunks, 64)
+    pricing = [c for c in chunks if c.section_title == "Pricing"]
+    assert pricing and all(c.header == "Field manual › Pricing" for c in pricing)
+    appendix = [c for c in chunks if c.section_title == "Appendix"]
+    assert appendix and appendix[0].header == "Field manual › Support › Appendix"
+    for c in chunks:
+        assert count_tokens(f"{c.header}\n\n{c.text}") <= 64
+    bare = chunk_document(text, None, max_tokens=64, overlap_tokens=16, headers=False)
+    assert all(c.header == "" for c in bare) and len(bare) <= len(chunks)
+
+
+def test_a_long_header_is_cut_to_a_quarter_of_the_budget() -> None:
+    text = "# " + " ".join(["heading"] * 80) + "\n\n" + paragraph(random.Random(2), 6)
+    chunks = chunk_document(text, None, max_tokens=64, overlap_tokens=8)
+    check_chunks(text, chunks, 64)
+    assert all(0 < count_tokens(c.header) <= 16 for c in chunks)

@@ -2,10 +2,12 @@
 files of changed rows rewritten, concurrent writers of one table all committing."""
 
 import multiprocessing
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
@@ -227,3 +229,46 @@ def test_conflicting_writers_of_one_partition_are_retried_and_one_state_wins(
     # The partition is exactly one writer's last state, not a mix.
     (text,) = {t.rsplit(" ", 1)[0] for t in rows["text"].to_list()}
     assert text.startswith("third-") and rows.height == int(text.split("-")[1])
+
+
+def test_a_column_added_to_a_schema_joins_an_existing_table(tmp_path: Path) -> None:
+    """A lake written before `chunks` had its `header` column: it reads as null, the next write
+    adds the column (a metadata-only commit) and fills it, and a read of some columns works on
+    either."""
+    from deltalake import write_deltalake
+
+    from memcity_pipeline.lake.tables import table
+
+    t = table("chunks")
+    old_schema = pa.schema([f for f in t.storage_schema if f.name != "header"])
+    where = scope_where("chunks", "acme", "kb")
+    rows = pl.DataFrame(
+        {
+            "org_id": ["acme"] * 2,
+            "knowledge_base_id": ["kb"] * 2,
+            "document_id": ["d1", "d1"],
+            "chunk_id": ["c1", "c2"],
+            "ordinal": [0, 1],
+            "section_title": ["Intro", "Intro"],
+            "start": [0, 10],
+            "end": [10, 20],
+            "text": ["first part", "second one"],
+            "token_count": [2, 2],
+            "source_key": ["k", "k"],
+            "bucket": [zlib.crc32(b"d1") % 32] * 2,
+        }
+    )
+    write_deltalake(
+        str(tmp_path / "chunks"),
+        rows.to_arrow().cast(old_schema),
+        partition_by=t.storage_partitions,
+    )
+    before = read_rows(tmp_path, "chunks", where)
+    assert before["header"].to_list() == [None, None]
+    assert read_rows(tmp_path, "chunks", where, columns=["chunk_id", "header"]).height == 2
+
+    with_header = before.with_columns(pl.lit("Manual › Intro").alias("header"))
+    assert write_rows(tmp_path, "chunks", where, with_header) is not None
+    after = read_rows(tmp_path, "chunks", where, columns=["chunk_id", "header"])
+    assert after["header"].to_list() == ["Manual › Intro"] * 2
+    assert "header" in DeltaTable(str(tmp_path / "chunks")).schema().to_arrow().names

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from memcity_pipeline.api import SearchError, get_context, search_memories
@@ -14,6 +15,8 @@ from memcity_pipeline.defs.indexing import chunk_embeddings
 from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.lake.tables import known_scopes, scope_where
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
+from memcity_pipeline.search.embeddings import windows
+from memcity_pipeline.search.indexes import index_texts, vectors_of
 from memcity_pipeline.settings import build_resources, get_settings
 from tests.partitioned import materialize_partitions, metadata, scope_keys
 from tests.scripted_llm_server import ScriptedLLMServer
@@ -165,6 +168,7 @@ def test_memcity_search_cli(built_lake: Path) -> None:
             "return window in days",
             "--k",
             "3",
+            "--per-document",
             "--json",
         ],
         capture_output=True,
@@ -177,10 +181,12 @@ def test_memcity_search_cli(built_lake: Path) -> None:
         "chunk_id",
         "title",
         "section",
+        "header",
         "text",
         "score",
         "retrievers",
     } <= set(hits[0])
+    assert len({h["document_id"] for h in hits}) == 3  # --per-document: one chunk per document
     bad = subprocess.run(
         [memcity, "search", "--org", "nobody", "--kb", KB, "x"],
         capture_output=True,
@@ -206,3 +212,52 @@ def test_a_search_imports_neither_dagster_nor_the_llm_client(built_lake: Path) -
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3", "2", "[]"]
+
+
+@pytest.mark.slow
+def test_chunks_are_indexed_whole_with_their_headers(built_lake: Path) -> None:
+    rows = read_rows(built_lake, "enriched_chunks", scope_where("enriched_chunks", ORG, KB))
+    titles = dict(
+        read_rows(
+            built_lake,
+            "raw_documents",
+            scope_where("raw_documents", ORG, KB),
+            columns=["document_id", "title"],
+        ).iter_rows()
+    )
+    for row in rows.iter_rows(named=True):  # every header starts with its document's title
+        assert row["header"].startswith(titles[row["document_id"]].strip())
+    # Every chunk has as many vectors as windows of its indexed text, and the vectors are read
+    # back as one float32 matrix (no Python lists).
+    emb = read_rows(built_lake, "chunk_embeddings", scope_where("chunk_embeddings", ORG, KB))
+    matrix, parts = vectors_of(emb)
+    assert matrix.dtype == np.float32 and matrix.shape == (int(parts.sum()), 384)
+    texts = dict(zip(rows["chunk_id"], index_texts(rows), strict=True))
+    leads = dict(zip(rows["chunk_id"], rows["header"], strict=True))
+    for item, count in zip(emb["item_id"], parts.tolist(), strict=True):
+        assert count == len(windows(texts[item], leads[item], 254))
+
+    hits = get_context(ORG, KB, "For how many years is the hive scale covered?", k=8)
+    assert hits[0].header.startswith(hits[0].title.strip())
+    per_doc = get_context(
+        ORG, KB, "For how many years is the hive scale covered?", k=4, per_document=True
+    )
+    assert len({h.document_id for h in per_doc}) == len(per_doc) == 4
+    assert per_doc[0].chunk_id == hits[0].chunk_id  # the best chunk leads either way
+
+
+@pytest.mark.slow
+def test_the_index_cache_is_bounded_by_bytes(built_lake: Path) -> None:
+    from memcity_pipeline.search import retrieval
+
+    settings = get_settings()
+    get_context(ORG, KB, "warranty", k=1, settings=settings)
+    search_memories(ORG, "helene", "tea", k=1, settings=settings)
+    both = retrieval.index_cache_bytes()
+    assert len(retrieval._CACHE) >= 2 and both > 0
+    tiny = settings.model_copy(update={"search_cache_mb": 0})
+    try:  # only the index in use stays
+        get_context(ORG, KB, "warranty", k=1, settings=tiny)
+        assert len(retrieval._CACHE) == 1 and 0 < retrieval.index_cache_bytes() < both
+    finally:
+        retrieval.set_index_cache_limit(retrieval.DEFAULT_CACHE_BYTES)

@@ -16,8 +16,10 @@ from memcity_pipeline.search.bm25 import BM25Index, analyse
 from memcity_pipeline.search.embeddings import (
     LocalMiniLMEmbedder,
     OpenAIEmbedder,
+    embed_whole,
     embedder_from_setting,
     embedding_text,
+    windows,
 )
 from memcity_pipeline.search.fusion import HybridIndex, rrf_fuse, vector_top_k
 
@@ -75,6 +77,55 @@ def test_vector_top_k_orders_by_cosine_and_honours_the_mask() -> None:
     assert [p for p, _ in vector_top_k(matrix, np.array([1.0, 0.0]), 2, mask=mask)] == [2, 1]
     with pytest.raises(ValueError, match="dimension"):
         vector_top_k(matrix, np.ones(3), 1)
+
+
+def test_weighted_rrf_scales_each_list() -> None:
+    fused = rrf_fuse({"bm25": ["a", "b"], "vector": ["b", "a"]}, k=10, weights={"vector": 2.0})
+    assert [h.id for h in fused] == ["b", "a"]
+    assert fused[0].score == pytest.approx(1 / 12 + 2 / 11)
+    with pytest.raises(ValueError, match="weights"):
+        rrf_fuse({"x": ["a"]}, weights={"x": -1.0})
+
+
+def test_an_item_with_several_vectors_scores_by_its_best() -> None:
+    # item 0 owns rows 0-1, item 1 row 2, item 2 rows 3-5
+    matrix = np.array([[0, 1], [0.6, 0.8], [0.8, 0.6], [-1, 0], [0, -1], [1, 0]], dtype=np.float32)
+    parts = np.array([2, 1, 3])
+    top = vector_top_k(matrix, np.array([1.0, 0.0]), 3, parts=parts)
+    assert [p for p, _ in top] == [2, 1, 0]
+    assert [s for _, s in top] == pytest.approx([1.0, 0.8, 0.6])
+    masked = vector_top_k(matrix, np.array([1.0, 0.0]), 3, parts=parts, mask=np.array([1, 1, 0]))
+    assert [p for p, _ in masked] == [1, 0]
+    bm25 = BM25Index.build(["x", "y", "z"], ["alpha", "beta", "gamma"])
+    index = HybridIndex(["x", "y", "z"], bm25, matrix, "m", parts=parts)
+    assert [h.id for h in index.search("beta", k=3, query_vector=np.array([1.0, 0.0]))][:2] == [
+        "y",
+        "z",
+    ]
+    with pytest.raises(ValueError, match="own"):
+        HybridIndex(["x", "y", "z"], bm25, matrix, "m", parts=np.array([1, 1, 1]))
+
+
+def test_windows_hold_a_long_text_whole_within_the_window() -> None:
+    from memcity_pipeline.enrichment.tokens import count_tokens
+
+    words = [f"word{i % 97}" for i in range(700)]
+    lead = "Manual › Chapter two"
+    text = lead + "\n\n" + " ".join(words)
+    parts = windows(text, lead, 100)
+    assert len(parts) > 2
+    assert all(p.startswith(lead + "\n\n") and count_tokens(p) <= 100 for p in parts)
+    bodies = [p.removeprefix(lead + "\n\n") for p in parts]
+    assert " ".join(bodies).split() == words  # every word once, in order, none cut
+    assert windows("short text", "", 100) == ["short text"]
+
+
+def test_embed_whole_gives_a_long_text_several_vectors(minilm: LocalMiniLMEmbedder) -> None:
+    long = "Heading\n\n" + " ".join(["The harbour crane lifts containers."] * 120)
+    vectors, parts = embed_whole(minilm, ["a short one", long], ["", "Heading"])
+    assert parts.tolist()[0] == 1 and parts.tolist()[1] >= 3
+    assert vectors.shape == (int(parts.sum()), 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
 def test_bm25_analysis_stems_and_drops_stopwords() -> None:
@@ -219,13 +270,14 @@ def test_hybrid_index_refuses_a_different_query_model(tmp_path: Path) -> None:
         index.search("  ", query_vector=np.ones(4))
 
 
-def test_embedding_text_puts_summary_and_key_terms_before_the_text() -> None:
+def test_embedding_text_puts_header_summary_and_key_terms_before_the_text() -> None:
     text = embedding_text(
         "  Acme raised prices by 5%.  ", ["Acme", "pricing", "acme", " "], "Acme's 2024 price rise."
     )
     assert (
         text == "Acme's 2024 price rise.\n\nKey terms: Acme, pricing.\n\nAcme raised prices by 5%."
     )
+    assert embedding_text("Body.", None, None, header="Prices › 2024") == "Prices › 2024\n\nBody."
     assert embedding_text("plain", None, None) == "plain"
     assert embedding_text("plain", [], "  ") == "plain"
 
