@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # python_docs_corpus
 
 from memcity_pipeline.cli.ingest import ingest
 from memcity_pipeline.cli.runner import copy_sample_corpus, sample_corpus_dir
-from memcity_pipeline.search.fusion import RRF_K, WEIGHTS, rrf_fuse
+from memcity_pipeline.search.fusion import FUSION, RRF_K, WEIGHTS, rrf_fuse, score_fuse
 from memcity_pipeline.search.retrieval import _load
 from memcity_pipeline.settings import get_settings
 
@@ -143,8 +143,9 @@ def _percentiles(seconds: list[float]) -> str:
     return f"p50 {p50 * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms"
 
 
-def _step_seconds(home: Path) -> dict[str, float]:
-    """Seconds per asset step over the runs of the home's instance (all partitions summed)."""
+def _step_seconds(home: Path, since: float) -> dict[str, float]:
+    """Seconds per asset step of the steps that started after `since` (epoch seconds) on the
+    home's instance (all partitions summed)."""
     import dagster as dg
 
     os.environ["DAGSTER_HOME"] = str(home / "dagster_home")
@@ -152,7 +153,7 @@ def _step_seconds(home: Path) -> dict[str, float]:
     with dg.DagsterInstance.get() as instance:
         for run in instance.get_runs():
             for stat in instance.get_run_step_stats(run.run_id):
-                if stat.start_time and stat.end_time:
+                if stat.start_time and stat.end_time and stat.start_time >= since:
                     step = stat.step_key.split("[")[0]
                     totals[step] = totals.get(step, 0.0) + stat.end_time - stat.start_time
     return totals
@@ -161,41 +162,52 @@ def _step_seconds(home: Path) -> dict[str, float]:
 CANDIDATES = 50  # per retriever, as `get_context` fuses
 
 
-def _fused(ranked: dict[str, list[str]], k: int, weights: dict[str, float]) -> list[str]:
-    top = {name: ids[:CANDIDATES] for name, ids in ranked.items()}
-    return [h.id for h in rrf_fuse(top, k=k, weights=weights)]
+def _fused(
+    ranked: dict[str, list[tuple[str, float]]], method: str, k: int, weights: dict[str, float]
+) -> list[str]:
+    top = {name: pairs[:CANDIDATES] for name, pairs in ranked.items()}
+    if method == "scores":
+        return [h.id for h in score_fuse(top, weights)]
+    return [h.id for h in rrf_fuse({n: [i for i, _ in p] for n, p in top.items()}, k, weights)]
 
 
 def _tune(
-    questions: list[dict], lists: list[dict[str, list[str]]], rows: dict, targets: list[set[str]]
+    lists: list[dict[str, list[tuple[str, float]]]], rows: dict, targets: list[set[str]]
 ) -> None:
-    """Weighted RRF over a grid, chosen on the even-numbered questions and checked on the odd."""
-    tune = [i for i in range(len(questions)) if i % 2 == 0]
-    held = [i for i in range(len(questions)) if i % 2 == 1]
+    """The fusion over a grid (weighted RRF by its constant k and the vector weight, and fusion
+    of min-max normalised scores by the vector weight), chosen on the even-numbered questions
+    and checked on the odd-numbered ones."""
+    tune = list(range(0, len(lists), 2))
+    held = list(range(1, len(lists), 2))
 
-    def score(which: list[int], k: int, w: float) -> dict[str, float]:
+    def score(which: list[int], method: str, k: int, w: float) -> dict[str, float]:
         weights = {"bm25": 1.0, "vector": w}
         return _page_scores(
-            [(_page_ranking(_fused(lists[i], k, weights), rows), targets[i]) for i in which]
+            [(_page_ranking(_fused(lists[i], method, k, weights), rows), targets[i]) for i in which]
         )
 
-    grid = [(k, w) for k in (5, 10, 20, 40, 60) for w in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)]
-    results = {(k, w): score(tune, k, w) for k, w in grid}
-    best = max(grid, key=lambda kw: (results[kw]["mrr"] + results[kw]["recall@10"], -kw[0]))
-    print("\n  weighted RRF on the tuning half (even-numbered questions): MRR / recall@10")
-    print("  " + " " * 8 + "".join(f"{f'vector x{w}':>16}" for w in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)))
-    for k in (5, 10, 20, 40, 60):
+    vector_weights = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    grid = [("rrf", k, w) for k in (5, 10, 20, 40, 60) for w in vector_weights]
+    grid += [("scores", 0, w) for w in vector_weights]
+    results = {g: score(tune, *g) for g in grid}
+    best = max(grid, key=lambda g: (results[g]["mrr"] + results[g]["recall@10"], -g[1]))
+    print("\n  fusion on the tuning half (even-numbered questions): MRR / recall@10")
+    print("  " + " " * 12 + "".join(f"{f'vector x{w}':>14}" for w in vector_weights))
+    for method, k in [("rrf", k) for k in (5, 10, 20, 40, 60)] + [("scores", 0)]:
+        label = f"RRF k={k}" if method == "rrf" else "scores"
         cells = "".join(
-            f"{results[(k, w)]['mrr']:>9.3f}/{results[(k, w)]['recall@10']:.3f}"
-            for w in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+            f"{results[(method, k, w)]['mrr']:>8.3f}/{results[(method, k, w)]['recall@10']:.2f}"
+            for w in vector_weights
         )
-        print(f"  k={k:<5}{cells}")
-    chosen, current = score(held, *best), score(held, RRF_K, WEIGHTS["vector"])
-    print(f"  best on the tuning half: k={best[0]}, vector weight {best[1]} (BM25 1)")
+        print(f"  {label:<12}{cells}")
+    chosen = score(held, *best)
+    current = score(held, "scores" if FUSION == "scores" else "rrf", RRF_K, WEIGHTS["vector"])
+    name = f"RRF k={best[1]}" if best[0] == "rrf" else "normalised scores"
+    print(f"  best on the tuning half: {name}, vector weight {best[2]} (BM25 1)")
     print(
-        f"  held-out half (odd-numbered): best MRR {chosen['mrr']:.3f} r@10 "
-        f"{chosen['recall@10']:.3f}; the configured k={RRF_K}, weights {WEIGHTS}: MRR "
-        f"{current['mrr']:.3f} r@10 {current['recall@10']:.3f}"
+        f"  held-out half (odd-numbered): that one MRR {chosen['mrr']:.3f} r@10 "
+        f"{chosen['recall@10']:.3f}; the configured fusion ({FUSION}, k={RRF_K}, {WEIGHTS}): "
+        f"MRR {current['mrr']:.3f} r@10 {current['recall@10']:.3f}"
     )
 
 
@@ -231,15 +243,15 @@ def evaluate_python_docs(mode: str, home: Path, tune: bool) -> dict[str, dict[st
     settings = get_settings()
     questions = corpus.load_questions()
     pages = corpus.copy_to_landing(settings.landing_dir)
-    started = time.perf_counter()
+    started, epoch = time.perf_counter(), time.time()
     outcome = ingest(settings, kbs=[f"{corpus.ORG}/{corpus.KB}"])
     if not outcome.success:
         failed = [f"{p.partition.key}: {p.failure}" for p in outcome.partitions if not p.success]
         raise SystemExit(f"ingestion failed ({mode}): {'; '.join(failed)}")
     wall = time.perf_counter() - started
     print(f"  {pages} pages, {len(questions)} questions", flush=True)
-    if outcome.partitions:
-        steps = _step_seconds(home)
+    steps = _step_seconds(home, epoch)
+    if steps.get("chunk_embeddings"):
         embed = steps.get("chunk_embeddings", 0.0)
         print(
             f"  ingest ({mode}, chunks of {settings.chunk_tokens} tokens): {wall:.0f} s wall; "
@@ -273,13 +285,14 @@ def evaluate_python_docs(mode: str, home: Path, tune: bool) -> dict[str, dict[st
         started = time.perf_counter()
         get_context(corpus.ORG, corpus.KB, q["question"], 10, settings=settings)
         with_embedding.append(time.perf_counter() - started)
-        ranked = {
-            "bm25": [i for i, _ in index.bm25.query(q["question"], depth)],
-            "vector": [index.ids[p] for p, _ in index.nearest(qv, depth)],
+        scored = {
+            "bm25": index.bm25.query(q["question"], depth),
+            "vector": [(index.ids[p], v) for p, v in index.nearest(qv, depth)],
         }
-        lists.append(ranked)
+        lists.append(scored)
         targets.append(wanted)
-        ranked = {**ranked, "hybrid": hybrid}
+        ranked = {name: [i for i, _ in pairs] for name, pairs in scored.items()}
+        ranked["hybrid"] = hybrid
         if settings.rerank == "llm":
             reranked = get_context(corpus.ORG, corpus.KB, q["question"], 10, settings=settings)
             ranked["hybrid+llm"] = [h.chunk_id for h in reranked]
@@ -290,7 +303,7 @@ def evaluate_python_docs(mode: str, home: Path, tune: bool) -> dict[str, dict[st
     cold = _cold_start(home)
     print(f"  `memcity search` from a cold start (10 calls):     {_percentiles(cold)}")
     if tune:
-        _tune(questions, lists, loaded.rows, targets)
+        _tune(lists, loaded.rows, targets)
     return {name: _page_scores(r) for name, r in rankings.items()}
 
 

@@ -6,9 +6,11 @@ one folder and answers queries with fused hits. It knows nothing of organisation
 callers keep such metadata beside it, keyed by id, and restrict a search to some rows with a
 boolean `mask`.
 
-The fusion's weights and RRF constant (`WEIGHTS`, `RRF_K`) were chosen on the development set
-of the Python documentation (`bench/retrieval.py --corpus python-docs --tune`): see the README's
-"Search" section for the grid and the figures.
+The fusion (`FUSION`, `RRF_K`, `WEIGHTS`: RRF with k=40, a vector rank weighing 4 times a BM25
+rank) was chosen on half of the Python documentation's development set and checked on the other
+half (`bench/retrieval.py --corpus python-docs --tune` prints the grid; the README's "Indexes and
+search" section gives the figures). Fusing min-max normalised scores (`score_fuse`) is the
+alternative it was measured against.
 """
 
 import json
@@ -23,8 +25,9 @@ from memcity_pipeline.search.embeddings import Embedder, l2_normalise
 
 BM25 = "bm25"
 VECTOR = "vector"
-RRF_K = 60
-WEIGHTS: dict[str, float] = {BM25: 1.0, VECTOR: 1.0}
+FUSION = "rrf"  # or "scores": how `HybridIndex.search` fuses (see the module docstring)
+RRF_K = 40
+WEIGHTS: dict[str, float] = {BM25: 1.0, VECTOR: 4.0}
 FORMAT_VERSION = 1
 
 
@@ -63,6 +66,39 @@ def rrf_fuse(
         FusedHit(hit_id, sum(weights.get(n, 1.0) / (k + r) for n, r in found.items()), found)
         for hit_id, found in ranks.items()
     ]
+    hits.sort(key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
+    return hits
+
+
+def score_fuse(
+    scored_lists: Mapping[str, Sequence[tuple[str, float]]],
+    weights: Mapping[str, float] | None = None,
+) -> list[FusedHit]:
+    """Fuse scored candidate lists by their normalised scores: score(id) = sum over the lists of
+    w * (s - min) / (max - min), the min and max taken over that list's candidates (an id a list
+    lacks adds 0; a list whose scores are all equal gives each of its ids w).
+
+    Ranks (1-based, by list order) are kept in `retrievers` as with `rrf_fuse`. Hits come best
+    first; equal scores are ordered by their best rank, then by id.
+    """
+    weights = weights or {}
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"weights must be >= 0, got {dict(weights)}")
+    ranks: dict[str, dict[str, int]] = {}
+    totals: dict[str, float] = {}
+    for name, scored in scored_lists.items():
+        if not scored:
+            continue
+        values = [v for _, v in scored]
+        low, span = min(values), max(values) - min(values)
+        w = weights.get(name, 1.0)
+        for rank, (hit_id, value) in enumerate(scored, start=1):
+            found = ranks.setdefault(hit_id, {})
+            if name in found:
+                continue
+            found[name] = rank
+            totals[hit_id] = totals.get(hit_id, 0.0) + w * ((value - low) / span if span else 1.0)
+    hits = [FusedHit(hit_id, totals[hit_id], found) for hit_id, found in ranks.items()]
     hits.sort(key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
     return hits
 
@@ -240,9 +276,10 @@ class HybridIndex:
         mask: np.ndarray | None = None,
         rrf_k: int = RRF_K,
         weights: Mapping[str, float] | None = None,
+        fusion: str = FUSION,
     ) -> list[FusedHit]:
         """The best `k` hits for `query`: the top `candidates` of BM25 and of vectors, fused
-        with `weights` (default `WEIGHTS`) and `rrf_k`.
+        with `weights` (default `WEIGHTS`) by `fusion`: `rrf` (with `rrf_k`) or `scores`.
 
         `query_vector` saves embedding the query (needed when the index has no embedder);
         `mask` (boolean, one per text) keeps only the texts where it is True.
@@ -259,11 +296,15 @@ class HybridIndex:
                 raise ValueError("this index has no embedder: pass query_vector")
             query_vector = self.embedder.embed([query])[0]
         nearest = self.nearest(query_vector, candidates, mask=mask)
-        fused = rrf_fuse(
-            {BM25: [i for i, _ in keyword], VECTOR: [self.ids[p] for p, _ in nearest]},
-            k=rrf_k,
-            weights=WEIGHTS if weights is None else weights,
-        )
+        scored = {BM25: keyword, VECTOR: [(self.ids[p], v) for p, v in nearest]}
+        weights = WEIGHTS if weights is None else weights
+        if fusion == "scores":
+            fused = score_fuse(scored, weights)
+        elif fusion == "rrf":
+            ranked = {name: [i for i, _ in pairs] for name, pairs in scored.items()}
+            fused = rrf_fuse(ranked, k=rrf_k, weights=weights)
+        else:
+            raise ValueError(f"fusion must be rrf or scores, not {fusion!r}")
         raw: dict[str, dict[str, float]] = {}
         for hit_id, score in keyword:
             raw.setdefault(hit_id, {})[BM25] = score

@@ -21,7 +21,7 @@ from memcity_pipeline.search.embeddings import (
     embedding_text,
     windows,
 )
-from memcity_pipeline.search.fusion import HybridIndex, rrf_fuse, vector_top_k
+from memcity_pipeline.search.fusion import HybridIndex, rrf_fuse, score_fuse, vector_top_k
 
 CORPUS = {
     "med": "The physician prescribed medication for the patient's hypertension.",
@@ -85,6 +85,17 @@ def test_weighted_rrf_scales_each_list() -> None:
     assert fused[0].score == pytest.approx(1 / 12 + 2 / 11)
     with pytest.raises(ValueError, match="weights"):
         rrf_fuse({"x": ["a"]}, weights={"x": -1.0})
+
+
+def test_score_fusion_normalises_each_list() -> None:
+    fused = score_fuse(
+        {"bm25": [("a", 12.0), ("b", 4.0), ("c", 2.0)], "vector": [("c", 0.9), ("b", 0.5)]},
+        weights={"vector": 2.0},
+    )
+    assert [h.id for h in fused] == ["c", "a", "b"]
+    assert [h.score for h in fused] == pytest.approx([2.0, 1.0, 0.2])
+    assert fused[0].retrievers == {"bm25": 3, "vector": 1}
+    assert [h.score for h in score_fuse({"x": [("p", 3.0), ("q", 3.0)]})] == [1.0, 1.0]
 
 
 def test_an_item_with_several_vectors_scores_by_its_best() -> None:
