@@ -236,6 +236,7 @@ RLM_SESSIONS = pa.schema(
         ("sub_model", pa.string()),
         ("iterations", pa.int64()),
         ("sub_calls", pa.int64()),
+        ("search_calls", pa.int64()),  # `search` calls of the sandboxed code
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("cost_usd", pa.float64()),  # null when the provider reports no cost

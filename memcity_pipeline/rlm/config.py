@@ -103,6 +103,7 @@ class RLMResult(BaseModel):
     status: Status
     iterations: int = 0
     total_sub_calls: int = 0
+    search_calls: int = 0  # `search` calls the sandboxed code made
     cost: float | None = None  # USD; None when the provider reports no cost
     prompt_tokens: int = 0
     completion_tokens: int = 0
