@@ -123,6 +123,7 @@ def session_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "iterations": result["iterations"],
         "sub_calls": result["total_sub_calls"],
         "search_calls": result["search_calls"],
+        "sub_call_cache_hits": result["sub_call_cache_hits"],
         "prompt_tokens": result["prompt_tokens"],
         "completion_tokens": result["completion_tokens"],
         "cost_usd": dg.MetadataValue.float(float(result["cost"] or 0.0)),

@@ -366,6 +366,8 @@ class _Run:
             logger=logger,
             progress=progress,
             max_tokens_per_call=cfg.max_tokens_per_call,
+            sub_temperature=cfg.sub_temperature,
+            cache_sub_calls=cfg.caches_sub_calls,
         )
         limit_warning: str | None = None
         try:
@@ -429,6 +431,7 @@ class _Run:
             iterations=self.iterations,
             total_sub_calls=self.sub_calls,
             search_calls=self.search_calls,
+            sub_call_cache_hits=self.spend.sub_call_cache_hits,
             cost=self.spend.cost_usd,
             prompt_tokens=self.spend.prompt_tokens,
             completion_tokens=self.spend.completion_tokens,
@@ -464,6 +467,7 @@ class _Run:
             "iterations": result.iterations,
             "sub_calls": result.total_sub_calls,
             "search_calls": result.search_calls,
+            "sub_call_cache_hits": result.sub_call_cache_hits,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "cost_usd": result.cost,

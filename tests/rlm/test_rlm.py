@@ -547,7 +547,7 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     assert read_sessions(lake).height == 2
 
 
-ADDED_COLUMNS = ("search_calls",)
+ADDED_COLUMNS = ("search_calls", "sub_call_cache_hits")
 """Session columns added since the first version of the table."""
 
 
