@@ -124,6 +124,7 @@ def session_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "sub_calls": result["total_sub_calls"],
         "search_calls": result["search_calls"],
         "sub_call_cache_hits": result["sub_call_cache_hits"],
+        "depth_reached": result["depth_reached"],
         "prompt_tokens": result["prompt_tokens"],
         "completion_tokens": result["completion_tokens"],
         "cost_usd": dg.MetadataValue.float(float(result["cost"] or 0.0)),

@@ -112,7 +112,8 @@ class RLMConfig(BaseModel):
 
 
 class RLMResult(BaseModel):
-    """What a query returns (and what its session row records)."""
+    """What a query returns (and what its session row records). `iterations`,
+    `total_sub_calls`, the tokens and `cost` cover every child RLM of the query."""
 
     answer: str
     status: Status
@@ -120,6 +121,7 @@ class RLMResult(BaseModel):
     total_sub_calls: int = 0
     search_calls: int = 0  # `search` calls the sandboxed code made
     sub_call_cache_hits: int = 0  # sub-calls answered from the LLM cache (free)
+    depth_reached: int = 0  # deepest RLM level that ran: 1 root only, 2-3 child RLMs
     cost: float | None = None  # USD; None when the provider reports no cost
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -18,6 +18,14 @@
 - :class:`SandboxRLM` subclasses `rlms`'s `RLM` and overrides `_spawn_completion_context`
   (its `get_environment` is a closed switch) and `_setup_prompt` (our prompts and metadata).
 
+Accounting covers the whole tree of RLMs of a query (`max_depth` 2 or 3): child RLMs share the
+root's `Spend` (tokens, cost, cache hits) and `Deadline`, so `max_budget` and `max_timeout`
+bound the tree, and the budget is checked against the tree's spend after every iteration of
+every RLM. Each RLM adds up its children's `tree_iterations` and `tree_sub_calls` (an
+`llm_query` a child answered counts once, the child's own sub-calls count too) and the deepest
+level that ran (`depth_reached`: 1 for the root alone, 2 once a child RLM ran, 3 for a
+grandchild), also when a child ends on a limit.
+
 `FINAL(value)` / `FINAL_VAR(name)` are defined by a prelude in the sandbox (`PRELUDE` for the
 python runtime, `JS_PRELUDE` for the bun runtime); they set `__final__`, which the REPL server
 reports and `SandboxREPL` turns into `final_answer`, the signal that ends `rlms`'s loop.
@@ -597,11 +605,24 @@ class SandboxRLM(RLM):
         self.sub_temperature = sub_temperature
         self.cache_sub_calls = cache_sub_calls
         self.iterations_run = 0
-        self.children_iterations = 0
+        self.children_iterations = 0  # every descendant's iterations
+        self.children_sub_calls = 0  # every descendant's sub-calls
+        self.depth_reached = 0  # 1 + the depth of the deepest RLM of this tree that ran
+        self._tally_lock = threading.Lock()
         self.hit_iteration_cap = False
         self.environment: SandboxREPL | None = None
         self.broker: SubCallBroker | None = None
         self._clients: list[HostLM] = []
+
+    @property
+    def tree_iterations(self) -> int:
+        """Iterations of this RLM and of every child RLM below it."""
+        return self.iterations_run + self.children_iterations
+
+    @property
+    def tree_sub_calls(self) -> int:
+        """Sub-calls answered for this RLM's code and for every child RLM's below it."""
+        return (self.broker.total if self.broker else 0) + self.children_sub_calls
 
     def _host_client(self, model: str) -> HostLM:
         client = HostLM(
@@ -629,6 +650,7 @@ class SandboxRLM(RLM):
         self, prompt: str | dict[str, Any]
     ) -> Iterator[tuple[LMHandler, SandboxREPL]]:
         """An LMHandler over our client(s) and a SandboxREPL with the context loaded."""
+        self.depth_reached = max(self.depth_reached, self.depth + 1)
         root = self._host_client(self.root_model)
         sub = self._host_client(self.sub_model) if self.sub_model != self.root_model else None
         handler = LMHandler(root, other_backend_client=sub)
@@ -696,7 +718,10 @@ class SandboxRLM(RLM):
         except (TimeoutExceededError, BudgetExceededError) as exc:
             raise RuntimeError(str(exc)) from None
         finally:
-            self.children_iterations += child.iterations_run
+            with self._tally_lock:  # children of one llm_query_batched run concurrently
+                self.children_iterations += child.tree_iterations
+                self.children_sub_calls += child.tree_sub_calls
+                self.depth_reached = max(self.depth_reached, child.depth_reached)
         return completion
 
     def _setup_prompt(
@@ -741,10 +766,28 @@ class SandboxRLM(RLM):
             "iteration_done",
             iteration=self.iterations_run,
             seconds=iteration.iteration_time,
-            sub_calls=self.broker.total if self.broker else 0,
+            sub_calls=self.tree_sub_calls,
             errors=sum(1 for b in iteration.code_blocks if b.result.stderr),
         )
         return iteration
+
+    def _check_iteration_limits(
+        self, iteration: RLMIteration, iteration_num: int, lm_handler: LMHandler
+    ) -> None:
+        """rlms's checks after an iteration, with `max_budget` checked against the spend of
+        the whole tree (rlms's own check sees this RLM's handler only)."""
+        if self.spend.over_budget():
+            raise BudgetExceededError(
+                spent=self.spend.cost_usd or 0.0,
+                budget=self.spend.max_budget or 0.0,
+                message=(
+                    f"Budget exceeded after iteration {iteration_num + 1}"
+                    f"{'' if self.depth == 0 else f' of the child RLM at depth {self.depth}'}: "
+                    f"spent ${self.spend.cost_usd or 0.0:.6f} of ${self.spend.max_budget:.6f} "
+                    "(every LLM call of the query, child RLMs included)"
+                ),
+            )
+        super()._check_iteration_limits(iteration, iteration_num, lm_handler)
 
     def _text_final(self, iteration: RLMIteration) -> str | None:
         """The answer of a `FINAL(...)`/`FINAL_VAR(...)` line outside code blocks, if any."""

@@ -255,6 +255,7 @@ class _Run:
         self.iterations = 0
         self.sub_calls = 0
         self.search_calls = 0
+        self.depth_reached = 0
         self.embedder: EmbedderSource | None = None
         self.backend = "local"
         self.runtime_used: str | None = None
@@ -298,6 +299,7 @@ class _Run:
         self.iterations = 0
         self.sub_calls = 0
         self.search_calls = 0
+        self.depth_reached = 0
 
     def _loop(
         self,
@@ -407,8 +409,9 @@ class _Run:
                 self.fail(f"{type(exc).__name__}: {exc}")
                 self.answer = best
         finally:
-            self.iterations = engine.iterations_run + engine.children_iterations
-            self.sub_calls = engine.broker.total if engine.broker else 0
+            self.iterations = engine.tree_iterations
+            self.sub_calls = engine.tree_sub_calls
+            self.depth_reached = engine.depth_reached
             self.search_calls = tools.search_calls
         if limit_warning:
             self.warning = f"{self.warning}; {limit_warning}" if self.warning else limit_warning
@@ -432,6 +435,7 @@ class _Run:
             total_sub_calls=self.sub_calls,
             search_calls=self.search_calls,
             sub_call_cache_hits=self.spend.sub_call_cache_hits,
+            depth_reached=self.depth_reached,
             cost=self.spend.cost_usd,
             prompt_tokens=self.spend.prompt_tokens,
             completion_tokens=self.spend.completion_tokens,
@@ -468,6 +472,7 @@ class _Run:
             "sub_calls": result.total_sub_calls,
             "search_calls": result.search_calls,
             "sub_call_cache_hits": result.sub_call_cache_hits,
+            "depth_reached": result.depth_reached,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "cost_usd": result.cost,

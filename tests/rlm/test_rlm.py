@@ -547,8 +547,9 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     assert read_sessions(lake).height == 2
 
 
-ADDED_COLUMNS = ("search_calls", "sub_call_cache_hits")
-"""Session columns added since the first version of the table."""
+ADDED_COLUMNS = {"search_calls": 0, "sub_call_cache_hits": 0, "depth_reached": 1}
+"""Session columns added since the first version of the table, and their values for a query
+of one turn over a custom context."""
 
 
 @pytest.mark.postgres
@@ -595,14 +596,14 @@ def test_session_tables_of_an_earlier_version_gain_the_new_columns(
 
     rows = {r["session_id"]: r for r in read_sessions(lake).to_dicts()}
     assert set(rows) == {"old-session", result.session_id}
-    for column in ADDED_COLUMNS:
+    for column, value in ADDED_COLUMNS.items():
         assert rows["old-session"][column] is None
-        assert rows[result.session_id][column] == 0
+        assert rows[result.session_id][column] == value
     pg = {r["session_id"]: r for r in pg_rows(pg_table)}
     assert set(pg) == {"old-session", result.session_id}
-    for column in ADDED_COLUMNS:
+    for column, value in ADDED_COLUMNS.items():
         assert pg["old-session"][column] is None
-        assert pg[result.session_id][column] == 0
+        assert pg[result.session_id][column] == value
 
 
 # -- Dagster: the job and the report asset ----------------------------------------------------

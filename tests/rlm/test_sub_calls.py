@@ -16,7 +16,7 @@ from memcity_pipeline.rlm.config import RLMResult
 from memcity_pipeline.rlm.sessions import read_sessions
 from tests.fixtures_sandbox import BWRAP
 from tests.rlm.test_rlm import ROOT, SUB, Script, ask, lake, repl, sandbox  # noqa: F401
-from tests.scripted_llm_server import ScriptedLLMServer
+from tests.scripted_llm_server import ScriptedLLMServer, approx_tokens
 
 pytestmark = [
     pytest.mark.skipif(not Path(BWRAP).exists(), reason="bubblewrap is not installed"),
@@ -147,3 +147,113 @@ def test_the_cache_is_off_when_asked_or_when_sub_calls_sample(
         rlm_config={"sub_temperature": 0.7, "cache_sub_calls": True},
     )
     assert result.sub_call_cache_hits == 3
+
+
+# -- the tree of child RLMs (max_depth 2 and 3) ---------------------------------------------------
+
+
+class Tally(Script):
+    """The script's replies, recorded, so a test can add up what the server counted."""
+
+    def __init__(self, *root: str, cost: float | None = None) -> None:
+        super().__init__(*root, cost=cost)
+        self.tokens = [0, 0]
+
+    def __call__(self, request: dict[str, Any]) -> Any:
+        reply = super().__call__(request)
+        content = reply["choices"][0]["message"]["content"] if isinstance(reply, dict) else reply
+        prompt = " ".join(str(m.get("content") or "") for m in request["messages"])
+        self.tokens[0] += approx_tokens(prompt)
+        self.tokens[1] += approx_tokens(str(content))
+        return reply
+
+
+CHILD = "n = llm_query('how many words: ' + context)\nFINAL(n)"
+
+
+def test_at_depth_2_the_figures_cover_every_child_rlm(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,  # noqa: F811
+    lake: Path,  # noqa: F811
+) -> None:
+    script = Tally(
+        repl("a = llm_query('count: a b c')\nb = llm_query('count: d e')\nprint(a, b)"),
+        repl(CHILD),  # the child RLM answering 'count: a b c'
+        repl(CHILD),  # and the one answering 'count: d e'
+        repl("FINAL(a + ' / ' + b)"),
+        cost=0.01,
+    )
+    scripted_llm.responder = script
+    result = ask(scripted_llm, sandbox, "custom", custom_context="x", rlm_config={"max_depth": 2})
+    assert result.status == "completed", result
+    assert result.answer == "sub[how many words: count: a b c] / sub[how many words: count: d e]"
+    # Six LLM calls: four root turns (two of the root, one per child) and the children's two
+    # sub-calls; the root's two llm_query calls were answered by the children.
+    assert len(scripted_llm.chat_requests) == 6 and len(script.sub_prompts) == 2
+    assert result.total_sub_calls == 4
+    assert result.iterations == 4
+    assert result.depth_reached == 2
+    assert result.cost == pytest.approx(0.06)
+    assert [result.prompt_tokens, result.completion_tokens] == script.tokens
+    row = row_of(lake, result)
+    assert (row["sub_calls"], row["iterations"], row["depth_reached"]) == (4, 4, 2)
+    assert row["cost_usd"] == pytest.approx(0.06)
+    assert [row["prompt_tokens"], row["completion_tokens"]] == script.tokens
+
+    # The same question at depth 1: llm_query is a plain call, the depth reached is 1.
+    scripted_llm.responder = Script(repl("a = llm_query('count: a b c')\nFINAL(a)"))
+    flat = ask(scripted_llm, sandbox, "custom", custom_context="x")
+    assert (flat.total_sub_calls, flat.iterations, flat.depth_reached) == (1, 1, 1)
+    assert row_of(lake, flat)["depth_reached"] == 1
+
+
+def test_the_budget_counts_the_children_s_calls(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,  # noqa: F811
+    lake: Path,  # noqa: F811
+) -> None:
+    script = Script(
+        repl("a = llm_query('count: a b c')\nb = llm_query('count: d e')\nprint(a, b)"),
+        repl(CHILD),
+        repl(CHILD),
+        repl("FINAL('never')"),
+        cost=0.01,
+    )
+    scripted_llm.responder = script
+    result = ask(
+        scripted_llm,
+        sandbox,
+        "custom",
+        custom_context="x",
+        rlm_config={"max_depth": 2, "max_budget": 0.035},
+    )
+    # The root's own calls cost $0.01; its first child spent $0.02 and the second $0.01 before
+    # the budget stopped it: the query stops there, on the tree's spend, without a second turn.
+    assert result.status == "partial", result
+    assert "Budget exceeded after iteration 1" in (result.warning or "")
+    assert "child RLMs included" in (result.warning or "")
+    assert result.cost == pytest.approx(0.04)
+    assert len(script.root_prompts) == 3  # root turn 1 and one turn per child, no root turn 2
+    assert result.depth_reached == 2
+    assert result.total_sub_calls == 2  # the first child's answer and its own sub-call
+    assert row_of(lake, result)["cost_usd"] == pytest.approx(0.04)
+
+
+def test_at_depth_3_a_grandchild_counts_too(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,  # noqa: F811
+    lake: Path,  # noqa: F811
+) -> None:
+    script = Script(
+        repl("a = llm_query('level one')\nprint(a)"),
+        repl("b = llm_query('level two: ' + context)\nFINAL(b)"),  # the child
+        repl(CHILD),  # the grandchild: its llm_query is a plain sub-call
+        repl("FINAL(a)"),
+    )
+    scripted_llm.responder = script
+    result = ask(scripted_llm, sandbox, "custom", custom_context="x", rlm_config={"max_depth": 3})
+    assert result.status == "completed", result
+    assert result.answer == "sub[how many words: level two: lev]"  # its first 30 characters
+    assert (result.total_sub_calls, result.iterations, result.depth_reached) == (3, 4, 3)
+    row = row_of(lake, result)
+    assert (row["sub_calls"], row["iterations"], row["depth_reached"]) == (3, 4, 3)
