@@ -23,10 +23,13 @@ from memcity_pipeline.search.retrieval import search_memories as _search_memorie
 from memcity_pipeline.settings import Settings, build_embedder, build_resources, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from memcity_pipeline.llm.client import LLMClient
     from memcity_pipeline.rlm.engine import ProgressFn
     from memcity_pipeline.rlm.sessions import SessionStore
     from memcity_pipeline.sandbox.base import SandboxBackend
+    from memcity_pipeline.search.embeddings import Embedder
 
 __all__ = [
     "ContextHit",
@@ -110,7 +113,9 @@ def rlm_query(
     `conversation` (`user_id`) or `custom` (`custom_context`: a string or a list). The LLM, the
     sandbox (with the config's sandbox options applied), the lake and the session store
     (Postgres with `MEMCITY_POSTGRES_URL`) come from the settings unless `llm`, `sandbox` or
-    `session_store` is given (a given sandbox is used as it is). Raises RLMRequestError for a wrong request; otherwise always returns a result.
+    `session_store` is given (a given sandbox is used as it is). The sandboxed code's `search`
+    uses the embeddings of the settings (`MEMCITY_EMBEDDINGS`), loaded by its first call.
+    Raises RLMRequestError for a wrong request; otherwise always returns a result.
     """
     from memcity_pipeline.rlm.query import prepare_query, run_query
 
@@ -136,9 +141,21 @@ def rlm_query(
             sandbox=sandbox or sandbox_resource.get_backend(),
             session_store=session_store or resources["sessions"].get_store(),
             progress=progress,
+            embedder=_search_embedder(s),
         )
     finally:
         if sandbox is None:
             sandbox_resource.close()
         if llm_resource is not None:
             llm_resource.close()
+
+
+def _search_embedder(s: Settings) -> Callable[[], Embedder]:
+    """Builds the embedder of `search` in the sandbox (with the index cache bounded as for
+    `get_context`), when the first search needs it."""
+
+    def build() -> Embedder:
+        set_index_cache_limit(s.search_cache_mb << 20)
+        return build_embedder(s)
+
+    return build

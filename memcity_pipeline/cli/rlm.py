@@ -214,10 +214,14 @@ def print_result(result: RLMResult, *, as_json: bool, out: Console, err: Console
         out.print("[dim](no answer)[/dim]")
     style = STATUS_STYLE.get(result.status, "white")
     cost = f"${result.cost:.4f}" if result.cost is not None else "n/a"
+    hits = result.sub_call_cache_hits
+    cached = f" ({hits} from the cache)" if hits else ""
+    searches = f"{result.search_calls} searches · " if result.search_calls else ""
     err.print(
         f"[{style}]{result.status}[/{style}] · {result.iterations} iterations · "
-        f"{result.total_sub_calls} sub-calls · {result.prompt_tokens + result.completion_tokens} "
-        f"tokens · cost {cost} · {result.execution_time_s:.1f} s · session {result.session_id}",
+        f"{result.total_sub_calls} sub-calls{cached} · {searches}"
+        f"{result.prompt_tokens + result.completion_tokens} tokens · cost {cost} · "
+        f"{result.execution_time_s:.1f} s · session {result.session_id}",
         soft_wrap=True,
     )
     if result.warning:

@@ -16,6 +16,7 @@ import polars as pl
 from pydantic import BaseModel, Field, create_model
 
 from memcity_pipeline.lake.delta import table_version
+from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.resources.sandbox import SandboxResource
@@ -121,6 +122,9 @@ def session_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "context_chars": result["context_chars"],
         "iterations": result["iterations"],
         "sub_calls": result["total_sub_calls"],
+        "search_calls": result["search_calls"],
+        "sub_call_cache_hits": result["sub_call_cache_hits"],
+        "depth_reached": result["depth_reached"],
         "prompt_tokens": result["prompt_tokens"],
         "completion_tokens": result["completion_tokens"],
         "cost_usd": dg.MetadataValue.float(float(result["cost"] or 0.0)),
@@ -146,6 +150,7 @@ def run_rlm_query(
     sandbox: SandboxResource,
     lake: LakeResource,
     sessions: SessionsResource,
+    embeddings: EmbeddingsResource,
 ) -> Any:
     def progress(event: str, data: dict[str, Any]) -> None:
         if event == "iteration_done":
@@ -178,6 +183,7 @@ def run_rlm_query(
             sandbox=tuned.get_backend(),
             session_store=sessions.get_store(),
             progress=progress,
+            embedder=embeddings.get_embedder,
         )
     finally:
         if tuned is not sandbox:

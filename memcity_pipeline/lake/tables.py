@@ -235,7 +235,10 @@ RLM_SESSIONS = pa.schema(
         ("root_model", pa.string()),
         ("sub_model", pa.string()),
         ("iterations", pa.int64()),
+        ("depth_reached", pa.int64()),  # deepest RLM level that ran (1: the root alone)
         ("sub_calls", pa.int64()),
+        ("search_calls", pa.int64()),  # `search` calls of the sandboxed code
+        ("sub_call_cache_hits", pa.int64()),  # sub-calls served by the LLM cache
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
         ("cost_usd", pa.float64()),  # null when the provider reports no cost

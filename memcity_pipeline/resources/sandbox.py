@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from memcity_pipeline.resources._secrets import secret_value
-from memcity_pipeline.sandbox.base import LLMHandler, SandboxBackend, SandboxSession
+from memcity_pipeline.sandbox.base import LLMHandler, SandboxBackend, SandboxSession, ToolHandler
 from memcity_pipeline.sandbox.snapshot import DEFAULT_SNAPSHOT
 
 
@@ -70,10 +70,16 @@ class SandboxResource(dg.ConfigurableResource):
         prelude: str | None = None,
         session_id: str | None = None,
         runtime: str = "python",
+        tool_handler: ToolHandler | None = None,
     ) -> SandboxSession:
         """Open a persistent REPL session for `org_id` (see `SandboxBackend.open_session`)."""
         return self.get_backend().open_session(
-            org_id, llm_handler, prelude=prelude, session_id=session_id, runtime=runtime
+            org_id,
+            llm_handler,
+            prelude=prelude,
+            session_id=session_id,
+            runtime=runtime,
+            tool_handler=tool_handler,
         )
 
     def close(self) -> None:

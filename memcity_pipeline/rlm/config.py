@@ -54,6 +54,14 @@ class RLMConfig(BaseModel):
     sub_model: str | None = Field(
         default=None, description="Model of llm_query calls (default: model, else the sub-model)."
     )
+    sub_temperature: float = Field(
+        default=0.0, ge=0.0, le=2.0, description="Sampling temperature of llm_query calls."
+    )
+    cache_sub_calls: bool | None = Field(
+        default=None,
+        description="Serve an llm_query prompt already answered for the same model and "
+        "parameters from the LLM cache, free (null: on when sub_temperature is 0).",
+    )
     custom_system_prompt: str | None = Field(
         default=None, description="Replaces the built-in system prompt (advanced)."
     )
@@ -87,6 +95,13 @@ class RLMConfig(BaseModel):
         default=None, gt=0, description="Wall clock of one code execution (120)."
     )
 
+    @property
+    def caches_sub_calls(self) -> bool:
+        """Whether sub-calls use the LLM cache: `cache_sub_calls`, else a temperature of 0."""
+        if self.cache_sub_calls is not None:
+            return self.cache_sub_calls
+        return self.sub_temperature == 0
+
     def sandbox_overrides(self) -> dict[str, Any]:
         """The sandbox options that are set, as SandboxResource field values."""
         return {
@@ -97,12 +112,16 @@ class RLMConfig(BaseModel):
 
 
 class RLMResult(BaseModel):
-    """What a query returns (and what its session row records)."""
+    """What a query returns (and what its session row records). `iterations`,
+    `total_sub_calls`, the tokens and `cost` cover every child RLM of the query."""
 
     answer: str
     status: Status
     iterations: int = 0
     total_sub_calls: int = 0
+    search_calls: int = 0  # `search` calls the sandboxed code made
+    sub_call_cache_hits: int = 0  # sub-calls answered from the LLM cache (free)
+    depth_reached: int = 0  # deepest RLM level that ran: 1 root only, 2-3 child RLMs
     cost: float | None = None  # USD; None when the provider reports no cost
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -3,7 +3,12 @@
 - :class:`HostLM` is an `rlms` client (`BaseLM`) over our :class:`LLMClient`: usage and cost
   land in `rlms`'s `LMHandler` (so `max_budget` works), and every call is bounded by the time
   left (`Deadline`) and the budget left (`Spend`). A call abandoned at the deadline runs out
-  on a daemon thread with the time left as its limit: it never holds the process.
+  on a daemon thread with the time left as its limit: it never holds the process. Sub-calls
+  (`llm_query` answered by an LLM) run at the query's `sub_temperature` and, with
+  `cache_sub_calls`, through the client's persistent LLM cache: a prompt already answered for
+  the same model and parameters is served from it, counted in `Spend.sub_call_cache_hits`,
+  and adds no tokens and no cost (so nothing against `max_budget`). Root calls never use the
+  cache.
 - :class:`Deadline` also records what the time ran out during (a root LLM call, a sub-call, a
   code execution; a child RLM's are named as such), so a timeout says where the time went.
   An iteration counts once the root LLM has answered it.
@@ -12,6 +17,14 @@
   (the session's LLM handler) and are answered through the same `LMHandler` clients.
 - :class:`SandboxRLM` subclasses `rlms`'s `RLM` and overrides `_spawn_completion_context`
   (its `get_environment` is a closed switch) and `_setup_prompt` (our prompts and metadata).
+
+Accounting covers the whole tree of RLMs of a query (`max_depth` 2 or 3): child RLMs share the
+root's `Spend` (tokens, cost, cache hits) and `Deadline`, so `max_budget` and `max_timeout`
+bound the tree, and the budget is checked against the tree's spend after every iteration of
+every RLM. Each RLM adds up its children's `tree_iterations` and `tree_sub_calls` (an
+`llm_query` a child answered counts once, the child's own sub-calls count too) and the deepest
+level that ran (`depth_reached`: 1 for the root alone, 2 once a child RLM ran, 3 for a
+grandchild), also when a child ends on a limit.
 
 `FINAL(value)` / `FINAL_VAR(name)` are defined by a prelude in the sandbox (`PRELUDE` for the
 python runtime, `JS_PRELUDE` for the bun runtime); they set `__final__`, which the REPL server
@@ -196,18 +209,24 @@ class Spend:
     """Tokens and cost of every LLM call of one query, shared by its clients (thread-safe).
 
     `usage` accumulates them (`cost_usd` None while no call reported a cost); `root_calls` and
-    `sub_calls` count the calls of each kind.
+    `sub_calls` count the calls of each kind; `sub_call_cache_hits` the sub-calls the LLM cache
+    answered (counted in `sub_calls`, adding nothing to `usage`).
     """
 
     max_budget: float | None = None
     usage: Usage = field(default_factory=Usage)
     root_calls: int = 0
     sub_calls: int = 0
+    sub_call_cache_hits: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, usage: Usage, sub: bool) -> None:
+    def add(self, usage: Usage, sub: bool, *, cached: bool = False) -> None:
+        """Count one call; a `cached` answer's usage is not new spend and is left out."""
         with self._lock:
-            self.usage = self.usage + usage
+            if cached:
+                self.sub_call_cache_hits += 1
+            else:
+                self.usage = self.usage + usage
             if sub:
                 self.sub_calls += 1
             else:
@@ -235,6 +254,9 @@ class HostLM(BaseLM):
 
     Root calls (the loop's) and sub-calls (the sandbox's `llm_query`) share the same `Spend`;
     `sub` says which kind this instance serves by default (`completion(..., sub=True)` too).
+    Sub-calls run at `sub_temperature` and, with `cache_sub_calls`, read and fill the client's
+    LLM cache; a cache hit adds no usage (`last_cached()` says whether the caller's last call
+    was one).
     Each request runs on a daemon thread with the time left as its own limit: a call abandoned
     at the deadline neither keeps the query waiting nor holds the process at exit, and its HTTP
     request is dropped when that time is up. `depth` names the RLM in timeout messages.
@@ -249,6 +271,8 @@ class HostLM(BaseLM):
         spend: Spend,
         max_tokens: int | None = None,
         depth: int = 0,
+        sub_temperature: float = 0.0,
+        cache_sub_calls: bool = False,
     ) -> None:
         super().__init__(model_name=model_name, timeout=client.timeout_s)
         self.client = client
@@ -256,6 +280,8 @@ class HostLM(BaseLM):
         self.spend = spend
         self.max_tokens = max_tokens
         self.depth = depth
+        self.sub_temperature = sub_temperature
+        self.cache_sub_calls = cache_sub_calls
         self._lock = threading.Lock()
         self._local = threading.local()
         self._usage = Usage()
@@ -278,8 +304,9 @@ class HostLM(BaseLM):
                 lambda: self.client.complete(
                     messages,
                     model=self.model_name,
+                    temperature=self.sub_temperature if sub else 0.0,
                     max_tokens=self.max_tokens,
-                    use_cache=False,
+                    use_cache=sub and self.cache_sub_calls,
                     time_limit_s=left,
                 ),
                 name=f"rlm-llm-{self.model_name}",
@@ -289,11 +316,12 @@ class HostLM(BaseLM):
             except FutureTimeout:
                 self.deadline.ran_out(what)
                 raise self.deadline.error(what) from None
-        usage = result.usage
+        usage = Usage(calls=1) if result.cached else result.usage
         with self._lock:
             self._usage = self._usage + usage
-        self.spend.add(usage, sub)
+        self.spend.add(usage, sub, cached=result.cached)
         self._local.last = _summary(usage)
+        self._local.cached = result.cached
         return result.text
 
     async def acompletion(self, prompt: str | list[dict[str, Any]]) -> str:
@@ -308,6 +336,10 @@ class HostLM(BaseLM):
 
     def get_last_usage(self) -> ModelUsageSummary:
         return getattr(self._local, "last", ModelUsageSummary(0, 0, 0, None))
+
+    def last_cached(self) -> bool:
+        """Whether this thread's last call was answered by the LLM cache."""
+        return bool(getattr(self._local, "cached", False))
 
     def close(self) -> None:
         """Nothing to wait for: calls still in flight end on their own, on daemon threads, by
@@ -387,6 +419,7 @@ class SubCallBroker:
             response=text,
             usage_summary=UsageSummary(model_usage_summaries={client.model_name: usage}),
             execution_time=time.perf_counter() - started,
+            metadata={"cache_hit": True} if client.last_cached() else None,
         )
         self._keep(record)
         return text
@@ -539,6 +572,8 @@ class SandboxRLM(RLM):
         progress: ProgressFn | None = None,
         max_tokens_per_call: int | None = None,
         depth: int = 0,
+        sub_temperature: float = 0.0,
+        cache_sub_calls: bool = False,
     ) -> None:
         super().__init__(
             backend="openai",
@@ -567,12 +602,27 @@ class SandboxRLM(RLM):
         self.exec_timeout_s = exec_timeout_s
         self.progress = progress
         self.max_tokens_per_call = max_tokens_per_call
+        self.sub_temperature = sub_temperature
+        self.cache_sub_calls = cache_sub_calls
         self.iterations_run = 0
-        self.children_iterations = 0
+        self.children_iterations = 0  # every descendant's iterations
+        self.children_sub_calls = 0  # every descendant's sub-calls
+        self.depth_reached = 0  # 1 + the depth of the deepest RLM of this tree that ran
+        self._tally_lock = threading.Lock()
         self.hit_iteration_cap = False
         self.environment: SandboxREPL | None = None
         self.broker: SubCallBroker | None = None
         self._clients: list[HostLM] = []
+
+    @property
+    def tree_iterations(self) -> int:
+        """Iterations of this RLM and of every child RLM below it."""
+        return self.iterations_run + self.children_iterations
+
+    @property
+    def tree_sub_calls(self) -> int:
+        """Sub-calls answered for this RLM's code and for every child RLM's below it."""
+        return (self.broker.total if self.broker else 0) + self.children_sub_calls
 
     def _host_client(self, model: str) -> HostLM:
         client = HostLM(
@@ -582,6 +632,8 @@ class SandboxRLM(RLM):
             spend=self.spend,
             max_tokens=self.max_tokens_per_call,
             depth=self.depth,
+            sub_temperature=self.sub_temperature,
+            cache_sub_calls=self.cache_sub_calls,
         )
         self._clients.append(client)
         return client
@@ -598,6 +650,7 @@ class SandboxRLM(RLM):
         self, prompt: str | dict[str, Any]
     ) -> Iterator[tuple[LMHandler, SandboxREPL]]:
         """An LMHandler over our client(s) and a SandboxREPL with the context loaded."""
+        self.depth_reached = max(self.depth_reached, self.depth + 1)
         root = self._host_client(self.root_model)
         sub = self._host_client(self.sub_model) if self.sub_model != self.root_model else None
         handler = LMHandler(root, other_backend_client=sub)
@@ -656,6 +709,8 @@ class SandboxRLM(RLM):
             max_tokens_per_call=self.max_tokens_per_call,
             depth=self.depth + 1,
             logger=RLMLogger() if self.logger else None,
+            sub_temperature=self.sub_temperature,
+            cache_sub_calls=self.cache_sub_calls,
         )
         self._notify("child_start", depth=child.depth)
         try:
@@ -663,7 +718,10 @@ class SandboxRLM(RLM):
         except (TimeoutExceededError, BudgetExceededError) as exc:
             raise RuntimeError(str(exc)) from None
         finally:
-            self.children_iterations += child.iterations_run
+            with self._tally_lock:  # children of one llm_query_batched run concurrently
+                self.children_iterations += child.tree_iterations
+                self.children_sub_calls += child.tree_sub_calls
+                self.depth_reached = max(self.depth_reached, child.depth_reached)
         return completion
 
     def _setup_prompt(
@@ -708,10 +766,28 @@ class SandboxRLM(RLM):
             "iteration_done",
             iteration=self.iterations_run,
             seconds=iteration.iteration_time,
-            sub_calls=self.broker.total if self.broker else 0,
+            sub_calls=self.tree_sub_calls,
             errors=sum(1 for b in iteration.code_blocks if b.result.stderr),
         )
         return iteration
+
+    def _check_iteration_limits(
+        self, iteration: RLMIteration, iteration_num: int, lm_handler: LMHandler
+    ) -> None:
+        """rlms's checks after an iteration, with `max_budget` checked against the spend of
+        the whole tree (rlms's own check sees this RLM's handler only)."""
+        if self.spend.over_budget():
+            raise BudgetExceededError(
+                spent=self.spend.cost_usd or 0.0,
+                budget=self.spend.max_budget or 0.0,
+                message=(
+                    f"Budget exceeded after iteration {iteration_num + 1}"
+                    f"{'' if self.depth == 0 else f' of the child RLM at depth {self.depth}'}: "
+                    f"spent ${self.spend.cost_usd or 0.0:.6f} of ${self.spend.max_budget:.6f} "
+                    "(every LLM call of the query, child RLMs included)"
+                ),
+            )
+        super()._check_iteration_limits(iteration, iteration_num, lm_handler)
 
     def _text_final(self, iteration: RLMIteration) -> str | None:
         """The answer of a `FINAL(...)`/`FINAL_VAR(...)` line outside code blocks, if any."""

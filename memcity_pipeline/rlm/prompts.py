@@ -1,12 +1,17 @@
 """The prompts of the RLM query engine: our system prompt and the context metadata message.
 
 The root LLM never sees the context itself: only its type, size in characters, item count,
-length statistics and one short sample (at most `SAMPLE_CHARS` characters).
+length statistics and one short sample (at most `SAMPLE_CHARS` characters). When the REPL has
+`search` (a `documents` or `memories` context), `system_prompt` describes it, and a capped
+context's metadata says how many items the cap left out and that `search` reaches them all.
 """
 
 import json
+import textwrap
 from dataclasses import dataclass
 from typing import Any
+
+from memcity_pipeline.rlm.tools import MAX_SEARCH_K
 
 SAMPLE_CHARS = 300
 
@@ -74,6 +79,40 @@ JavaScript (strings, arrays, Map, Set, JSON, RegExp, Math) and the functions abo
 """ + _HOW_TO_WORK.format(language="JavaScript")
 SYSTEM_PROMPTS = {"python": SYSTEM_PROMPT, "bun": JS_SYSTEM_PROMPT}
 
+# What `search` reaches and what each hit holds, by context type.
+_SEARCHED = {
+    "documents": (
+        "ALL the chunks of the knowledge base (the ones a cap left out of `context` too)",
+        "{chunk_id, document_id, title, section, text, score}",
+    ),
+    "memories": (
+        "ALL the user's memories (the ones a cap left out of `context` too)",
+        "{memory_id, text, created_at, score}",
+    ),
+}
+_SEARCH_CALL = {
+    "python": "`search(query, k=10) -> list[dict]`",
+    "bun": "`await search(query, k = 10)` -> array of objects",
+}
+_SEARCH_ANCHOR = "- `SHOW_VARS()`"
+
+
+def system_prompt(runtime: str, search: str | None = None) -> str:
+    """The built-in system prompt of `runtime`; with `search` (the context type `search`
+    covers: `documents` or `memories`), it describes the REPL's `search` function too."""
+    prompt = SYSTEM_PROMPTS[runtime]
+    if search not in _SEARCHED:
+        return prompt
+    what, fields = _SEARCHED[search]
+    text = (
+        f"{_SEARCH_CALL[runtime]}: hybrid search (keywords and meaning) over {what}; "
+        f"returns the `k` (at most {MAX_SEARCH_K}) best hits, best first, each `{fields}`. Use it to "
+        "find the items about a name or a fact without reading everything."
+    )
+    line = textwrap.fill(text, 96, initial_indent="- ", subsequent_indent="  ") + "\n"
+    at = prompt.index(_SEARCH_ANCHOR)
+    return prompt[:at] + line + prompt[at:]
+
 
 @dataclass(frozen=True)
 class ContextMetadata:
@@ -89,6 +128,7 @@ class ContextMetadata:
     truncated: bool = False
     total_available: int = 0
     cap_note: str | None = None  # what a cap kept: "the most recent 1,000 of 1,200 memories"
+    searchable: bool = False  # the REPL's `search` reaches every item, the capped ones too
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict form (for the session log)."""
@@ -110,8 +150,10 @@ def describe_context(
     truncated: bool = False,
     total: int = 0,
     cap_note: str | None = None,
+    searchable: bool = False,
 ) -> ContextMetadata:
-    """Metadata of a context: type, sizes and a short sample, never the whole of it."""
+    """Metadata of a context: type, sizes and a short sample, never the whole of it.
+    `searchable` says that the REPL's `search` reaches every item of the context's source."""
     if isinstance(payload, str):
         return ContextMetadata(
             context_type,
@@ -124,6 +166,7 @@ def describe_context(
             truncated,
             total or 1,
             cap_note,
+            searchable,
         )
     sizes = [_item_chars(item) for item in payload] or [0]
     first = payload[0] if payload else ""
@@ -139,6 +182,7 @@ def describe_context(
         truncated,
         total or len(payload),
         cap_note,
+        searchable,
     )
 
 
@@ -168,7 +212,13 @@ def metadata_message(meta: ContextMetadata, query: str) -> str:
     ]
     if meta.truncated:
         kept = meta.cap_note or f"the first {meta.items:,} of {meta.total_available:,} items"
-        lines.append(f"It holds {kept}: a cap left the rest out.")
+        left = max(meta.total_available - meta.items, 0)
+        lines.append(f"It holds {kept}: a cap left {left:,} out.")
+        if meta.searchable:
+            lines.append(
+                f"`search(query)` searches all {meta.total_available:,}, the {left:,} left out "
+                "included: use it to reach them."
+            )
     label = "Start of the context" if meta.value_type == "str" else "First item"
     lines += ["", f"{label} (a sample, not the whole):", meta.sample]
     return "\n".join(lines)

@@ -14,6 +14,10 @@ runs again on ``python`` if ``runtime_fallback_to_python`` (the default); the se
 the requested runtime, the one used and the reason. Cost, tokens and the time limit cover both
 attempts.
 
+The sandboxed code's `search(query, k)` (a `documents` or `memories` context) is answered on the
+host by `rlm.tools.SandboxTools`, over the query's own org and knowledge base or user, whatever
+the code sends; the embedder comes from the caller (`embedder`), built on the first search.
+
 This module stays whole (about 500 lines) because it is one flow: a request, its attempts, and
 the session row they end in.
 """
@@ -60,8 +64,9 @@ from memcity_pipeline.rlm.engine import (
     Spend,
     SubCallBroker,
 )
-from memcity_pipeline.rlm.prompts import SYSTEM_PROMPTS, describe_context
+from memcity_pipeline.rlm.prompts import describe_context, system_prompt
 from memcity_pipeline.rlm.sessions import SessionStore, now_utc
+from memcity_pipeline.rlm.tools import EmbedderSource, SandboxTools, SearchScope
 from memcity_pipeline.sandbox.base import (
     ExecResult,
     SandboxBackend,
@@ -158,11 +163,14 @@ def run_query(
     sandbox: SandboxBackend,
     session_store: SessionStore | None = None,
     progress: ProgressFn | None = None,
+    embedder: EmbedderSource | None = None,
 ) -> RLMResult:
     """Run a prepared query; always returns a result and records one session row in
-    `session_store` (default: the lake only)."""
+    `session_store` (default: the lake only). `embedder` builds the embedder of the lake's
+    indexes for the sandbox's `search` (without it, `search` answers with an error)."""
     p = prepared
     run = _Run(p.org_id, p.query, p.user_id, p.knowledge_base_id, p.config, p.context, p.lake)
+    run.embedder = embedder
     try:
         run.execute(llm, sandbox, progress)
     except Exception as exc:  # whatever happened, the session is recorded
@@ -185,6 +193,7 @@ def rlm_query(
     lake_dir: Lake | str | Path,
     session_store: SessionStore | None = None,
     progress: ProgressFn | None = None,
+    embedder: EmbedderSource | None = None,
 ) -> RLMResult:
     """Answer `query` over the org's context (in the lake at `lake_dir`) with a Recursive
     Language Model whose REPL runs in sessions of `sandbox`: `prepare_query`, then `run_query`.
@@ -205,7 +214,12 @@ def rlm_query(
         lake_dir=lake_dir,
     )
     return run_query(
-        prepared, llm=llm, sandbox=sandbox, session_store=session_store, progress=progress
+        prepared,
+        llm=llm,
+        sandbox=sandbox,
+        session_store=session_store,
+        progress=progress,
+        embedder=embedder,
     )
 
 
@@ -240,6 +254,9 @@ class _Run:
         self.error: str | None = None
         self.iterations = 0
         self.sub_calls = 0
+        self.search_calls = 0
+        self.depth_reached = 0
+        self.embedder: EmbedderSource | None = None
         self.backend = "local"
         self.runtime_used: str | None = None
         self.fallback_reason: str | None = None
@@ -281,6 +298,8 @@ class _Run:
         self.error = None
         self.iterations = 0
         self.sub_calls = 0
+        self.search_calls = 0
+        self.depth_reached = 0
 
     def _loop(
         self,
@@ -299,6 +318,15 @@ class _Run:
         logger = RLMLogger(log_dir=str(self.trajectory.parent))
         logger.log_file_path = str(self.trajectory)
         exec_timeout = cfg.sandbox_exec_timeout_s or float(opener.exec_timeout_s or 120.0)
+        scope = SearchScope.of_query(
+            self.lake,
+            self.org_id,
+            self.gathered.context_type,
+            knowledge_base_id=self.knowledge_base_id,
+            user_id=self.user_id,
+        )
+        tools = SandboxTools(scope, self.embedder)
+        searchable = scope.kind if scope is not None and tools.has_search else None
 
         opened = itertools.count()
 
@@ -311,6 +339,7 @@ class _Run:
                 prelude=PRELUDES[runtime],
                 session_id=self.session_id[:32] if n == 0 else f"{self.session_id[:24]}-c{n}",
                 runtime=runtime,
+                tool_handler=tools,
             )
             return _FailFastSession(session) if fail_fast else session
 
@@ -320,6 +349,7 @@ class _Run:
             truncated=self.gathered.truncated,
             total=self.gathered.total_available,
             cap_note=self.gathered.cap_note,
+            searchable=searchable is not None,
         )
         engine = SandboxRLM(
             client=client,
@@ -333,11 +363,13 @@ class _Run:
             max_iterations=cfg.max_iterations,
             max_depth=cfg.max_depth,
             max_errors=cfg.max_errors,
-            system_prompt=cfg.custom_system_prompt or SYSTEM_PROMPTS[runtime],
+            system_prompt=cfg.custom_system_prompt or system_prompt(runtime, searchable),
             exec_timeout_s=exec_timeout,
             logger=logger,
             progress=progress,
             max_tokens_per_call=cfg.max_tokens_per_call,
+            sub_temperature=cfg.sub_temperature,
+            cache_sub_calls=cfg.caches_sub_calls,
         )
         limit_warning: str | None = None
         try:
@@ -377,8 +409,10 @@ class _Run:
                 self.fail(f"{type(exc).__name__}: {exc}")
                 self.answer = best
         finally:
-            self.iterations = engine.iterations_run + engine.children_iterations
-            self.sub_calls = engine.broker.total if engine.broker else 0
+            self.iterations = engine.tree_iterations
+            self.sub_calls = engine.tree_sub_calls
+            self.depth_reached = engine.depth_reached
+            self.search_calls = tools.search_calls
         if limit_warning:
             self.warning = f"{self.warning}; {limit_warning}" if self.warning else limit_warning
 
@@ -399,6 +433,9 @@ class _Run:
             status=self.status,
             iterations=self.iterations,
             total_sub_calls=self.sub_calls,
+            search_calls=self.search_calls,
+            sub_call_cache_hits=self.spend.sub_call_cache_hits,
+            depth_reached=self.depth_reached,
             cost=self.spend.cost_usd,
             prompt_tokens=self.spend.prompt_tokens,
             completion_tokens=self.spend.completion_tokens,
@@ -433,6 +470,9 @@ class _Run:
             "sub_model": self.sub_model,
             "iterations": result.iterations,
             "sub_calls": result.total_sub_calls,
+            "search_calls": result.search_calls,
+            "sub_call_cache_hits": result.sub_call_cache_hits,
+            "depth_reached": result.depth_reached,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "cost_usd": result.cost,

@@ -6,7 +6,10 @@ Every query, whatever its end, is one row:
   (appends from concurrent processes never conflict, on a local folder or object storage);
 - in Postgres (`MEMCITY_POSTGRES_URL`), table `rlm_sessions` (created if missing, with indexes
   on org and time; every column but the partition column `date`), inserted in a transaction with
-  `ON CONFLICT (session_id) DO NOTHING`.
+  `ON CONFLICT (session_id) DO NOTHING`. A table created by an earlier version gains the
+  columns added since (`ALTER TABLE ... ADD COLUMN IF NOT EXISTS`, nullable: its old rows read
+  them as null) in the transaction of the next insert; the lake's table gains them on its next
+  append.
 
 The lake is written first. If Postgres is down, the error is logged and the row waits in the
 lake, marked pending (the object `_state/sessions_pending/<session_id>`); the next session that
@@ -96,6 +99,40 @@ def _ddl(table: str) -> list[Any]:
     return [create, org_index, time_index]
 
 
+def _add_missing_columns(conn: Any, table: str) -> None:
+    """Add to an existing `table` the columns of `RLM_SESSIONS` it lacks (nullable)."""
+    from psycopg import sql
+
+    cursor = conn.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND table_name = %s",
+        [table],
+    )
+    have = {r[0] for r in cursor.fetchall()}
+    missing = [f for f in RLM_SESSIONS if f.name in COLUMNS and f.name not in have]
+    if not missing:
+        return
+    conn.execute(
+        sql.SQL("ALTER TABLE {} {}").format(
+            sql.Identifier(table),
+            sql.SQL(", ").join(
+                sql.SQL("ADD COLUMN IF NOT EXISTS {} {}").format(
+                    sql.Identifier(f.name), sql.SQL(_PG_TYPES[f.type])
+                )
+                for f in missing
+            ),
+        )
+    )
+    log.info("%s: added the columns %s", table, ", ".join(f.name for f in missing))
+
+
+def _prepare(conn: Any, table: str) -> None:
+    """Create `table` and its indexes if missing, and add the columns it lacks."""
+    for statement in _ddl(table):
+        conn.execute(statement)
+    _add_missing_columns(conn, table)
+
+
 def _insert(table: str) -> Any:
     from psycopg import sql
 
@@ -113,10 +150,9 @@ def _connect(url: str, connect_timeout_s: int) -> Any:
 
 
 def ensure_table(url: str, table: str = SESSIONS_TABLE, *, connect_timeout_s: int = 5) -> None:
-    """Create the sessions table and its indexes if missing."""
+    """Create the sessions table and its indexes if missing, and add the columns it lacks."""
     with _connect(url, connect_timeout_s) as conn, conn.transaction():
-        for statement in _ddl(table):
-            conn.execute(statement)
+        _prepare(conn, table)
 
 
 def insert_rows(
@@ -131,8 +167,7 @@ def insert_rows(
         return 0
     inserted = 0
     with _connect(url, connect_timeout_s) as conn, conn.transaction():
-        for statement in _ddl(table):
-            conn.execute(statement)
+        _prepare(conn, table)
         query = _insert(table)
         for row in rows:
             cursor = conn.execute(query, [row.get(c) for c in COLUMNS])

@@ -5,8 +5,11 @@ per RLM query. Code runs in a REPL server inside the sandbox: ``memcity_pipeline
 for the ``python`` runtime, ``repl_server.js`` (Bun, else Node.js) for the ``bun`` runtime; both
 speak the protocol of ``REPL_PROTOCOL.md``. :class:`ReplClient` drives that server over any pair of
 line transports (a local process's pipes, a Daytona session's input and logs) and answers the
-server's ``llm_request`` messages on the host with an :data:`LLMHandler`, so no secret ever
-enters the sandbox. :class:`ReplSession` is a complete session on top of a client; backends add
+server's ``llm_request`` messages on the host with an :data:`LLMHandler`, and its
+``tool_request`` messages (``search``) with a :data:`ToolHandler`, so no secret ever enters the
+sandbox. A tool call is an untrusted request: whatever it asks, the host answers it with a
+result or an error message for the sandboxed code (a :class:`ToolError`'s message as it is,
+of anything else only its type), never by failing itself. :class:`ReplSession` is a complete session on top of a client; backends add
 how the process is started, how a context file travels, and how the process is killed.
 
 Timeouts have two tiers. The server interrupts Python code at ``timeout_s`` (the session lives
@@ -38,11 +41,17 @@ log = logging.getLogger(__name__)
 LLMHandler = Callable[[list[str], str | None], list[str]]
 """Host-side LLM access: ``(prompts, model) -> answers`` (one answer per prompt)."""
 
+ToolHandler = Callable[[str, Any], Any]
+"""Host-side tools: ``(tool name, arguments as the sandbox sent them) -> a JSON-serialisable
+result``; raises :class:`ToolError` to refuse a call with a message for the sandboxed code."""
+
 REPL_SERVER_PATH = Path(__file__).resolve().parent / "servers" / "repl_server.py"
 JS_REPL_SERVER_PATH = REPL_SERVER_PATH.with_name("repl_server.js")
 RUNTIMES = ("python", "bun")
 """REPL runtimes: ``python`` (repl_server.py) and ``bun`` (repl_server.js under Bun or Node.js)."""
-SERVER_MESSAGE_TYPES = frozenset({"ready", "result", "var", "llm_request", "error", "bye"})
+SERVER_MESSAGE_TYPES = frozenset(
+    {"ready", "result", "var", "llm_request", "tool_request", "error", "bye"}
+)
 DEFAULT_MAX_OUTPUT_CHARS = 100_000
 _EOF = object()
 
@@ -61,6 +70,11 @@ class ExecResult:
 
 class SandboxError(Exception):
     """The sandbox died or the protocol broke; the message says why."""
+
+
+class ToolError(Exception):
+    """A tool call the host refuses (bad arguments, nothing to search); its message goes back to
+    the sandboxed code as it is."""
 
 
 def check_runtime(runtime: str) -> str:
@@ -118,10 +132,13 @@ class SandboxBackend(ABC):
         prelude: str | None = None,
         session_id: str | None = None,
         runtime: str = "python",
+        tool_handler: ToolHandler | None = None,
     ) -> SandboxSession:
         """Start a REPL session for `org_id`; `prelude` runs once and defines scaffold names.
 
         `runtime` is ``python`` or ``bun`` (JavaScript); the prelude is code of that runtime.
+        `tool_handler` answers the session's tool calls (``search``); without one, every tool
+        call gets an error.
         """
 
     @abstractmethod
@@ -201,6 +218,14 @@ class DaemonPool:
             self._tasks.put(None)
 
 
+def tool_error_text(exc: BaseException) -> str:
+    """The message a failed tool call sends back: a ToolError's own; of any other failure only
+    its type (its text, which may name host paths, stays in the host's log)."""
+    if isinstance(exc, ToolError):
+        return str(exc)
+    return f"an error on the host ({type(exc).__name__})"
+
+
 class _Batch:
     """Answers of one `llm_request`, filled in by pool threads."""
 
@@ -219,7 +244,7 @@ class ReplClient:
     the server's stdin; `lines` yields the server's stdout lines (blocking) and ends when the
     server is gone. `kill()` stops the server process hard; `death_reason()` explains why the
     server ended (exit status, stderr tail). Batched prompts are answered concurrently, at most
-    `max_llm_concurrency` handler calls at a time.
+    `max_llm_concurrency` handler calls at a time; tool calls (`tool_handler`) share that bound.
     """
 
     def __init__(
@@ -232,12 +257,15 @@ class ReplClient:
         kill: Callable[[], None] | None = None,
         death_reason: Callable[[], str] | None = None,
         name: str = "sandbox",
+        tool_handler: ToolHandler | None = None,
     ) -> None:
         if max_llm_concurrency < 1:
             raise ValueError("max_llm_concurrency must be at least 1")
         self.name = name
         self.llm_handler = llm_handler
+        self.tool_handler = tool_handler
         self.llm_prompts_served = 0
+        self.tool_calls_served = 0
         self.server_info: dict[str, Any] = {}
         self._send_line = send_line
         self._kill = kill
@@ -337,6 +365,53 @@ class ReplClient:
         else:
             self._reply_llm(batch.request_id, results=batch.answers)
 
+    # -- tool bridge ----------------------------------------------------------------------
+
+    def _serve_tool_request(self, message: dict[str, Any]) -> None:
+        """Answer one `tool_request` on the pool: a `tool_result` with the result or an error."""
+        request_id = str(message.get("id"))
+        tool = message.get("tool")
+        if not isinstance(tool, str) or not tool:
+            self._reply_tool(request_id, error="tool_request without a tool name")
+            return
+        args = message.get("args")
+        try:
+            future = self._llm_pool.submit(self._run_tool, tool, args)
+        except RuntimeError:  # the session is closing: nobody will read the answer
+            return
+        future.add_done_callback(lambda f: self._tool_done(request_id, tool, f))
+
+    def _run_tool(self, tool: str, args: Any) -> Any:
+        if self.tool_handler is None:
+            raise ToolError("not available in this sandbox session")
+        result = self.tool_handler(tool, args)
+        json.dumps(result)  # a result that cannot travel is the host's error, said here
+        return result
+
+    def _tool_done(self, request_id: str, tool: str, future: Future) -> None:
+        if future.cancelled():
+            return
+        with self._send_lock:
+            self.tool_calls_served += 1
+        exc = future.exception()
+        if exc is None:
+            self._reply_tool(request_id, result=future.result())
+            return
+        if not isinstance(exc, ToolError):
+            log.warning("%s: tool %s failed on the host", self.name, tool, exc_info=exc)
+        self._reply_tool(request_id, error=tool_error_text(exc))
+
+    def _reply_tool(self, request_id: str, result: Any = None, error: str | None = None) -> None:
+        message: dict[str, Any] = {"type": "tool_result", "id": request_id}
+        if error is not None:
+            message["error"] = error
+        else:
+            message["result"] = result
+        try:
+            self._send(message)
+        except SandboxError:
+            log.debug("%s: answer to %s not delivered (server gone)", self.name, request_id)
+
     def _reply_llm(
         self, request_id: str, results: list | None = None, error: str | None = None
     ) -> None:
@@ -405,6 +480,8 @@ class ReplClient:
                 kind = reply.get("type")
                 if kind == "llm_request":
                     self._serve_llm_request(reply)
+                elif kind == "tool_request":
+                    self._serve_tool_request(reply)
                 elif kind == expect and reply.get("id") == request_id:
                     return reply
                 elif kind == "error" and reply.get("id") in (request_id, None):
@@ -574,6 +651,11 @@ class ReplSession(SandboxSession):
     def llm_prompts_served(self) -> int:
         """How many sub-LLM prompts this session sent to the host so far."""
         return self.client.llm_prompts_served
+
+    @property
+    def tool_calls_served(self) -> int:
+        """How many tool calls (``search``) this session sent to the host so far."""
+        return self.client.tool_calls_served
 
     def close(self) -> None:
         """Shut the server down and release the sandbox resources (idempotent)."""

@@ -67,6 +67,7 @@ from memcity_pipeline.sandbox.base import (
     ReplSession,
     SandboxBackend,
     SandboxError,
+    ToolHandler,
     check_runtime,
 )
 from memcity_pipeline.sandbox.snapshot import (
@@ -698,8 +699,10 @@ class DaytonaBackend(SandboxBackend):
         prelude: str | None = None,
         session_id: str | None = None,
         runtime: str = "python",
+        tool_handler: ToolHandler | None = None,
     ) -> DaytonaSession:
-        """Start a REPL session for ``org_id`` in its sandbox (created or started as needed)."""
+        """Start a REPL session for ``org_id`` in its sandbox (created or started as needed);
+        its tool calls go to ``tool_handler`` on the host."""
         session_id = _check_session_id(session_id or uuid.uuid4().hex)
         check_runtime(runtime)
         entry = self.sandboxes.acquire(org_id)
@@ -725,6 +728,7 @@ class DaytonaBackend(SandboxBackend):
                 channel.lines(),
                 llm_handler,
                 max_llm_concurrency=self.max_llm_concurrency,
+                tool_handler=tool_handler,
                 kill=channel.kill,
                 death_reason=channel.describe_end,
                 name=f"daytona:{session_id}" + ("" if runtime == "python" else f" ({runtime})"),

@@ -65,6 +65,7 @@ from memcity_pipeline.sandbox.base import (
     ReplSession,
     SandboxBackend,
     SandboxError,
+    ToolHandler,
     check_runtime,
 )
 
@@ -644,8 +645,10 @@ class LocalSandboxBackend(SandboxBackend):
         prelude: str | None = None,
         session_id: str | None = None,
         runtime: str = "python",
+        tool_handler: ToolHandler | None = None,
     ) -> LocalSandboxSession:
-        """Start one sandbox process for a new REPL session (`runtime` python or bun)."""
+        """Start one sandbox process for a new REPL session (`runtime` python or bun); its
+        tool calls go to `tool_handler`."""
         session_id = session_id or uuid.uuid4().hex[:16]
         if not SESSION_ID_RE.match(session_id):
             raise ValueError(f"session_id must match {SESSION_ID_RE.pattern}: {session_id!r}")
@@ -661,7 +664,9 @@ class LocalSandboxBackend(SandboxBackend):
             raise ValueError(f"sandbox session {session_id!r} already exists") from None
         uid = _reserve_uid() if _running_as_root() else None
         try:
-            session = self._start(org_id, session_id, workdir, uid, isolated, llm_handler, js)
+            session = self._start(
+                org_id, session_id, workdir, uid, isolated, llm_handler, js, tool_handler
+            )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             _release_uid(uid)
@@ -759,6 +764,7 @@ class LocalSandboxBackend(SandboxBackend):
         isolated: bool,
         llm_handler: LLMHandler,
         js: JsInterpreter | None = None,
+        tool_handler: ToolHandler | None = None,
     ) -> LocalSandboxSession:
         if isolated and uid is not None:
             os.chown(workdir, uid, uid)
@@ -796,6 +802,7 @@ class LocalSandboxBackend(SandboxBackend):
             _lines(process.stdout),  # type: ignore[arg-type]
             llm_handler,
             max_llm_concurrency=self.max_llm_concurrency,
+            tool_handler=tool_handler,
             kill=lambda: kill_process_tree(process, uid),
             death_reason=lambda: _exit_reason(process, tail),
             name=f"sandbox {session_id}" + ("" if js is None else f" ({js.kind})"),

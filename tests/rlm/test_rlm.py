@@ -547,6 +547,65 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     assert read_sessions(lake).height == 2
 
 
+ADDED_COLUMNS = {"search_calls": 0, "sub_call_cache_hits": 0, "depth_reached": 1}
+"""Session columns added since the first version of the table, and their values for a query
+of one turn over a custom context."""
+
+
+@pytest.mark.postgres
+def test_session_tables_of_an_earlier_version_gain_the_new_columns(
+    scripted_llm: ScriptedLLMServer, sandbox: SandboxResource, lake: Path, pg_table: str
+) -> None:
+    import psycopg
+    from deltalake import write_deltalake
+
+    from memcity_pipeline.lake.tables import RLM_SESSIONS, table
+    from memcity_pipeline.rlm.sessions import _PG_TYPES, COLUMNS
+
+    old_schema = pa.schema([f for f in RLM_SESSIONS if f.name not in ADDED_COLUMNS])
+    started = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    old_row = {
+        **{name: None for name in old_schema.names},
+        "session_id": "old-session",
+        "org_id": "saltmarsh",
+        "status": "completed",
+        "started_at": started,
+        "ended_at": started,
+        "date": "2026-01-05",
+    }
+    write_deltalake(
+        table("rlm_sessions").uri(lake),
+        pa.Table.from_pylist([old_row], schema=old_schema),
+        partition_by=["org_id", "date"],
+    )
+    old_columns = [
+        f'"{f.name}" {_PG_TYPES[f.type]}'
+        for f in old_schema
+        if f.name in COLUMNS and f.name != "session_id"
+    ]
+    with psycopg.connect(POSTGRES_TEST_URL, autocommit=True) as conn:
+        conn.execute(
+            f'CREATE TABLE "{pg_table}" (session_id TEXT PRIMARY KEY, {", ".join(old_columns)})'
+        )
+        conn.execute(f'INSERT INTO "{pg_table}" (session_id) VALUES (%s)', ["old-session"])
+
+    scripted_llm.responder = Script(repl("FINAL('new')"))
+    store = SessionStore(lake, POSTGRES_TEST_URL, table=pg_table)
+    result = ask(scripted_llm, sandbox, "custom", custom_context="x", session_store=store)
+    assert result.status == "completed" and result.logged_to_postgres, result
+
+    rows = {r["session_id"]: r for r in read_sessions(lake).to_dicts()}
+    assert set(rows) == {"old-session", result.session_id}
+    for column, value in ADDED_COLUMNS.items():
+        assert rows["old-session"][column] is None
+        assert rows[result.session_id][column] == value
+    pg = {r["session_id"]: r for r in pg_rows(pg_table)}
+    assert set(pg) == {"old-session", result.session_id}
+    for column, value in ADDED_COLUMNS.items():
+        assert pg["old-session"][column] is None
+        assert pg[result.session_id][column] == value
+
+
 # -- Dagster: the job and the report asset ----------------------------------------------------
 
 
@@ -576,6 +635,7 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
         "sandbox": sandbox,
         "lake": configured["lake"],
         "sessions": configured["sessions"],
+        "embeddings": configured["embeddings"],
     }
     result = rlm_query_job.execute_in_process(run_config=run_config, resources=resources)
     assert result.success

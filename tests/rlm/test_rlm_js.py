@@ -267,6 +267,35 @@ def test_llm_query_batched_is_one_concurrent_request(
 
 @pytest.mark.bwrap
 @needs_bwrap
+def test_search_is_a_promise_answered_by_the_host(
+    js_backend: LocalSandboxBackend, recording_llm: RecordingLLM
+) -> None:
+    from tests.sandbox.test_local import Tools
+
+    with js_backend.open_session("org_a", recording_llm, runtime="bun", tool_handler=Tools()) as s:
+        result = s.execute(
+            "const found = await search('tides', 3)\n"
+            "console.log(JSON.stringify(found), JSON.stringify(await search('moon')))\n"
+            "for (const q of ['refuse', 'crash', 'odd']) {\n"
+            "  try { await search(q) } catch (e) { console.log(e.message) }\n"
+            "}\n"
+            "try { await search(10n) } catch (e) { console.log(e.message) }\n"
+            "console.log(SHOW_VARS().includes('search'))"
+        )
+        assert result.error is None, result.error
+        assert result.stdout.splitlines() == [
+            '[{"query":"tides","k":3}] [{"query":"moon","k":10}]',
+            "search failed: query refused: say why",
+            "search failed: an error on the host (KeyError)",
+            "search failed: an error on the host (TypeError)",
+            "search failed: its arguments are not JSON data",
+            "false",
+        ]
+        assert s.tool_calls_served == 5
+
+
+@pytest.mark.bwrap
+@needs_bwrap
 def test_context_loads_once_as_a_file(js_session) -> None:
     context = [{"id": i, "text": f"{i}: " + "lorem ipsum " * 80} for i in range(5000)]
     js_session.load_context(context)

@@ -6,11 +6,12 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from memcity_pipeline.resources.sandbox import DaytonaSandboxResource, LocalSandboxResource
-from memcity_pipeline.sandbox.base import SandboxError
+from memcity_pipeline.sandbox.base import SandboxError, ToolError
 from memcity_pipeline.sandbox.local import LocalSandboxBackend, _tasks_of_uid
 from memcity_pipeline.settings import SettingsError, build_resources, get_settings
 from tests.fixtures_sandbox import BROKEN_BWRAP, RecordingLLM
@@ -112,6 +113,54 @@ def test_llm_handler_failure_is_an_error_in_the_code(
         result = s.execute("llm_query('bad prompt')")
         assert "RuntimeError: llm_query failed" in result.error and "refused" in result.error
         assert s.execute("print(llm_query('good'))").stdout == "echo:good\n"
+
+
+class Tools:
+    """A host tool handler: `search` echoes its arguments; some queries fail on purpose."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def __call__(self, tool: str, args: Any) -> Any:
+        self.calls.append((tool, args))
+        query = args.get("query") if isinstance(args, dict) else None
+        if query == "refuse":
+            raise ToolError("query refused: say why")
+        if query == "crash":
+            raise KeyError(f"{SECRET} in a host path")
+        if query == "odd":
+            return {"not": {1, 2}}  # cannot travel as JSON
+        return [{"query": query, "k": args.get("k")}]
+
+
+@pytest.mark.bwrap
+def test_search_is_answered_by_the_host_and_its_failures_are_errors_in_the_code(
+    sandbox_backend: LocalSandboxBackend, recording_llm: RecordingLLM
+) -> None:
+    tools = Tools()
+    with sandbox_backend.open_session("org_a", recording_llm, tool_handler=tools) as s:
+        result = s.execute(
+            "print(search('tides', 3), search('moon'))\n"
+            "for q in ['refuse', 'crash', 'odd']:\n"
+            "    try:\n"
+            "        search(q)\n"
+            "    except RuntimeError as exc:\n"
+            "        print(exc)\n"
+            "print('search' in SHOW_VARS())"
+        )
+        assert result.error is None, result.error
+        assert result.stdout.splitlines() == [
+            "[{'query': 'tides', 'k': 3}] [{'query': 'moon', 'k': 10}]",
+            "search failed: query refused: say why",
+            "search failed: an error on the host (KeyError)",  # never the host's own text
+            "search failed: an error on the host (TypeError)",
+            "False",
+        ]
+        assert s.tool_calls_served == 5 and s.alive
+        assert tools.calls[0] == ("search", {"query": "tides", "k": 3})
+    with sandbox_backend.open_session("org_a", recording_llm) as s:  # no tool handler
+        failed = s.execute("search('tides')")
+        assert "RuntimeError: search failed: not available in this sandbox session" in failed.error
 
 
 @pytest.mark.bwrap

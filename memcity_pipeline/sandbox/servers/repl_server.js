@@ -12,7 +12,7 @@
 //   (its own microtask queue, drained inside each timed `runInContext` call).
 // - Nothing of the host realm is put into it: no `process`, `require`, `Bun`, `fetch`, timers or
 //   `import()` (no dynamic-import callback is registered). Data goes in as strings parsed by the
-//   context's own `JSON.parse`; the scaffold (`console`, `llm_query`, ...) is code evaluated
+//   context's own `JSON.parse`; the scaffold (`console`, `llm_query`, `search`, ...) is code evaluated
 //   inside the context. Host functions reach the scaffold once, as one closure variable that user
 //   code cannot name, and they take and return primitives only and never throw into it.
 //   `ShadowRealm` is removed (under Bun it would open a realm with the host's `process`).
@@ -240,6 +240,34 @@ const SCAFFOLD = String.raw`(function (bridge) {
     });
   }
 
+  // A tool answered by the host (search): its arguments travel as JSON, as given; the
+  // promise resolves with the host's result or rejects with "<name> failed: <why>".
+  function callTool(name, args) {
+    return new PromiseCtor((resolve, reject) => {
+      let json;
+      try {
+        json = stringify(args);
+      } catch (e) {
+        reject(new ErrorCtor(name + " failed: its arguments are not JSON data"));
+        return;
+      }
+      const key = ++nextKey;
+      pending.set(key, { resolve, reject, tool: name });
+      const problem = send("tool", key, name, json);
+      if (problem) {
+        pending.delete(key);
+        reject(new ErrorCtor(name + " failed: " + problem));
+      }
+    });
+  }
+
+  function search(query, k) {
+    return callTool("search", {
+      query: query === undefined ? null : query,
+      k: k === undefined ? 10 : k,
+    });
+  }
+
   function llm_query(prompt, model) {
     return apply(then, ask([S(prompt)], model), [(answers) => answers[0]]);
   }
@@ -281,6 +309,11 @@ const SCAFFOLD = String.raw`(function (bridge) {
       if (!slot || typeof reply !== "string") return;
       pending.delete(key);
       const message = parse(reply);
+      if (slot.tool) {
+        if (message.error != null) slot.reject(new ErrorCtor(slot.tool + " failed: " + S(message.error)));
+        else slot.resolve(message.result === undefined ? null : message.result);
+        return;
+      }
       if (message.error != null) {
         slot.reject(new ErrorCtor("llm_query failed: " + S(message.error)));
         return;
@@ -346,7 +379,7 @@ const SCAFFOLD = String.raw`(function (bridge) {
   if (typeof G.ShadowRealm !== "undefined") delete G.ShadowRealm;
   define(G, "console", { value: freeze(consoleObject), writable: true, configurable: true });
   for (const [name, value] of [["context", null], ["llm_query", llm_query],
-    ["llm_query_batched", llm_query_batched], ["SHOW_VARS", SHOW_VARS]]) {
+    ["llm_query_batched", llm_query_batched], ["search", search], ["SHOW_VARS", SHOW_VARS]]) {
     G[name] = value;
   }
   define(G, "${SCAFFOLD_NAME}", { value: api, writable: false, configurable: false });
@@ -666,7 +699,7 @@ class Server {
     this.exec = null; // the running execution
     this.inbox = null; // a string the scaffold takes with bridge("take")
     this.llmCounter = 0;
-    this.requests = new Map(); // llm_request id -> {key, exec}
+    this.requests = new Map(); // llm_request / tool_request id -> {key, exec}
     this.stdinClosed = false;
     this.context = vm.createContext(Object.create(null), {
       name: "repl",
@@ -698,6 +731,7 @@ class Server {
         return typeof value === "string" ? value : undefined;
       }
       if (kind === "llm") return this.requestLLM(Number(a), String(b), c == null ? null : String(c));
+      if (kind === "tool") return this.requestTool(Number(a), String(b), String(c));
       if (kind === "done") {
         const exec = this.exec;
         if (exec && !exec.finished && !exec.outcome) exec.outcome = { error: a == null ? null : String(a) };
@@ -718,6 +752,18 @@ class Server {
     this.requests.set(id, { key, exec });
     exec.keys.push(key);
     this.send({ type: "llm_request", id, exec_id: exec.id, prompts: JSON.parse(promptsJson), model });
+    return undefined;
+  }
+
+  requestTool(key, tool, argsJson) {
+    const exec = this.exec;
+    if (this.stdinClosed) return "the host closed the channel";
+    if (!exec || exec.finished) return "no execution is running";
+    this.llmCounter += 1;
+    const id = `${exec.id}.tool.${this.llmCounter}`;
+    this.requests.set(id, { key, exec });
+    exec.keys.push(key);
+    this.send({ type: "tool_request", id, exec_id: exec.id, tool, args: JSON.parse(argsJson) });
     return undefined;
   }
 
@@ -747,8 +793,8 @@ class Server {
       this.send({ type: "error", id: null, error: "not a JSON object" });
       return;
     }
-    if (message.type === "llm_result") {
-      this.deliverLLMResult(message);
+    if (message.type === "llm_result" || message.type === "tool_result") {
+      this.deliverReply(message);
       return;
     }
     this.queue.push(message);
@@ -898,7 +944,7 @@ class Server {
     );
   }
 
-  deliverLLMResult(message) {
+  deliverReply(message) {
     const request = this.requests.get(String(message.id));
     if (!request) return;
     this.requests.delete(String(message.id));
@@ -906,6 +952,7 @@ class Server {
     if (exec.finished) return;
     this.inbox = JSON.stringify({
       results: message.results === undefined ? null : message.results,
+      result: message.result === undefined ? null : message.result,
       error: message.error === undefined ? null : message.error,
     });
     this.inContext(exec, () => this.call(`${SCAFFOLD_NAME}.settle(${Number(key)})`, this.remainingMs(exec)));

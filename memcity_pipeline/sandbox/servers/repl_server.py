@@ -13,6 +13,7 @@ host -> server (stdin)::
     {"type": "exec", "id": .., "code": "...", "timeout_s": 30, "max_output_chars": 100000}
     {"type": "get_var", "id": .., "name": "x"}
     {"type": "llm_result", "id": <llm_request id>, "results": ["..."]}   # or "error": "..."
+    {"type": "tool_result", "id": <tool_request id>, "result": <any JSON>}  # or "error": "..."
     {"type": "shutdown", "id": ..}
 
 server -> host (stdout)::
@@ -22,11 +23,14 @@ server -> host (stdout)::
      "final": null, "duration_s": 0.001, "info": {}}
     {"type": "var", "id": .., "name": "x", "value": "42", "value_type": "int", "error": null}
     {"type": "llm_request", "id": "3.llm.1", "exec_id": 3, "prompts": ["..."], "model": null}
+    {"type": "tool_request", "id": "3.tool.2", "exec_id": 3, "tool": "search",
+     "args": {"query": "...", "k": 10}}
     {"type": "error", "id": .., "error": "unknown message type 'foo'"}
     {"type": "bye", "id": ..}
 
 In the namespace: ``context``, ``llm_query(prompt, model=None) -> str``,
-``llm_query_batched(prompts, model=None) -> list[str]``, ``SHOW_VARS() -> str``. Setting the
+``llm_query_batched(prompts, model=None) -> list[str]``, ``search(query, k=10) -> list`` (a
+tool answered by the host; its arguments are sent as given), ``SHOW_VARS() -> str``. Setting the
 variable ``__final__`` reports it as ``final`` in that execution's result (the hook for
 ``FINAL`` / ``FINAL_VAR`` defined by a prelude). ``timeout_s`` is soft (``SIGALRM`` raises
 ``TimeoutError`` in the code, the session lives); the host enforces a hard limit by killing.
@@ -50,7 +54,16 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_OUTPUT_CHARS = 100_000
-HOST_TYPES = {"load_context", "exec_prelude", "exec", "get_var", "llm_result", "shutdown"}
+HOST_TYPES = {
+    "load_context",
+    "exec_prelude",
+    "exec",
+    "get_var",
+    "llm_result",
+    "tool_result",
+    "shutdown",
+}
+REPLY_TYPES = {"llm_result", "tool_result"}
 
 
 class ExecTimeout(BaseException):
@@ -131,6 +144,7 @@ class Server:
             context=None,
             llm_query=self.llm_query,
             llm_query_batched=self.llm_query_batched,
+            search=self.search,
             SHOW_VARS=self.show_vars,
         )
         self.scaffold = set(self.namespace)
@@ -152,8 +166,8 @@ class Server:
             if not isinstance(message, dict):
                 self.channel.send({"type": "error", "id": None, "error": "not a JSON object"})
                 continue
-            if message.get("type") == "llm_result":
-                self.deliver_llm_result(message)
+            if message.get("type") in REPLY_TYPES:
+                self.deliver_reply(message)
             else:
                 self.commands.put(message)
         self.stdin_closed = True
@@ -163,8 +177,9 @@ class Server:
                 slot["event"].set()
         self.commands.put(None)
 
-    def deliver_llm_result(self, message: dict[str, Any]) -> None:
-        """Hand an `llm_result` to the call waiting for it (unknown ids are dropped)."""
+    def deliver_reply(self, message: dict[str, Any]) -> None:
+        """Hand an `llm_result` / `tool_result` to the call waiting for it (unknown ids are
+        dropped)."""
         with self.pending_lock:
             slot = self.pending.get(str(message.get("id")))
         if slot is None:
@@ -174,23 +189,23 @@ class Server:
 
     # -- scaffold functions ----------------------------------------------------------------
 
-    def ask_host(self, prompts: list[str], model: str | None) -> list[str]:
-        """Send one `llm_request` and block until its `llm_result`."""
+    def request_host(self, kind: str, fields: dict[str, Any], what: str) -> dict[str, Any]:
+        """Send one `<kind>_request` and block until its reply; RuntimeError("<what> failed:
+        ...") when the host answers with an error or is gone."""
         if self.stdin_closed:
-            raise RuntimeError("llm_query failed: the host closed the channel")
+            raise RuntimeError(f"{what} failed: the host closed the channel")
         with self.pending_lock:
             self.llm_counter += 1
-            request_id = f"{self.current_exec}.llm.{self.llm_counter}"
+            request_id = f"{self.current_exec}.{kind}.{self.llm_counter}"
             slot: dict[str, Any] = {"event": threading.Event()}
             self.pending[request_id] = slot
         try:
             self.channel.send(
                 {
-                    "type": "llm_request",
+                    "type": f"{kind}_request",
                     "id": request_id,
                     "exec_id": self.current_exec,
-                    "prompts": prompts,
-                    "model": model,
+                    **fields,
                 }
             )
             slot["event"].wait()
@@ -200,7 +215,12 @@ class Server:
         message = slot.get("message") or {}
         error = slot.get("error") or message.get("error")
         if error:
-            raise RuntimeError(f"llm_query failed: {error}")
+            raise RuntimeError(f"{what} failed: {error}")
+        return message
+
+    def ask_host(self, prompts: list[str], model: str | None) -> list[str]:
+        """Send one `llm_request` and block until its `llm_result`."""
+        message = self.request_host("llm", {"prompts": prompts, "model": model}, "llm_query")
         results = message.get("results")
         if not isinstance(results, list) or len(results) != len(prompts):
             raise RuntimeError("llm_query failed: the host sent a malformed answer")
@@ -216,6 +236,14 @@ class Server:
         if not prompts:
             return []
         return self.ask_host(prompts, model)
+
+    def search(self, query: Any, k: Any = 10) -> Any:
+        """Search the query's knowledge base or memories on the host: the `k` best hits, each
+        a dict (the host checks the arguments and decides what is searched)."""
+        message = self.request_host(
+            "tool", {"tool": "search", "args": {"query": query, "k": k}}, "search"
+        )
+        return message.get("result")
 
     def show_vars(self) -> str:
         """The variables created by code so far, with their types."""
