@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(default=64, ge=0)
     embeddings: str = Field(
         default="local",
-        pattern=r"^(local|local-torch|openai:\S.*)$",
+        pattern=r"^(local|local-int8|local-torch|openai:\S.*)$",
         description="`local` (all-MiniLM-L6-v2 on ONNX Runtime), `local-torch` (the same model "
         "on sentence-transformers) or `openai:<model>`.",
     )

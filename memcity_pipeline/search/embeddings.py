@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 
 LOCAL_MODEL_NAME = "all-MiniLM-L6-v2"
 LOCAL_DIMENSION = 384
+LOCAL_BACKENDS: dict[str, Literal["onnx", "onnx-int8", "torch"]] = {
+    "local": "onnx",
+    "local-int8": "onnx-int8",
+    "local-torch": "torch",
+}
 
 
 class Embedder(Protocol):
@@ -85,11 +90,13 @@ class LocalMiniLMEmbedder:
         model_dir: Path | None = None,
         device: str = "cpu",
         *,
-        backend: Literal["onnx", "torch"] = "onnx",
+        backend: Literal["onnx", "onnx-int8", "torch"] = "onnx",
         cache_dir: Path | None = None,
     ) -> None:
-        if backend not in ("onnx", "torch"):
-            raise ValueError(f"backend must be onnx or torch, not {backend!r}")
+        if backend not in ("onnx", "onnx-int8", "torch"):
+            raise ValueError(f"backend must be onnx, onnx-int8 or torch, not {backend!r}")
+        if backend == "onnx-int8":  # other vectors (cosine about 0.99): another model name
+            self.model_name = f"{LOCAL_MODEL_NAME}-int8"
         self.model_dir = model_dir
         self.device = device
         self.backend = backend
@@ -111,11 +118,12 @@ class LocalMiniLMEmbedder:
         """Unit-length float32 vectors of `texts`, shape (len(texts), 384)."""
         if len(texts) == 0:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        if self.backend == "onnx":
+        if self.backend != "torch":
             from memcity_pipeline.search.onnx_minilm import load_model
 
             cache = str(self.cache_dir) if self.cache_dir else None
-            return load_model(cache).encode(list(texts), batch_size=batch_size)
+            model = load_model(cache, int8=self.backend == "onnx-int8")
+            return model.encode(list(texts), batch_size=batch_size)
         vectors = self.model.encode(
             list(texts),
             batch_size=batch_size,
@@ -236,14 +244,15 @@ def embedder_from_setting(setting: str, *, base_url: str | None, api_key: str | 
     """The embedder named by `MEMCITY_EMBEDDINGS`: `local` (ONNX Runtime), `local-torch`
     (the same model on sentence-transformers) or `openai:<model>`."""
     value = (setting or "").strip()
-    if value in ("local", "local-torch"):
-        return LocalMiniLMEmbedder(backend="torch" if value == "local-torch" else "onnx")
+    if value in LOCAL_BACKENDS:
+        return LocalMiniLMEmbedder(backend=LOCAL_BACKENDS[value])
     if value.startswith("openai:"):
         return OpenAIEmbedder(
             value.removeprefix("openai:").strip(), base_url=base_url, api_key=api_key
         )
     raise ValueError(
-        f"unknown embeddings setting {setting!r}: use 'local', 'local-torch' or 'openai:<model>'"
+        f"unknown embeddings setting {setting!r}: use 'local', 'local-int8', 'local-torch' or "
+        "'openai:<model>'"
     )
 
 

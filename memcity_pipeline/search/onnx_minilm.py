@@ -42,11 +42,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "memcity" / "models"
 
 
-def model_path(cache_dir: Path | None = None) -> Path:
-    """The exported model's file for the installed wheel and ONNX Runtime (may not exist yet)."""
+def model_path(cache_dir: Path | None = None, *, int8: bool = False) -> Path:
+    """The exported model's file for the installed wheel and ONNX Runtime (may not exist yet);
+    with `int8`, its quantized copy."""
     wheel = importlib.metadata.version(MINILM_PACKAGE.replace("_", "-"))
     ort = importlib.metadata.version("onnxruntime")
-    return (cache_dir or default_cache_dir()) / f"all-MiniLM-L6-v2-{wheel}-ort{ort}.onnx"
+    suffix = "-int8" if int8 else ""
+    return (cache_dir or default_cache_dir()) / f"all-MiniLM-L6-v2-{wheel}-ort{ort}{suffix}.onnx"
 
 
 def export_model(dest: Path, model_dir: Path | None = None) -> Path:
@@ -103,15 +105,40 @@ def export_model(dest: Path, model_dir: Path | None = None) -> Path:
     return dest
 
 
-def ensure_model(cache_dir: Path | None = None) -> Path:
-    """The exported model's path, exporting it first if no process has (one at a time)."""
-    path = model_path(cache_dir)
+def quantize_model(source: Path, dest: Path) -> Path:
+    """`source` (an export of `export_model`) with its weights quantized to int8, per channel,
+    and activations quantized on the fly (ONNX Runtime's dynamic quantization). The file appears
+    whole or not at all."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        partial = Path(tmp) / "int8.onnx"
+        quantize_dynamic(
+            str(source),
+            str(partial),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            # the fused attention ops have no inferred types: their tensors are float
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        os.replace(partial, dest)
+    return dest
+
+
+def ensure_model(cache_dir: Path | None = None, *, int8: bool = False) -> Path:
+    """The exported model's path (`int8`: the quantized one), exporting it first if no process
+    has (one at a time)."""
+    path = model_path(cache_dir, int8=int8)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
-            export_model(path)
+            if int8:
+                quantize_model(ensure_model(cache_dir), path)
+            else:
+                export_model(path)
     return path
 
 
@@ -150,11 +177,12 @@ class OnnxMiniLM:
         return out
 
 
-@functools.lru_cache(maxsize=2)
-def load_model(cache_dir: str | None = None) -> OnnxMiniLM:
-    """The ONNX model, exported if needed and loaded once per process."""
-    return OnnxMiniLM(ensure_model(Path(cache_dir) if cache_dir else None))
+@functools.lru_cache(maxsize=4)
+def load_model(cache_dir: str | None = None, int8: bool = False) -> OnnxMiniLM:
+    """The ONNX model (`int8`: quantized), exported if needed and loaded once per process."""
+    return OnnxMiniLM(ensure_model(Path(cache_dir) if cache_dir else None, int8=int8))
 
 
 if __name__ == "__main__":  # install-time export: python -m memcity_pipeline.search.onnx_minilm
     print(f"all-MiniLM-L6-v2 on ONNX Runtime: {ensure_model()}")
+    print(f"all-MiniLM-L6-v2 on ONNX Runtime, int8: {ensure_model(int8=True)}")

@@ -209,6 +209,13 @@ def test_onnx_and_torch_give_the_same_vectors(minilm: LocalMiniLMEmbedder) -> No
     assert len(texts) > 100 and minilm.backend == "onnx"
     cosines = (onnx_vectors * torch_vectors).sum(axis=1)
     assert cosines.min() >= 0.999
+    # The int8 model is close but not the same, so it has a name of its own (a switch
+    # re-embeds everything).
+    int8 = embedder_from_setting("local-int8", base_url=None, api_key=None)
+    assert int8.model_name == "all-MiniLM-L6-v2-int8" != minilm.model_name
+    int8_vectors = int8.embed(texts, batch_size=16)
+    assert np.allclose(np.linalg.norm(int8_vectors[:-3], axis=1), 1.0, atol=1e-5)
+    assert (int8_vectors[:-3] * onnx_vectors[:-3]).sum(axis=1).min() >= 0.97
 
 
 @pytest.mark.slow
