@@ -20,6 +20,7 @@ from pathlib import Path
 ORG = "pydocs"
 KB = "python311"
 QUESTIONS = Path(__file__).resolve().parent / "python_docs" / "questions.jsonl"
+BY_NAME = Path(__file__).resolve().parent / "python_docs" / "by_name.jsonl"  # API names as queries
 ROOTS = (Path("/usr/share/doc/python3.11/html"), Path("/usr/share/doc/python3.11-doc/html"))
 ENV_ROOT = "PYTHON_DOCS_HTML"  # overrides ROOTS: an HTML root laid out like Debian's
 _NAV_PAGES = {"index.html", "contents.html", "search.html", "py-modindex.html", "download.html"}
@@ -70,11 +71,12 @@ def copy_to_landing(landing: Path, org: str = ORG, kb: str = KB) -> int:
     return len(pages)
 
 
-def load_questions() -> list[dict]:
-    """The development set: `{"id", "question", "targets"}` per question, each target a content
-    page relative to the HTML root. Raises ValueError when a target is missing or not a page."""
+def load_questions(path: Path = QUESTIONS) -> list[dict]:
+    """The development set (or `BY_NAME`, queries that name the API): `{"id", "question",
+    "targets"}` per question, each target a content page relative to the HTML root. Raises
+    ValueError when a target is missing or not a page."""
     root = docs_root()
-    lines = QUESTIONS.read_text("utf-8").splitlines()
+    lines = path.read_text("utf-8").splitlines()
     questions = [json.loads(line) for line in lines if line.strip()]
     for q in questions:
         bad = [t for t in q["targets"] if not is_content_page(t) or not (root / t).is_file()]

@@ -298,6 +298,25 @@ def evaluate_python_docs(mode: str, home: Path, tune: bool) -> dict[str, dict[st
             ranked["hybrid+llm"] = [h.chunk_id for h in reranked]
         for name, chunk_ids in ranked.items():
             rankings[name].append((_page_ranking(chunk_ids, loaded.rows), wanted))
+    by_name = corpus.load_questions(corpus.BY_NAME)
+    named: dict[str, list[tuple[list[str], set[str]]]] = {"bm25": [], "vector": [], "hybrid": []}
+    for q in by_name:
+        wanted = {corpus.source_path(t) for t in q["targets"]}
+        qv = embedder.embed([q["question"]])[0]
+        ranked = {
+            "bm25": [i for i, _ in index.bm25.query(q["question"], depth)],
+            "vector": [index.ids[p] for p, _ in index.nearest(qv, depth)],
+            "hybrid": [
+                h.id
+                for h in index.search(
+                    q["question"], k=depth, candidates=CANDIDATES, query_vector=qv
+                )
+            ],
+        }
+        for name, chunk_ids in ranked.items():
+            named[name].append((_page_ranking(chunk_ids, loaded.rows), wanted))
+    print(f"  {len(by_name)} queries that name the API (`functools.lru_cache`): MRR", end="")
+    print(", ".join(f" {n} {_page_scores(r)['mrr']:.3f}" for n, r in named.items()))
     print(f"  hybrid search, warm, without the query embedding: {_percentiles(without)}")
     print(f"  get_context, warm, with the query embedding:      {_percentiles(with_embedding)}")
     cold = _cold_start(home)

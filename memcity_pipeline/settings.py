@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     embeddings: str = Field(
         default="local",
         pattern=r"^(local|local-int8|local-torch|openai:\S.*)$",
-        description="`local` (all-MiniLM-L6-v2 on ONNX Runtime), `local-torch` (the same model "
-        "on sentence-transformers) or `openai:<model>`.",
+        description="`local` (all-MiniLM-L6-v2 on ONNX Runtime), `local-int8` (its int8 copy), "
+        "`local-torch` (the same model on sentence-transformers) or `openai:<model>`.",
     )
     rerank: Literal["off", "llm"] = "off"
     search_cache_mb: int = Field(

@@ -6,7 +6,8 @@ them into one ONNX graph that also does what sentence-transformers does after th
 sentence vectors; ONNX Runtime's transformer optimizer then fuses attention, layer norms and GELU.
 That needs torch and transformers (installed with the project) and takes a few seconds, once:
 `scripts/install.sh` runs it (`python -m memcity_pipeline.search.onnx_minilm`), and otherwise the
-first use does. The file is cached under `MEMCITY_MODEL_CACHE` (default
+first use does (and `quantize_model` makes an int8 copy on first use of `local-int8`). The
+file is cached under `MEMCITY_MODEL_CACHE` (default
 `$XDG_CACHE_HOME/memcity/models`, else `~/.cache/memcity/models`), named by the wheel's and ONNX
 Runtime's versions, so an upgrade of either exports again. Nothing is downloaded.
 
@@ -17,6 +18,7 @@ process that embeds: each `memcity search`, each step process of the pipeline.
 
 import functools
 import importlib.metadata
+import logging
 import os
 import tempfile
 import warnings
@@ -112,17 +114,23 @@ def quantize_model(source: Path, dest: Path) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        partial = Path(tmp) / "int8.onnx"
-        quantize_dynamic(
-            str(source),
-            str(partial),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            # the fused attention ops have no inferred types: their tensors are float
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-        )
-        os.replace(partial, dest)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to pre-process the graph: it is optimized already
+    try:
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            partial = Path(tmp) / "int8.onnx"
+            quantize_dynamic(
+                str(source),
+                str(partial),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                # the fused attention ops have no inferred types: their tensors are float
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+            os.replace(partial, dest)
+    finally:
+        root.setLevel(level)
     return dest
 
 
@@ -185,4 +193,3 @@ def load_model(cache_dir: str | None = None, int8: bool = False) -> OnnxMiniLM:
 
 if __name__ == "__main__":  # install-time export: python -m memcity_pipeline.search.onnx_minilm
     print(f"all-MiniLM-L6-v2 on ONNX Runtime: {ensure_model()}")
-    print(f"all-MiniLM-L6-v2 on ONNX Runtime, int8: {ensure_model(int8=True)}")

@@ -75,9 +75,11 @@ def test_the_sample_corpus_through_every_stage_on_an_s3_lake(
     assert list_keys(settings.lake, "_state/source_files/_delta_log")  # commits in the bucket
 
     hits = get_context(
-        ORG, KB, "For how many years is the hive scale covered?", 5, settings=settings
+        ORG, KB, "For how many years is the hive scale covered?", 100, settings=settings
     )
-    assert hits and any("warranty" in h.title.lower() for h in hits[:3])
+    # The scripted embeddings carry no meaning: BM25's best hit is the one to check.
+    [keyword_best] = [h for h in hits if h.retrievers.get("bm25") == 1]
+    assert "warranty" in keyword_best.title.lower()
 
     scripted_llm.responder = lambda request: "```repl\nFINAL(str(len(context)) + ' chunks')\n```"
     llm = LLMClient(
