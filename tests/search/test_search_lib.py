@@ -109,7 +109,9 @@ def test_an_item_with_several_vectors_scores_by_its_best() -> None:
     assert [p for p, _ in masked] == [1, 0]
     bm25 = BM25Index.build(["x", "y", "z"], ["alpha", "beta", "gamma"])
     index = HybridIndex(["x", "y", "z"], bm25, matrix, "m", parts=parts)
-    assert [h.id for h in index.search("beta", k=3, query_vector=np.array([1.0, 0.0]))][:2] == [
+    assert [
+        h.id for h in index.search("beta", k=3, query_vector=np.array([1.0, 0.0]), fusion="rrf")
+    ][:2] == [
         "y",
         "z",
     ]
