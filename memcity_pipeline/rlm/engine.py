@@ -30,6 +30,12 @@ grandchild), also when a child ends on a limit.
 python runtime, `JS_PRELUDE` for the bun runtime); they set `__final__`, which the REPL server
 reports and `SandboxREPL` turns into `final_answer`, the signal that ends `rlms`'s loop.
 
+Tracing (`rlm.tracing`): each iteration is an `rlm.iteration` span, each code block an
+`rlm.execute` span under it, each `llm_query` prompt an `rlm.sub_call` span under its execution
+(a child RLM's iterations under that). Sub-calls and tool calls arrive on the sandbox session's
+threads, so `SandboxREPL` hands the execution's span context to its `SubCallBroker`, which
+attaches it around each call it answers (and each tool call, through `broker.tools(...)`).
+
 This module stays whole: its subclasses of the `rlms` LM client, environment and loop work as
 one (the deadline, the budget and the sub-call broker are shared by all three).
 """
@@ -46,6 +52,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from rlm import RLM
 from rlm.clients.base_lm import BaseLM
 from rlm.core.lm_handler import LMHandler
@@ -65,7 +73,8 @@ from rlm.utils.parsing import find_code_blocks
 from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages, describe_context
-from memcity_pipeline.sandbox.base import SandboxError, SandboxSession
+from memcity_pipeline.rlm.tracing import set_attributes, tracer
+from memcity_pipeline.sandbox.base import SandboxError, SandboxSession, ToolHandler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -362,6 +371,11 @@ def _on_daemon_thread(fn: Callable[[], T], *, name: str) -> "Future[T]":
     return future
 
 
+def _lines(code: str) -> int:
+    """The number of lines of a code block."""
+    return len(code.splitlines())
+
+
 def _summary(usage: Usage) -> ModelUsageSummary:
     """`usage` as `rlms` counts it."""
     return ModelUsageSummary(
@@ -390,9 +404,31 @@ class SubCallBroker:
         self._lock = threading.Lock()
         self._calls: list[RLMChatCompletion] = []
         self.total = 0
+        # the span context of the code execution in progress (set by SandboxREPL)
+        self.trace_context: Context | None = None
 
     def __call__(self, prompts: list[str], model: str | None) -> list[str]:
-        return [self._one(prompt, model) for prompt in prompts]
+        with self._traced():
+            return [self._one(prompt, model) for prompt in prompts]
+
+    @contextmanager
+    def _traced(self) -> Iterator[None]:
+        """Run a call from the sandbox in the span context of the execution that made it."""
+        token = otel_context.attach(self.trace_context) if self.trace_context else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+
+    def tools(self, handler: ToolHandler) -> ToolHandler:
+        """`handler` (the session's tool handler) run in the span context of the execution."""
+
+        def traced(tool: str, args: Any) -> Any:
+            with self._traced():
+                return handler(tool, args)
+
+        return traced
 
     def _client(self, model: str | None) -> HostLM:
         assert self.handler is not None, "the broker is not attached to an LMHandler"
@@ -408,25 +444,51 @@ class SubCallBroker:
             return self._one_child(prompt, model)
         client = self._client(model)
         started = time.perf_counter()
-        try:
-            text = client.completion(prompt, sub=True)
-        except (TimeoutExceededError, BudgetExceededError) as exc:
-            raise RuntimeError(str(exc)) from None
-        usage = client.get_last_usage()
+        with tracer().start_as_current_span("rlm.sub_call") as span:
+            set_attributes(span, {"rlm.model": client.model_name, "rlm.prompt_chars": len(prompt)})
+            try:
+                text = client.completion(prompt, sub=True)
+            except (TimeoutExceededError, BudgetExceededError) as exc:
+                raise RuntimeError(str(exc)) from None
+            usage = client.get_last_usage()
+            cached = client.last_cached()
+            set_attributes(
+                span,
+                {
+                    "rlm.prompt_tokens": usage.total_input_tokens,
+                    "rlm.completion_tokens": usage.total_output_tokens,
+                    "rlm.cost_usd": usage.total_cost,
+                    "rlm.cache_hit": cached,
+                },
+            )
         record = RLMChatCompletion(
             root_model=client.model_name,
             prompt=prompt,
             response=text,
             usage_summary=UsageSummary(model_usage_summaries={client.model_name: usage}),
             execution_time=time.perf_counter() - started,
-            metadata={"cache_hit": True} if client.last_cached() else None,
+            metadata={"cache_hit": True} if cached else None,
         )
         self._keep(record)
         return text
 
     def _one_child(self, prompt: str, model: str | None) -> str:
         assert self._child is not None
-        completion = self._child(prompt, model)
+        with tracer().start_as_current_span("rlm.sub_call") as span:
+            set_attributes(
+                span,
+                {"rlm.model": model, "rlm.prompt_chars": len(prompt), "rlm.child_rlm": True},
+            )
+            completion = self._child(prompt, model)
+            usage = completion.usage_summary
+            set_attributes(
+                span,
+                {
+                    "rlm.prompt_tokens": usage.total_input_tokens,
+                    "rlm.completion_tokens": usage.total_output_tokens,
+                    "rlm.cost_usd": usage.total_cost,
+                },
+            )
         self._keep(completion)
         return completion.response or ""
 
@@ -481,7 +543,27 @@ class SandboxREPL(IsolatedEnv):
         return max(0.05, min(self.exec_timeout_s, left))
 
     def execute_code(self, code: str) -> REPLResult:
-        """Run one code block in the sandbox; errors become stderr (the loop goes on)."""
+        """Run one code block in the sandbox; errors become stderr (the loop goes on). Traced
+        as an `rlm.execute` span, the parent of the sub-calls and searches the code makes."""
+        with tracer().start_as_current_span("rlm.execute") as span:
+            set_attributes(span, {"rlm.depth": self.depth - 1, "rlm.code_lines": _lines(code)})
+            self.broker.trace_context = otel_context.get_current()
+            try:
+                result = self._execute_code(code)
+            finally:
+                self.broker.trace_context = None
+            set_attributes(
+                span,
+                {
+                    "rlm.output_chars": len(result.stdout or ""),
+                    "rlm.error": bool(result.stderr),
+                    "rlm.sub_calls": len(result.rlm_calls),
+                    "rlm.final": result.final_answer is not None,
+                },
+            )
+            return result
+
+    def _execute_code(self, code: str) -> REPLResult:
         started = time.perf_counter()
         self.executions += 1
         self.broker.take()
@@ -741,7 +823,29 @@ class SandboxRLM(RLM):
     ) -> RLMIteration:
         """One iteration (as rlms's), plus FINAL(...) written as plain text outside a code
         block. It counts in `iterations_run` once the root LLM has answered: a root call cut
-        by the deadline is no turn made."""
+        by the deadline is no turn made. Traced as an `rlm.iteration` span with the tokens and
+        cost the query spent during it (its sub-calls and child RLMs included)."""
+        with tracer().start_as_current_span("rlm.iteration") as span:
+            set_attributes(
+                span, {"rlm.iteration": self.iterations_run + 1, "rlm.depth": self.depth}
+            )
+            spent = (self.spend.prompt_tokens, self.spend.completion_tokens, self.spend.cost_usd)
+            try:
+                return self._turn(prompt, lm_handler, environment)
+            finally:
+                cost = self.spend.cost_usd
+                set_attributes(
+                    span,
+                    {
+                        "rlm.prompt_tokens": self.spend.prompt_tokens - spent[0],
+                        "rlm.completion_tokens": self.spend.completion_tokens - spent[1],
+                        "rlm.cost_usd": None if cost is None else cost - (spent[2] or 0.0),
+                    },
+                )
+
+    def _turn(
+        self, prompt: str | dict[str, Any], lm_handler: LMHandler, environment: Any
+    ) -> RLMIteration:
         started = time.perf_counter()
         self._notify("iteration_start", iteration=self.iterations_run + 1)
         response = lm_handler.completion(prompt)

@@ -18,6 +18,11 @@ The sandboxed code's `search(query, k)` (a `documents` or `memories` context) is
 host by `rlm.tools.SandboxTools`, over the query's own org and knowledge base or user, whatever
 the code sends; the embedder comes from the caller (`embedder`), built on the first search.
 
+Each query is traced (`rlm.tracing`): an `rlm.query` span over the run and the session row,
+with the session id, org, context type, status and the figures of the result (iterations,
+sub-calls, searches, tokens, cost) as attributes; the query text and context never are. Spans
+are exported only when an OTLP endpoint is configured (`OTEL_EXPORTER_OTLP_ENDPOINT`).
+
 This module stays whole (about 500 lines) because it is one flow: a request, its attempts, and
 the session row they end in.
 """
@@ -33,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
 from pydantic import BaseModel
 from rlm.logger import RLMLogger
 from rlm.utils.exceptions import (
@@ -67,6 +73,7 @@ from memcity_pipeline.rlm.engine import (
 from memcity_pipeline.rlm.prompts import describe_context, system_prompt
 from memcity_pipeline.rlm.sessions import SessionStore, now_utc
 from memcity_pipeline.rlm.tools import EmbedderSource, SandboxTools, SearchScope
+from memcity_pipeline.rlm.tracing import set_attributes, setup_tracing, tracer
 from memcity_pipeline.sandbox.base import (
     ExecResult,
     SandboxBackend,
@@ -171,12 +178,43 @@ def run_query(
     p = prepared
     run = _Run(p.org_id, p.query, p.user_id, p.knowledge_base_id, p.config, p.context, p.lake)
     run.embedder = embedder
-    try:
-        run.execute(llm, sandbox, progress)
-    except Exception as exc:  # whatever happened, the session is recorded
-        log.exception("rlm session %s failed", run.session_id)
-        run.fail(f"{type(exc).__name__}: {exc}")
-    return run.finish(session_store or SessionStore(p.lake))
+    setup_tracing()
+    with tracer().start_as_current_span("rlm.query") as span:
+        set_attributes(
+            span,
+            {
+                "rlm.session_id": run.session_id,
+                "rlm.org_id": p.org_id,
+                "rlm.context_type": p.context.context_type,
+                "rlm.query_chars": len(p.query),
+            },
+        )
+        try:
+            run.execute(llm, sandbox, progress)
+        except Exception as exc:  # whatever happened, the session is recorded
+            log.exception("rlm session %s failed", run.session_id)
+            run.fail(f"{type(exc).__name__}: {exc}")
+        result = run.finish(session_store or SessionStore(p.lake))
+        set_attributes(
+            span,
+            {
+                "rlm.status": result.status,
+                "rlm.iterations": result.iterations,
+                "rlm.sub_calls": result.total_sub_calls,
+                "rlm.search_calls": result.search_calls,
+                "rlm.sub_call_cache_hits": result.sub_call_cache_hits,
+                "rlm.depth_reached": result.depth_reached,
+                "rlm.prompt_tokens": result.prompt_tokens,
+                "rlm.completion_tokens": result.completion_tokens,
+                "rlm.cost_usd": result.cost,
+                "rlm.root_model": result.root_model,
+                "rlm.sub_model": result.sub_model,
+                "rlm.runtime": result.runtime_used,
+            },
+        )
+        if result.status == "failed":
+            span.set_status(trace.StatusCode.ERROR, "the query failed")  # its error: the row
+        return result
 
 
 def rlm_query(
@@ -339,7 +377,7 @@ class _Run:
                 prelude=PRELUDES[runtime],
                 session_id=self.session_id[:32] if n == 0 else f"{self.session_id[:24]}-c{n}",
                 runtime=runtime,
-                tool_handler=tools,
+                tool_handler=broker.tools(tools),
             )
             return _FailFastSession(session) if fail_fast else session
 

@@ -20,6 +20,9 @@ query, shared by the query's child RLMs. Contracts:
 - **No secret travels:** the embedder (and any key it holds) lives on the host; it is built on
   the first search, so a query that never searches never loads it.
 - `search_calls` counts the searches run (calls that passed the checks), for the session row.
+- **Traced** as an `rlm.search` span per call (`rlm.tracing`): the scope's kind, `k`, the
+  query's length and the number of hits (or the error's kind); never the query text, the
+  scope ids or the hits.
 """
 
 import logging
@@ -28,7 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import StatusCode
+
 from memcity_pipeline.lake.location import Lake
+from memcity_pipeline.rlm.tracing import set_attributes, tracer
 from memcity_pipeline.sandbox.base import ToolError
 from memcity_pipeline.search.embeddings import Embedder
 from memcity_pipeline.search.retrieval import SearchError, get_context, search_memories
@@ -131,6 +137,29 @@ class SandboxTools:
 
     def search(self, args: Any) -> list[dict[str, Any]]:
         """One `search` call from the sandbox: hits of the query's own scope, as JSON data."""
+        with tracer().start_as_current_span(
+            "rlm.search", record_exception=False, set_status_on_exception=False
+        ) as span:
+            set_attributes(span, {"rlm.search.scope": self.scope.kind if self.scope else None})
+            if isinstance(args, dict):
+                k, query = args.get("k", DEFAULT_SEARCH_K), args.get("query")
+                set_attributes(
+                    span,
+                    {
+                        "rlm.search.k": k if isinstance(k, int) else None,
+                        "rlm.query_chars": len(query) if isinstance(query, str) else None,
+                    },
+                )
+            try:
+                hits = self._search(args)
+            except Exception as exc:  # the kind of failure only: its message may name the scope
+                set_attributes(span, {"rlm.error": type(exc).__name__})
+                span.set_status(StatusCode.ERROR)
+                raise
+            set_attributes(span, {"rlm.search.hits": len(hits)})
+            return hits
+
+    def _search(self, args: Any) -> list[dict[str, Any]]:
         scope = self.scope
         if scope is None or self._embedder_source is None:
             raise ToolError(
