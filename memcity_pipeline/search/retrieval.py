@@ -76,7 +76,7 @@ class _Loaded:
 
 
 DEFAULT_CACHE_BYTES = 1 << 30
-_CACHE: "OrderedDict[tuple[str, ...], _Loaded]" = OrderedDict()
+_CACHE: "OrderedDict[tuple[str, ...], _Loaded]" = OrderedDict()  # by lake, scope and model
 _CACHE_LIMIT = [DEFAULT_CACHE_BYTES]
 _LOCK = threading.Lock()
 
@@ -130,7 +130,7 @@ def _load(
         raise SearchError(
             f"the {kind} index of {org_id}/{scope_id} is not built yet: run `memcity ingest`"
         )
-    key = (kind, org_id, scope_id, embedder.model_name)
+    key = (lake.uri, kind, org_id, scope_id, embedder.model_name)
     source = "enriched_chunks" if kind == "chunks" else "memories"
     stamp = (built, table_version(lake, table), table_version(lake, source))
     with _LOCK:
@@ -170,7 +170,7 @@ def _load(
     else:
         counts = np.zeros(0, dtype=np.int64)
         vectors = np.zeros((0, getattr(embedder, "dimension", 1)), dtype=np.float32)
-    index = HybridIndex(bm25.ids, bm25, vectors, embedder.model_name, embedder, counts)
+    index = HybridIndex(bm25.ids, bm25, vectors, embedder.model_name, parts=counts)
     found = rows_of(lake, org_id, scope_id)
     loaded = _Loaded(stamp, index, found, index.nbytes + _rows_nbytes(found))
     with _LOCK:
@@ -258,7 +258,9 @@ def get_context(
     if per_document:  # documents have several chunks each: look deeper to find k of them
         candidates = max(candidates, 5 * k)
     depth = candidates if reranker or per_document else k
-    fused = loaded.index.search(query, k=max(k, depth), candidates=candidates)
+    fused = loaded.index.search(
+        query, k=max(k, depth), candidates=candidates, query_vector=embedder.embed([query])[0]
+    )
     hits = [
         ContextHit(
             chunk_id=h.id,
@@ -311,7 +313,9 @@ def search_memories(
         MemoryHit(
             row["memory_id"], row["text"], row["created_at"], float(h.score), dict(h.retrievers)
         )
-        for h in loaded.index.search(query, k=k, candidates=candidates)
+        for h in loaded.index.search(
+            query, k=k, candidates=candidates, query_vector=embedder.embed([query])[0]
+        )
         if (row := loaded.rows.get(h.id)) is not None and row["org_id"] == org_id
     ]
 

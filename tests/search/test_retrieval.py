@@ -261,3 +261,23 @@ def test_the_index_cache_is_bounded_by_bytes(built_lake: Path) -> None:
         assert len(retrieval._CACHE) == 1 and 0 < retrieval.index_cache_bytes() < both
     finally:
         retrieval.set_index_cache_limit(retrieval.DEFAULT_CACHE_BYTES)
+
+
+@pytest.mark.slow
+def test_two_lakes_with_the_same_content_are_not_confused(built_lake: Path, tmp_path: Path) -> None:
+    """A copy of a lake has the same table versions and index keys: each is still loaded from
+    its own files, and a query is embedded by the embedder of its own call."""
+    import shutil
+
+    from memcity_pipeline.search import retrieval
+    from memcity_pipeline.settings import build_embedder
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built_lake, copy)
+    embedder = build_embedder(get_settings())
+    question = "For how many years is the hive scale covered?"
+    here = retrieval.get_context(built_lake, ORG, KB, question, 3, embedder=embedder)
+    there = retrieval.get_context(copy, ORG, KB, question, 3, embedder=embedder)
+    assert [h.chunk_id for h in here] == [h.chunk_id for h in there]
+    lakes = {key[0] for key in retrieval._CACHE}
+    assert {str(built_lake), str(copy)} <= lakes
