@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class FusedHit:
-    """One fused result: its id, RRF score, and the rank (1-based) in each list that found it."""
+    """One fused result: its id, fused score, and the rank (1-based) in each list that found it."""
 
     id: str
     score: float
@@ -140,7 +140,7 @@ def vector_top_k(
 
 
 class HybridIndex:
-    """BM25 plus vectors over one collection of texts, searched with weighted RRF.
+    """BM25 plus vectors over one collection of texts, searched with fused scores (or RRF).
 
     `parts` (one count per id, summing to the rows of `vectors`) says how many consecutive
     vectors each text owns; without it, one each.

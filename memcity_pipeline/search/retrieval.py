@@ -1,4 +1,4 @@
-"""`get_context`: hybrid search (BM25 + vectors, fused by weighted reciprocal rank) over one
+"""`get_context`: hybrid search (BM25 + vectors, their scores fused; `search.fusion`) over one
 knowledge base's enriched chunks, and the same over one user's memories.
 
 Indexes are loaded once per process and reloaded when the lake's tables get a new version or
