@@ -252,9 +252,10 @@ def documents(lake: Lake | str | Path, org_id: str, kb_id: str) -> GatheredConte
 
 
 def _chunk_text(row: dict[str, Any]) -> str:
-    """One chunk as `[document | section] text` (the resolved text when enriched)."""
+    """One chunk as `[document#ordinal | where] text` (the resolved text when enriched), where
+    `where` is its header (title and section path), else its section title."""
     text = row.get("resolved_text") or row["text"]
-    section = row.get("section_title") or ""
+    section = row.get("header") or row.get("section_title") or ""
     header = f"[{row['document_id']}#{row['ordinal']}" + (f" | {section}]" if section else "]")
     terms = row.get("key_terms")
     if terms:

@@ -790,3 +790,13 @@ def test_an_unreachable_llm_ends_the_session_as_failed_and_logs_it(
     assert "LLMError" in (result.error or "")
     row = read_sessions(lake).row(0, named=True)
     assert row["status"] == "failed" and "LLMError" in row["error_message"]
+
+
+def test_a_chunk_in_the_context_says_where_it_sits() -> None:
+    from memcity_pipeline.rlm.context import _chunk_text
+
+    row = {"document_id": "doc_1", "ordinal": 2, "text": "Run it.", "section_title": "Install"}
+    assert (
+        _chunk_text({**row, "header": "Guide › Install"}) == "[doc_1#2 | Guide › Install]\nRun it."
+    )
+    assert _chunk_text({**row, "header": None}) == "[doc_1#2 | Install]\nRun it."
