@@ -8,6 +8,7 @@ engine, so that a search from a fresh process answers quickly.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult, parse_config
@@ -23,8 +24,6 @@ from memcity_pipeline.search.retrieval import search_memories as _search_memorie
 from memcity_pipeline.settings import Settings, build_embedder, build_resources, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from memcity_pipeline.llm.client import LLMClient
     from memcity_pipeline.rlm.engine import ProgressFn
     from memcity_pipeline.rlm.sessions import SessionStore
@@ -58,7 +57,6 @@ def get_context(
     of the `k` best documents. Raises `SearchError` for an unknown org or knowledge base, or an
     index that is not built yet."""
     s = settings or load_settings()
-    set_index_cache_limit(s.search_cache_mb << 20)
     llm = build_resources(s)["llm"] if s.rerank == "llm" else None
     try:
         return _get_context(
@@ -67,7 +65,7 @@ def get_context(
             knowledge_base_id,
             query,
             k,
-            embedder=build_embedder(s),
+            embedder=_search_embedder(s),
             reranker=llm_reranker(llm.get_client()) if llm is not None else None,
             per_document=per_document,
         )
@@ -81,14 +79,13 @@ def search_memories(
 ) -> list[MemoryHit]:
     """The `k` memories of a user that best match `query`."""
     s = settings or load_settings()
-    set_index_cache_limit(s.search_cache_mb << 20)
     return _search_memories(
         s.lake,
         org_id,
         user_id,
         query,
         k,
-        embedder=build_embedder(s),
+        embedder=_search_embedder(s),
     )
 
 
@@ -141,7 +138,7 @@ def rlm_query(
             sandbox=sandbox or sandbox_resource.get_backend(),
             session_store=session_store or resources["sessions"].get_store(),
             progress=progress,
-            embedder=_search_embedder(s),
+            embedder=functools.partial(_search_embedder, s),  # built by the first search
         )
     finally:
         if sandbox is None:
@@ -150,12 +147,8 @@ def rlm_query(
             llm_resource.close()
 
 
-def _search_embedder(s: Settings) -> Callable[[], Embedder]:
-    """Builds the embedder of `search` in the sandbox (with the index cache bounded as for
-    `get_context`), when the first search needs it."""
-
-    def build() -> Embedder:
-        set_index_cache_limit(s.search_cache_mb << 20)
-        return build_embedder(s)
-
-    return build
+def _search_embedder(s: Settings) -> Embedder:
+    """The embedder of the settings, for a search (`get_context`, `search_memories`, `search` in
+    the sandbox), with this process's index cache bounded by `MEMCITY_SEARCH_CACHE_MB`."""
+    set_index_cache_limit(s.search_cache_mb << 20)
+    return build_embedder(s)

@@ -9,9 +9,10 @@ boolean `mask`.
 
 The fusion (`FUSION`, `WEIGHTS`: min-max normalised scores, the vector's weighing twice BM25's)
 was chosen on the Python documentation's development sets against weighted RRF (k from 5 to 60)
-and other weights: by MRR and recall@10 on half of the paraphrased questions plus MRR on queries
-that name the API, then checked on the other half (`bench/retrieval.py --corpus python-docs
---tune` prints the grid; the README's "Indexes and search" section gives the figures).
+and other weights: of the settings that beat both retrievers on MRR and recall@10 of the
+paraphrased questions and on MRR of queries that name the API, the best by the sum of the three
+(`bench/retrieval.py --corpus python-docs --tune` prints the grid; the README's "Indexes and
+search" section gives the figures).
 """
 
 import json
@@ -42,6 +43,19 @@ class FusedHit:
     retriever_scores: dict[str, float] = field(default_factory=dict)
 
 
+def _checked(weights: Mapping[str, float] | None) -> Mapping[str, float]:
+    """The fusion weights by list name (none: every list weighs 1); ValueError if one is < 0."""
+    weights = weights or {}
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"weights must be >= 0, got {dict(weights)}")
+    return weights
+
+
+def _best_first(hits: list[FusedHit]) -> list[FusedHit]:
+    """Hits by score, best first; equal scores by their best rank, then by id."""
+    return sorted(hits, key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
+
+
 def rrf_fuse(
     ranked_lists: Mapping[str, Sequence[str]],
     k: int = RRF_K,
@@ -55,9 +69,7 @@ def rrf_fuse(
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    weights = weights or {}
-    if any(w < 0 for w in weights.values()):
-        raise ValueError(f"weights must be >= 0, got {dict(weights)}")
+    weights = _checked(weights)
     ranks: dict[str, dict[str, int]] = {}
     for name, ids in ranked_lists.items():
         for rank, hit_id in enumerate(ids, start=1):
@@ -67,8 +79,7 @@ def rrf_fuse(
         FusedHit(hit_id, sum(weights.get(n, 1.0) / (k + r) for n, r in found.items()), found)
         for hit_id, found in ranks.items()
     ]
-    hits.sort(key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
-    return hits
+    return _best_first(hits)
 
 
 def score_fuse(
@@ -82,9 +93,7 @@ def score_fuse(
     Ranks (1-based, by list order) are kept in `retrievers` as with `rrf_fuse`. Hits come best
     first; equal scores are ordered by their best rank, then by id.
     """
-    weights = weights or {}
-    if any(w < 0 for w in weights.values()):
-        raise ValueError(f"weights must be >= 0, got {dict(weights)}")
+    weights = _checked(weights)
     ranks: dict[str, dict[str, int]] = {}
     totals: dict[str, float] = {}
     for name, scored in scored_lists.items():
@@ -100,8 +109,7 @@ def score_fuse(
             found[name] = rank
             totals[hit_id] = totals.get(hit_id, 0.0) + w * ((value - low) / span if span else 1.0)
     hits = [FusedHit(hit_id, totals[hit_id], found) for hit_id, found in ranks.items()]
-    hits.sort(key=lambda h: (-h.score, min(h.retrievers.values()), h.id))
-    return hits
+    return _best_first(hits)
 
 
 def vector_top_k(
