@@ -317,9 +317,18 @@ def sessions(
     sync: Annotated[
         bool, typer.Option("--sync", help="First copy sessions missing in Postgres to it.")
     ] = False,
+    trajectory: Annotated[
+        str | None,
+        typer.Option(
+            "--trajectory",
+            metavar="SESSION_ID",
+            help="Print this session's trajectory as markdown (its iterations: code, output, "
+            "sub-calls, searches) instead of the list.",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """List recent RLM sessions (from the lake)."""
+    """List recent RLM sessions (from the lake), or show one's trajectory."""
     from memcity_pipeline.cli.rlm import sessions_command
 
     raise typer.Exit(
@@ -327,6 +336,7 @@ def sessions(
             org=org,
             limit=limit,
             sync=sync,
+            trajectory=trajectory,
             as_json=as_json,
             out=out,
             err=console,

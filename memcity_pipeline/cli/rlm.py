@@ -9,6 +9,7 @@ rich (progress and messages on stderr, results on stdout) and return the exit co
 import enum
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -21,6 +22,7 @@ from rich.table import Table
 from memcity_pipeline.cli.console import print_error, print_wide, spinner
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
+from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
 from memcity_pipeline.settings import Settings, load_settings
 
 STATUS_STYLE = {"completed": "green", "partial": "yellow", "timeout": "yellow", "failed": "red"}
@@ -157,7 +159,8 @@ def query_command(
 ) -> int:
     """Run one RLM query and print the answer and its figures; returns the exit code
     (0 completed or partial, 1 failed or timeout, 2 a bad request). `rlm_options` are
-    `RLMConfig` fields; None means "the default"."""
+    `RLMConfig` fields; None means "the default". Each iteration is a line on stderr as it
+    ends (`rlm.trajectory.iteration_line`), unless `as_json`."""
     out = out or Console()
     err = err or Console(stderr=True)
     config: dict[str, Any] = {
@@ -177,9 +180,13 @@ def query_command(
 
             def on_event(event: str, data: dict[str, Any]) -> None:
                 if event == "iteration_start":
-                    text = f"iteration {data['iteration']}"
+                    text = f"iteration {data['iteration']}: the root model is writing"
                 elif event == "iteration_done":
-                    text = f"iteration {data['iteration']} done, {data['sub_calls']} sub-calls"
+                    if not as_json:
+                        err.print(
+                            iteration_line(data), markup=False, highlight=False, soft_wrap=True
+                        )
+                    text = f"iteration {data['iteration']} done"
                 else:
                     text = event.replace("_", " ")
                 progress.update(task, description=text)
@@ -280,16 +287,20 @@ def sessions_command(
     org: str | None = None,
     limit: int = 20,
     sync: bool = False,
+    trajectory: str | None = None,
     as_json: bool = False,
     out: Console | None = None,
     err: Console | None = None,
     settings: Settings | None = None,
 ) -> int:
     """List recent RLM sessions from the lake (every column with `as_json`); `sync` first copies
-    missing rows to Postgres."""
+    missing rows to Postgres. With `trajectory` (a session id), print that session's trajectory
+    as markdown instead (its entries with `as_json`)."""
     out = out or Console()
     err = err or Console(stderr=True)
     settings = settings or load_settings()
+    if trajectory is not None:
+        return trajectory_command(trajectory, settings, as_json=as_json, out=out, err=err)
     if sync:
         if not settings.postgres_url:
             return print_error(
@@ -323,4 +334,28 @@ def sessions_command(
         )
         return 0
     print_wide(out, sessions_table(frame))
+    return 0
+
+
+def trajectory_command(
+    session_id: str, settings: Settings, *, as_json: bool, out: Console, err: Console
+) -> int:
+    """Print a session's trajectory: markdown, or its entries as JSON; 2 when there is none."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", session_id):
+        return print_error(
+            f"{session_id!r} is not a session id", 2, as_json=as_json, out=out, err=err
+        )
+    found = read_trajectory(settings.lake, session_id)
+    if found is None:
+        return print_error(
+            f"no trajectory of session {session_id} in the lake at {settings.lake}",
+            2,
+            as_json=as_json,
+            out=out,
+            err=err,
+        )
+    if as_json:
+        out.print_json(json.dumps(found.entries, default=str))
+        return 0
+    out.print(trajectory_markdown(found), markup=False, highlight=False, soft_wrap=True)
     return 0

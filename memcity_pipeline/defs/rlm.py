@@ -2,8 +2,10 @@
 
 Launch `rlm_query` from the UI's launchpad (its config mirrors the request, with defaults that
 work on the sample corpus, and the `rlm` options derived from `RLMConfig`) or from the
-`memcity query` command; both run `memcity_pipeline.rlm.query`. Each run records one session row (lake + Postgres) and
-reports an `rlm_sessions` materialization with the session's figures. `rlm_session_report`
+`memcity query` command; both run `memcity_pipeline.rlm.query`. Each run records one session row
+(lake + Postgres) and reports an `rlm_sessions` materialization with the session's figures, its
+answer and its trajectory as markdown (each iteration's code and output, with its sub-calls and
+searches); the run's log has a line per iteration as it ends. `rlm_session_report`
 summarises latency, iterations and cost by context type.
 """
 
@@ -16,6 +18,7 @@ import polars as pl
 from pydantic import BaseModel, Field, create_model
 
 from memcity_pipeline.lake.delta import table_version
+from memcity_pipeline.lake.location import Lake
 from memcity_pipeline.resources.embeddings import EmbeddingsResource
 from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
@@ -24,6 +27,7 @@ from memcity_pipeline.resources.sessions import SessionsResource
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, parse_config
 from memcity_pipeline.rlm.query import prepare_query, run_query
 from memcity_pipeline.rlm.sessions import read_sessions
+from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
 
 rlm_sessions = dg.AssetSpec(
     "rlm_sessions",
@@ -137,6 +141,18 @@ def session_metadata(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def session_trajectory(lake: Lake, session_id: str, runtime: str | None) -> str:
+    """The session's trajectory as markdown (each iteration's code, output, sub-calls and
+    searches), or a line saying why there is none."""
+    try:
+        trajectory = read_trajectory(lake, session_id)
+    except Exception as exc:  # the session stands without its trajectory
+        return f"_the trajectory could not be read: {type(exc).__name__}: {exc}_"
+    if trajectory is None:
+        return "_no trajectory was saved for this session_"
+    return trajectory_markdown(trajectory, language="javascript" if runtime == "bun" else "python")
+
+
 @dg.op(
     name="run_rlm_query",
     description="Answer a question over an org's context with a Recursive Language Model.",
@@ -154,11 +170,8 @@ def run_rlm_query(
 ) -> Any:
     def progress(event: str, data: dict[str, Any]) -> None:
         if event == "iteration_done":
-            context.log.info(
-                f"iteration {data['iteration']} done in {data['seconds']:.1f} s "
-                f"({data['sub_calls']} sub-calls so far)"
-            )
-        else:
+            context.log.info(iteration_line(data))
+        elif event != "iteration_start":
             context.log.info(event.replace("_", " "))
 
     try:
@@ -194,6 +207,9 @@ def run_rlm_query(
         description=f"session {result.session_id} ({result.status})",
         metadata={
             **session_metadata(data),
+            "trajectory": dg.MetadataValue.md(
+                session_trajectory(lake.lake, result.session_id, result.runtime_used)
+            ),
             "table_version": table_version(lake.lake, "rlm_sessions") or 0,
         },
     )

@@ -36,6 +36,13 @@ Tracing (`rlm.tracing`): each iteration is an `rlm.iteration` span, each code bl
 threads, so `SandboxREPL` hands the execution's span context to its `SubCallBroker`, which
 attaches it around each call it answers (and each tool call, through `broker.tools(...)`).
 
+Progress (`progress`, the root RLM's only): `sandbox_opening`, `context_loaded`,
+`iteration_start` and `iteration_done`, the last with what the iteration did (code blocks and
+lines, characters printed, errors, sub-calls and searches, whether it ended with FINAL) and what
+the query has spent so far (sub-calls of the tree, tokens, cost); `rlm.trajectory.iteration_line`
+writes it as a line. Each execution's `search` calls are kept in the trajectory beside its
+sub-calls (`SandboxResult.tool_calls`).
+
 This module stays whole: its subclasses of the `rlms` LM client, environment and loop work as
 one (the deadline, the budget and the sub-call broker are shared by all three).
 """
@@ -371,6 +378,32 @@ def _on_daemon_thread(fn: Callable[[], T], *, name: str) -> "Future[T]":
     return future
 
 
+def tool_call_record(tool: str, args: Any) -> dict[str, Any]:
+    """What the trajectory keeps of a tool call: the tool, and the query and k it was sent
+    (when they are what they should be; the call's own checks say what is wrong otherwise)."""
+    record: dict[str, Any] = {"tool": str(tool)[:100]}
+    if isinstance(args, dict):
+        query, k = args.get("query"), args.get("k")
+        if isinstance(query, str):
+            record["query"] = query[:500]
+        if isinstance(k, int | float) and not isinstance(k, bool):
+            record["k"] = k
+    return record
+
+
+class SandboxResult(REPLResult):
+    """`rlms`'s REPL result plus the tool calls (`search`) the code made, in the trajectory."""
+
+    def __init__(
+        self, *args: Any, tool_calls: list[dict[str, Any]] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.tool_calls = tool_calls or []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "tool_calls": self.tool_calls}
+
+
 def _lines(code: str) -> int:
     """The number of lines of a code block."""
     return len(code.splitlines())
@@ -403,6 +436,7 @@ class SubCallBroker:
         self._child = child
         self._lock = threading.Lock()
         self._calls: list[RLMChatCompletion] = []
+        self._tool_calls: list[dict[str, Any]] = []
         self.total = 0
         # the span context of the code execution in progress (set by SandboxREPL)
         self.trace_context: Context | None = None
@@ -422,13 +456,34 @@ class SubCallBroker:
                 otel_context.detach(token)
 
     def tools(self, handler: ToolHandler) -> ToolHandler:
-        """`handler` (the session's tool handler) run in the span context of the execution."""
+        """`handler` (the session's tool handler) run in the span context of the execution,
+        each call kept for the trajectory (`take_tool_calls`)."""
 
         def traced(tool: str, args: Any) -> Any:
-            with self._traced():
-                return handler(tool, args)
+            started = time.perf_counter()
+            record = tool_call_record(tool, args)
+            try:
+                with self._traced():
+                    result = handler(tool, args)
+            except Exception as exc:
+                record["error"] = str(exc)
+                raise
+            else:
+                if isinstance(result, list):
+                    record["hits"] = len(result)
+                return result
+            finally:
+                record["seconds"] = round(time.perf_counter() - started, 3)
+                with self._lock:
+                    self._tool_calls.append(record)
 
         return traced
+
+    def take_tool_calls(self) -> list[dict[str, Any]]:
+        """The tool calls (`search`) made since the last `take_tool_calls()`."""
+        with self._lock:
+            calls, self._tool_calls = self._tool_calls, []
+        return calls
 
     def _client(self, model: str | None) -> HostLM:
         assert self.handler is not None, "the broker is not attached to an LMHandler"
@@ -567,6 +622,7 @@ class SandboxREPL(IsolatedEnv):
         started = time.perf_counter()
         self.executions += 1
         self.broker.take()
+        self.broker.take_tool_calls()
         what = scoped(CODE_EXECUTION, self.depth - 1)
         if self.deadline.exceeded():
             raise self.deadline.error(what)
@@ -575,12 +631,13 @@ class SandboxREPL(IsolatedEnv):
                 result = self.session.execute(code, timeout_s=self._timeout())
         except SandboxError as exc:
             self.errors += 1
-            return REPLResult(
+            return SandboxResult(
                 stdout="",
                 stderr=f"SandboxError: {exc}",
                 locals={},
                 execution_time=time.perf_counter() - started,
                 rlm_calls=self.broker.take(),
+                tool_calls=self.broker.take_tool_calls(),
             )
         stderr = result.stderr
         if result.error:
@@ -589,13 +646,14 @@ class SandboxREPL(IsolatedEnv):
         final = None
         if result.final is not None:
             final = str(result.final.get("value", ""))
-        return REPLResult(
+        return SandboxResult(
             stdout=result.stdout,
             stderr=stderr,
             locals={},
             execution_time=result.duration_s,
             rlm_calls=self.broker.take(),
             final_answer=final,
+            tool_calls=self.broker.take_tool_calls(),
         )
 
     def read_variable(self, name: str) -> str | None:
@@ -852,9 +910,9 @@ class SandboxRLM(RLM):
         self.iterations_run += 1
         if response and response.strip():
             self._best_partial_answer = response
+        codes = find_code_blocks(response)
         code_blocks = [
-            CodeBlock(code=code, result=environment.execute_code(code))
-            for code in find_code_blocks(response)
+            CodeBlock(code=code, result=environment.execute_code(code)) for code in codes
         ]
         iteration = RLMIteration(
             prompt=prompt,
@@ -866,12 +924,24 @@ class SandboxRLM(RLM):
             text_final = self._text_final(iteration)
             if text_final is not None:
                 iteration.code_blocks.append(_text_final_block(text_final))
+        results = [b.result for b in iteration.code_blocks]
         self._notify(
             "iteration_done",
             iteration=self.iterations_run,
+            depth=self.depth,
             seconds=iteration.iteration_time,
-            sub_calls=self.tree_sub_calls,
-            errors=sum(1 for b in iteration.code_blocks if b.result.stderr),
+            code_blocks=len(codes),
+            code_lines=sum(_lines(code) for code in codes),
+            output_chars=sum(len(r.stdout or "") + len(r.stderr or "") for r in results),
+            errors=sum(1 for r in results if r.stderr),
+            sub_calls=sum(len(r.rlm_calls) for r in results),
+            search_calls=sum(  # the searches answered (a refused call is an error in the code)
+                1 for r in results for c in getattr(r, "tool_calls", []) if "hits" in c
+            ),
+            final=any(r.final_answer is not None for r in results),
+            total_sub_calls=self.tree_sub_calls,
+            tokens=self.spend.prompt_tokens + self.spend.completion_tokens,
+            cost_usd=self.spend.cost_usd,
         )
         return iteration
 

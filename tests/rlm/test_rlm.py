@@ -3,6 +3,7 @@ local sandbox (bwrap), a real lake built by ingestion, and the machine's real Po
 
 import json
 import logging
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -637,7 +638,10 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
         "sessions": configured["sessions"],
         "embeddings": configured["embeddings"],
     }
-    result = rlm_query_job.execute_in_process(run_config=run_config, resources=resources)
+    instance = dg.DagsterInstance.ephemeral()
+    result = rlm_query_job.execute_in_process(
+        run_config=run_config, resources=resources, instance=instance
+    )
     assert result.success
     events = result.asset_materializations_for_node("run_rlm_query")
     assert [e.asset_key for e in events] == [dg.AssetKey("rlm_sessions")]
@@ -646,6 +650,11 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
     assert metadata["iterations"].value == 1
     assert metadata["table_version"].value == table_version(configured["lake"].lake, "rlm_sessions")
     assert result.output_for_node("run_rlm_query")["answer"] == "from dagster"
+    trajectory = metadata["trajectory"].value
+    assert "### Iteration 1" in trajectory and "FINAL('from dagster')" in trajectory
+    assert "**FINAL**: from dagster" in trajectory
+    logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any(m.startswith("iteration 1: 1 code block (1 line)") for m in logged), logged
 
     report = dg.materialize([rlm_session_report], resources={"lake": configured["lake"]})
     assert report.success
@@ -717,6 +726,13 @@ def test_query_and_sessions_commands(
     assert code == 0, figures
     assert "2 notes" in out.export_text()
     assert "completed" in figures and "1 iterations" in figures
+    # the iteration was reported as it ended, on stderr
+    assert re.search(
+        r"^iteration 1: 1 code block \(1 line\), printed 0 chars, 0 sub-calls, [\d.]+ s, FINAL "
+        r"· so far 0 sub-calls, [\d,]+ tokens, cost n/a$",
+        figures,
+        re.MULTILINE,
+    ), figures
 
     calls = scripted_llm.call_count
     code = query_command("?", org="saltmarsh", context_type="memories", out=out, err=err)
@@ -727,6 +743,21 @@ def test_query_and_sessions_commands(
     assert sessions_command(org="saltmarsh", out=listing, err=err) == 0
     text = listing.export_text()
     assert "custom" in text and "completed" in text and "How many notes?" in text
+
+    # one session's trajectory, as markdown and as JSON; an unknown or malformed id is refused
+    session_id = read_sessions(lake).row(0, named=True)["session_id"]
+    shown = Console(record=True, width=200)
+    assert sessions_command(trajectory=session_id, out=shown, err=err) == 0
+    markdown = shown.export_text()
+    assert markdown.startswith("**1 iteration**") and "### Iteration 1" in markdown
+    assert "FINAL(str(len(context)) + ' notes')" in markdown and "**FINAL**: 2 notes" in markdown
+    as_json = Console(record=True, width=200)
+    assert sessions_command(trajectory=session_id, as_json=True, out=as_json, err=err) == 0
+    entries = json.loads(as_json.export_text())
+    assert [e["type"] for e in entries] == ["metadata", "iteration"]
+    assert sessions_command(trajectory="0" * 32, out=shown, err=err) == 2
+    assert sessions_command(trajectory="../../etc/passwd", out=shown, err=err) == 2
+    assert "is not a session id" in err.export_text()
 
 
 def test_rlm_extract_validates_the_final_json_against_a_schema(

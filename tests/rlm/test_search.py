@@ -28,6 +28,7 @@ from memcity_pipeline.resources.sandbox import LocalSandboxResource
 from memcity_pipeline.rlm.config import RLMResult
 from memcity_pipeline.rlm.context import MAX_CHUNKS
 from memcity_pipeline.rlm.sessions import read_sessions
+from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
 from tests.fixtures_sandbox import BWRAP
 from tests.rlm.test_rlm import Script, make_client, opening_text, repl
 from tests.rlm.test_rlm_js import INTERPRETERS
@@ -367,6 +368,58 @@ def test_bad_search_arguments_are_errors_in_the_code_and_the_query_goes_on(
         assert message in printed
     assert "hits: 2" in printed
     assert result.search_calls == 1  # the refused calls searched nothing
+
+
+def test_each_iteration_is_reported_as_it_ends_and_the_trajectory_shows_its_calls(
+    scripted_llm: ScriptedLLMServer, sandbox: LocalSandboxResource, settings_env: Path
+) -> None:
+    script = Script(
+        repl(
+            "print('x' * 5000)\n"
+            "hits = search('lighthouse vault code', k=5)\n"
+            "try:\n"
+            "    search('vault', k=0)\n"
+            "except RuntimeError:\n"
+            "    pass\n"
+            "notes = llm_query_batched(['note one', 'note two'])"
+        ),
+        repl("FINAL(hits[0]['text'])", prose="I have it."),
+    )
+    scripted_llm.responder = script
+    events: list[tuple[str, dict[str, Any]]] = []
+    result = query(
+        scripted_llm, sandbox, "documents", progress=lambda e, d: events.append((e, dict(d)))
+    )
+    assert result.status == "completed" and result.answer == VAULT, result
+
+    assert [e for e, _ in events] == [
+        "sandbox_opening",
+        "context_loaded",
+        "iteration_start",
+        "iteration_done",
+        "iteration_start",
+        "iteration_done",
+    ]
+    first, second = (d for e, d in events if e == "iteration_done")
+    assert first["iteration"] == 1 and first["code_blocks"] == 1 and first["code_lines"] == 7
+    assert first["output_chars"] >= 5000
+    assert (first["sub_calls"], first["search_calls"], first["final"]) == (2, 1, False)
+    assert (second["sub_calls"], second["search_calls"], second["final"]) == (0, 0, True)
+    assert second["total_sub_calls"] == 2 and second["tokens"] > 0
+    assert iteration_line(first).startswith(
+        "iteration 1: 1 code block (7 lines), printed 5,001 chars, 2 sub-calls, 1 search, "
+    )
+
+    trajectory = read_trajectory(settings_env, result.session_id)
+    assert trajectory is not None and trajectory.skipped_lines == 0
+    text = trajectory_markdown(trajectory)
+    assert text.startswith("**2 iterations**")
+    assert "print('x' * 5000)" in text and "more characters)" in text
+    assert "Sub-calls (2):" in text and "`note one` → `sub[note one]`" in text
+    assert "Searches (2):" in text
+    assert "- search `lighthouse vault code`, k=5 → 5 hits" in text
+    assert "- search `vault`, k=0 → error: k must be from 1 to 50, not 0" in text
+    assert "> I have it." in text and f"**FINAL**: {VAULT}" in text
 
 
 # -- memories and other contexts ----------------------------------------------------------------
