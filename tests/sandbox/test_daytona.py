@@ -15,7 +15,7 @@ import pytest
 from daytona import Daytona, DaytonaConfig
 
 from memcity_pipeline.resources.sandbox import DaytonaSandboxResource
-from memcity_pipeline.sandbox.base import SandboxError
+from memcity_pipeline.sandbox.base import SandboxError, ToolError
 from memcity_pipeline.sandbox.daytona import (
     DaytonaBackend,
     DaytonaSandboxes,
@@ -270,6 +270,30 @@ def test_llm_query_is_answered_on_the_host(backend: DaytonaBackend) -> None:
         assert batched.stdout == "['answer to a', 'answer to b', 'answer to c']\n"
         assert session.llm_prompts_served == 4
     assert sorted(llm.prompts) == ["a", "b", "c", "what is 2+2"]
+
+
+def test_search_is_answered_on_the_host_and_a_refusal_is_an_error_in_the_code(
+    backend: DaytonaBackend,
+) -> None:
+    calls: list[tuple[str, object]] = []
+
+    def tools(tool: str, args: object) -> object:
+        calls.append((tool, args))
+        if not isinstance(args, dict) or args.get("k") == 0:
+            raise ToolError("k must be from 1 to 50, not 0")
+        return [{"chunk_id": f"c{i}", "text": f"hit {i} for {args['query']}"} for i in range(2)]
+
+    with backend.open_session("org-a", RecordingLLM(), tool_handler=tools) as session:
+        hits = session.execute("hits = search('vault code', k=2)\nprint([h['text'] for h in hits])")
+        assert hits.stdout == "['hit 0 for vault code', 'hit 1 for vault code']\n", hits
+        refused = session.execute(
+            "try:\n    search('vault', k=0)\nexcept RuntimeError as exc:\n    print(exc)"
+        )
+        assert refused.stdout == "search failed: k must be from 1 to 50, not 0\n", refused
+    assert calls == [
+        ("search", {"query": "vault code", "k": 2}),
+        ("search", {"query": "vault", "k": 0}),
+    ]
 
 
 def test_no_secret_enters_the_sandbox(
