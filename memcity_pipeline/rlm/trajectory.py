@@ -171,8 +171,23 @@ def _listed(title: str, lines: list[str]) -> list[str]:
     return [f"{title} ({len(lines)}):", *shown, *([f"- … and {more} more"] if more else []), ""]
 
 
+def is_closing_answer(entry: dict[str, Any]) -> bool:
+    """The entry `rlms` logs when the iterations ran out: the root model asked for its best
+    answer, no code, the answer as the entry's own `final_answer`."""
+    return (
+        entry.get("final_answer") is not None
+        and not entry.get("code_blocks")
+        and entry.get("iteration_time") is None
+    )
+
+
 def iteration_markdown(entry: dict[str, Any], language: str = "python") -> str:
     """One iteration of the trajectory as markdown."""
+    if is_closing_answer(entry):
+        answer = cut(str(entry["final_answer"]), PROSE_CHARS)
+        return "\n".join(
+            ["### The best answer when the iterations ran out", "", *answer.splitlines(), ""]
+        )
     blocks = [b for b in entry.get("code_blocks") or [] if isinstance(b, dict)]
     seconds = entry.get("iteration_time")
     took = f" · {seconds:.1f} s" if isinstance(seconds, int | float) else ""
@@ -210,7 +225,8 @@ def trajectory_markdown(
     iterations = [e for e in trajectory.entries if e.get("type") == "iteration"]
     attempts = sum(1 for e in trajectory.entries if e.get("type") == "metadata")
     where = f" (`{trajectory.location}`)" if trajectory.location else ""
-    head = [f"**{_plural(len(iterations), 'iteration')}**{where}"]
+    turns = sum(1 for e in iterations if not is_closing_answer(e))
+    head = [f"**{_plural(turns, 'iteration')}**{where}"]
     if attempts > 1:
         head.append(
             f"_{attempts} attempts (the runtime failed and the query ran again on python): "

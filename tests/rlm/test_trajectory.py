@@ -147,6 +147,22 @@ def test_a_long_trajectory_is_cut_and_says_where_the_rest_is() -> None:
     assert "`s3://lake/t.jsonl`" in text
 
 
+def test_the_answer_asked_for_when_the_iterations_ran_out_is_shown_as_such() -> None:
+    closing = {
+        "type": "iteration",
+        "iteration": 3,
+        "prompt": [],
+        "response": "My best guess is 12.",
+        "code_blocks": [],
+        "final_answer": "My best guess is 12.",
+        "iteration_time": None,
+    }
+    text = trajectory_markdown(Trajectory([iteration(1, "x = 1"), iteration(2, "y = 2"), closing]))
+    assert text.startswith("**2 iterations**")
+    assert "### The best answer when the iterations ran out\n\nMy best guess is 12." in text
+    assert "### Iteration 3" not in text
+
+
 def test_a_child_rlm_and_a_runtime_fallback_are_named() -> None:
     child = sub_call("count the ferries", "3", iterations=[{}, {}])
     entries = [
