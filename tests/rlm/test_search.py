@@ -341,7 +341,8 @@ def test_bad_search_arguments_are_errors_in_the_code_and_the_query_goes_on(
         repl(
             "errors = []\n"
             "for args in [(123,), ('   ',), ('x' * 2001,), ('vault', 0), ('vault', 51),\n"
-            "             ('vault', 2.5), ('vault', True), (['vault'],)]:\n"
+            "             ('vault', 2.5), ('vault', True), (['vault'],), (object(),),\n"
+            "             ('vault', {1, 2})]:\n"
             "    try:\n"
             "        search(*args)\n"
             "    except RuntimeError as exc:\n"
@@ -364,6 +365,8 @@ def test_bad_search_arguments_are_errors_in_the_code_and_the_query_goes_on(
         "search failed: k must be an integer, not a number",
         "search failed: k must be an integer, not a boolean",
         "search failed: query must be a string, not a list",
+        "search failed: query must be a string, not object",  # refused in the sandbox
+        "search failed: k must be an integer, not set",
     ):
         assert message in printed
     assert "hits: 2" in printed

@@ -240,6 +240,13 @@ class Server:
     def search(self, query: Any, k: Any = 10) -> Any:
         """Search the query's knowledge base or memories on the host: the `k` best hits, each
         a dict (the host checks the arguments and decides what is searched)."""
+        for name, value in (("query", query), ("k", k)):
+            if not isinstance(value, (str, int, float, bool, list, dict, type(None))):
+                # sent as JSON, it would arrive as its str(): refuse it here
+                kind = "a string" if name == "query" else "an integer"
+                raise RuntimeError(
+                    f"search failed: {name} must be {kind}, not {type(value).__name__}"
+                )
         message = self.request_host(
             "tool", {"tool": "search", "args": {"query": query, "k": k}}, "search"
         )
