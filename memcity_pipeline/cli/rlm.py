@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+import polars as pl
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -357,5 +358,10 @@ def trajectory_command(
     if as_json:
         out.print_json(json.dumps(found.entries, default=str))
         return 0
-    out.print(trajectory_markdown(found), markup=False, highlight=False, soft_wrap=True)
+    row = read_sessions(settings.lake).filter(pl.col("session_id") == session_id)
+    runtime = row["runtime_used"][0] if row.height else None
+    language = "javascript" if runtime == "bun" else "python"
+    out.print(
+        trajectory_markdown(found, language=language), markup=False, highlight=False, soft_wrap=True
+    )
     return 0

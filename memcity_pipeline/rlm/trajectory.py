@@ -160,7 +160,9 @@ def _tool_call_line(call: dict[str, Any]) -> str:
         if call.get("error")
         else _plural(int(call.get("hits") or 0), "hit")
     )
-    return f"- search `{_one_line(call.get('query') or '')}`{k} → {outcome}"
+    query = call.get("query")
+    asked = f"`{_one_line(query)}`" if isinstance(query, str) else "(no text query)"
+    return f"- search {asked}{k} → {outcome}"
 
 
 def _listed(title: str, lines: list[str]) -> list[str]:

@@ -18,7 +18,9 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 import pytest
+from rich.console import Console
 
+from memcity_pipeline.cli.rlm import sessions_command
 from memcity_pipeline.defs.indexing import bm25_index, chunk_embeddings, memory_index
 from memcity_pipeline.lake.delta import write_rows
 from memcity_pipeline.lake.tables import ENRICHED_CHUNKS, MEMORIES, RAW_DOCUMENTS, scope_where
@@ -332,6 +334,13 @@ def test_search_in_javascript_is_awaited_and_scoped_the_same(
     assert "search failed: query must be a string, not a number" in feedback
     assert result.search_calls == 2
     assert session_row(settings_env, result.session_id)["search_calls"] == 2
+    # the trajectory shows the JavaScript and its searches, the refused one included
+    shown = Console(record=True, width=200)
+    assert sessions_command(trajectory=result.session_id, out=shown, err=shown) == 0
+    text = shown.export_text()
+    assert "```javascript\nconst hits = await search('lighthouse vault code', 3)" in text
+    assert "- search `lighthouse vault code`, k=3 → 3 hits" in text
+    assert "- search (no text query), k=10 → error: query must be a string, not a number" in text
 
 
 def test_bad_search_arguments_are_errors_in_the_code_and_the_query_goes_on(
