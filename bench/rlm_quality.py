@@ -354,6 +354,20 @@ class Run:
     sub_calls: int = 0
 
 
+def finished(task: Task, method: str, answer: str, started: float, **figures: Any) -> Run:
+    """The run of `method` on `task` that began at `started` (perf_counter), its answer scored."""
+    return Run(
+        task=task.name,
+        size=task.size,
+        seed=task.seed,
+        method=method,
+        score=task.score(answer),
+        answer=answer,
+        latency_s=time.perf_counter() - started,
+        **figures,
+    )
+
+
 def run_rlm(task: Task, client: Any, sandbox: Any, store: Any, args: argparse.Namespace) -> Run:
     from memcity_pipeline.api import rlm_query
 
@@ -376,24 +390,21 @@ def run_rlm(task: Task, client: Any, sandbox: Any, store: Any, args: argparse.Na
         sandbox=sandbox,
         session_store=store,
     )
-    return Run(
-        task.name,
-        task.size,
-        task.seed,
+    return finished(
+        task,
         "rlm",
-        task.score(result.answer),
         result.answer,
-        time.perf_counter() - started,
-        result.prompt_tokens,
-        result.completion_tokens,
-        result.cost,
-        result.status,
-        result.warning,
-        result.error,
-        result.session_id,
-        len(task.context),
-        result.iterations,
-        result.total_sub_calls,
+        started,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        cost_usd=result.cost,
+        status=result.status,
+        warning=result.warning,
+        error=result.error,
+        session_id=result.session_id,
+        given_chars=len(task.context),
+        iterations=result.iterations,
+        sub_calls=result.total_sub_calls,
     )
 
 
@@ -424,31 +435,17 @@ def run_direct(task: Task, client: Any, window_tokens: int, chars_per_token: flo
                 break
             budget = int(budget * 0.7)  # the window was fuller than the estimate
             continue
-        return Run(
-            task.name,
-            task.size,
-            task.seed,
+        return finished(
+            task,
             "direct",
-            task.score(result.text),
             result.text,
-            time.perf_counter() - started,
-            result.prompt_tokens,
-            result.completion_tokens,
-            result.cost_usd,
+            started,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            cost_usd=result.cost_usd,
             given_chars=len(given),
         )
-    return Run(
-        task.name,
-        task.size,
-        task.seed,
-        "direct",
-        0.0,
-        "",
-        time.perf_counter() - started,
-        status="failed",
-        error=error,
-        given_chars=budget,
-    )
+    return finished(task, "direct", "", started, status="failed", error=error, given_chars=budget)
 
 
 def _mean(values: list[float]) -> float:
