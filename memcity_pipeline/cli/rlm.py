@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-import polars as pl
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -21,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from memcity_pipeline.cli.console import print_error, print_wide, spinner
+from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
 from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
@@ -358,10 +358,9 @@ def trajectory_command(
     if as_json:
         out.print_json(json.dumps(found.entries, default=str))
         return 0
-    row = read_sessions(settings.lake).filter(pl.col("session_id") == session_id)
+    row = read_rows(settings.lake, "rlm_sessions", {"session_id": session_id}, ["runtime_used"])
     runtime = row["runtime_used"][0] if row.height else None
-    language = "javascript" if runtime == "bun" else "python"
     out.print(
-        trajectory_markdown(found, language=language), markup=False, highlight=False, soft_wrap=True
+        trajectory_markdown(found, runtime=runtime), markup=False, highlight=False, soft_wrap=True
     )
     return 0

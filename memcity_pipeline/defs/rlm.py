@@ -150,7 +150,7 @@ def session_trajectory(lake: Lake, session_id: str, runtime: str | None) -> str:
         return f"_the trajectory could not be read: {type(exc).__name__}: {exc}_"
     if trajectory is None:
         return "_no trajectory was saved for this session_"
-    return trajectory_markdown(trajectory, language="javascript" if runtime == "bun" else "python")
+    return trajectory_markdown(trajectory, runtime=runtime)
 
 
 @dg.op(

@@ -220,10 +220,12 @@ def iteration_markdown(entry: dict[str, Any], language: str = "python") -> str:
 
 
 def trajectory_markdown(
-    trajectory: Trajectory, *, language: str = "python", max_chars: int = MAX_CHARS
+    trajectory: Trajectory, *, runtime: str | None = "python", max_chars: int = MAX_CHARS
 ) -> str:
     """The trajectory as markdown, at most about `max_chars` characters (later iterations are
-    left out first, and the text says so)."""
+    left out first, and the text says so); code is labelled in the language of `runtime` (the
+    session's `runtime_used`)."""
+    language = "javascript" if runtime == "bun" else "python"
     iterations = [e for e in trajectory.entries if e.get("type") == "iteration"]
     attempts = sum(1 for e in trajectory.entries if e.get("type") == "metadata")
     where = f" (`{trajectory.location}`)" if trajectory.location else ""
