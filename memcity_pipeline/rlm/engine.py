@@ -81,7 +81,12 @@ from memcity_pipeline.llm.client import LLMClient
 from memcity_pipeline.llm.usage import Usage
 from memcity_pipeline.rlm.prompts import ContextMetadata, build_messages, describe_context
 from memcity_pipeline.rlm.tracing import set_attributes, tracer
-from memcity_pipeline.sandbox.base import SandboxError, SandboxSession, ToolHandler
+from memcity_pipeline.sandbox.base import (
+    SandboxError,
+    SandboxSession,
+    ToolHandler,
+    tool_error_text,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -466,7 +471,7 @@ class SubCallBroker:
                 with self._traced():
                     result = handler(tool, args)
             except Exception as exc:
-                record["error"] = str(exc)
+                record["error"] = tool_error_text(exc)  # what the sandboxed code was told
                 raise
             else:
                 if isinstance(result, list):

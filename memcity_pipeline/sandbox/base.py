@@ -9,8 +9,9 @@ server's ``llm_request`` messages on the host with an :data:`LLMHandler`, and it
 ``tool_request`` messages (``search``) with a :data:`ToolHandler`, so no secret ever enters the
 sandbox. A tool call is an untrusted request: whatever it asks, the host answers it with a
 result or an error message for the sandboxed code (a :class:`ToolError`'s message as it is,
-of anything else only its type), never by failing itself. :class:`ReplSession` is a complete session on top of a client; backends add
-how the process is started, how a context file travels, and how the process is killed.
+of anything else only its type), never by failing itself. :class:`ReplSession` is a complete
+session on top of a client; backends add how the process is started, how a context file
+travels, and how the process is killed.
 
 Timeouts have two tiers. The server interrupts Python code at ``timeout_s`` (the session lives
 on, ``ExecResult.timed_out`` is true). If the server does not answer ``kill_grace_s`` later, the

@@ -30,7 +30,8 @@ server -> host (stdout)::
 
 In the namespace: ``context``, ``llm_query(prompt, model=None) -> str``,
 ``llm_query_batched(prompts, model=None) -> list[str]``, ``search(query, k=10) -> list`` (a
-tool answered by the host; its arguments are sent as given), ``SHOW_VARS() -> str``. Setting the
+tool answered by the host, which checks the arguments; one that is not a JSON value is refused
+here), ``SHOW_VARS() -> str``. Setting the
 variable ``__final__`` reports it as ``final`` in that execution's result (the hook for
 ``FINAL`` / ``FINAL_VAR`` defined by a prelude). ``timeout_s`` is soft (``SIGALRM`` raises
 ``TimeoutError`` in the code, the session lives); the host enforces a hard limit by killing.
