@@ -93,8 +93,9 @@ class LocalMiniLMEmbedder:
         backend: Literal["onnx", "onnx-int8", "torch"] = "onnx",
         cache_dir: Path | None = None,
     ) -> None:
-        if backend not in ("onnx", "onnx-int8", "torch"):
-            raise ValueError(f"backend must be onnx, onnx-int8 or torch, not {backend!r}")
+        if backend not in LOCAL_BACKENDS.values():
+            choices = ", ".join(LOCAL_BACKENDS.values())
+            raise ValueError(f"backend must be one of {choices}, not {backend!r}")
         if backend == "onnx-int8":  # other vectors (cosine about 0.99): another model name
             self.model_name = f"{LOCAL_MODEL_NAME}-int8"
         self.model_dir = model_dir
