@@ -1,9 +1,23 @@
 """Shared pytest fixtures. Area fixtures live in tests/fixtures_*.py and are registered here."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: no per-example deadline (these machines are shared and noisy), fixtures
+# of the test function are shared by its examples on purpose, and CI (`CI=true`) draws the same
+# examples on every run so that a red run can be replayed.
+settings.register_profile(
+    "memcity",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=bool(os.environ.get("CI")),
+    print_blob=True,
+)
+settings.load_profile("memcity")
 
 pytest_plugins = [
     "tests.fixtures_llm",
