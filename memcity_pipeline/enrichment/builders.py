@@ -220,7 +220,9 @@ def build_chunks(
             dtype=pl.String,
         )
     )
-    plan = plan_rows(wanted, existing, key="document_id", fingerprint="source_key")
+    plan = plan_rows(
+        wanted, existing, key="document_id", fingerprint="source_key", row_key="chunk_id"
+    )
     stats.reused = plan.reuse["document_id"].n_unique() if plan.reuse.height else 0
     stats.dropped = plan.dropped
     kw: dict[str, Any] = {"max_tokens": max_tokens, "overlap_tokens": overlap_tokens}

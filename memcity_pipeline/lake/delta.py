@@ -47,7 +47,8 @@ from memcity_pipeline.lake.tables import BUCKET, BUCKETS, Table, Where, table
 log = logging.getLogger(__name__)
 
 COMMIT_ATTEMPTS = 12
-_DELETE = "_memcity_delete"
+_DELETE = "_memcity_delete"  # a source row of a MERGE that deletes its match
+_FRESH = "_memcity_fresh"  # a source row of a MERGE that is inserted, never matched
 
 
 def _commit_retries(name: str) -> Retrying:
@@ -208,15 +209,57 @@ def partitions(lake: Lake | str, name: str) -> list[dict[str, str | None]]:
 
 
 def _changes(t: Table, old: pl.DataFrame, new: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(rows of `new` to upsert: new keys or changed rows, keys of `old` no longer in `new`)."""
+    """What turns the partition's rows `old` into `new` (unique keys): (rows of `new` to write,
+    with `_FRESH` true where they must be inserted rather than matched; whole rows of `old` to
+    delete).
+
+    A key of `new` is written when it is new or its row changed; an old row goes when its key
+    left. A key whose old rows cannot simply be updated is replaced (its old rows deleted, its
+    new row inserted fresh): a row that moves to another bucket (the bucket of some tables
+    derives from another column than the key: chunks by their document), and a key held by
+    several old rows (a lake damaged by an earlier version), which is how such a lake heals.
+    """
     keys = list(t.key)
     hashed_old = old.with_columns(_h=old.hash_rows(seed=7))
     hashed_new = new.with_columns(_h=new.hash_rows(seed=7))
-    upserts = hashed_new.join(
+    replaced = old.group_by(keys).len().filter(pl.col("len") > 1).select(keys)
+    if t.bucket_by and t.bucket_by not in keys:
+        moved = (
+            _with_bucket(t, old)
+            .join(
+                _with_bucket(t, new).select([*keys, pl.col(BUCKET).alias("_to")]),
+                on=keys,
+                nulls_equal=True,
+            )
+            .filter(pl.col(BUCKET) != pl.col("_to"))
+            .select(keys)
+        )
+        replaced = pl.concat([replaced, moved]).unique()
+    changed = hashed_new.join(
         hashed_old.select([*keys, "_h"]), on=[*keys, "_h"], how="anti", nulls_equal=True
     ).drop("_h")
-    gone = old.select(keys).join(new.select(keys), on=keys, how="anti", nulls_equal=True)
-    return upserts, gone
+    writes = pl.concat(
+        [
+            changed.join(replaced, on=keys, how="anti", nulls_equal=True).with_columns(
+                pl.lit(False).alias(_FRESH)
+            ),
+            new.join(replaced, on=keys, how="semi", nulls_equal=True).with_columns(
+                pl.lit(True).alias(_FRESH)
+            ),
+        ]
+    )
+    deletes = pl.concat(
+        [
+            old.join(new.select(keys), on=keys, how="anti", nulls_equal=True),
+            old.join(replaced, on=keys, how="semi", nulls_equal=True),
+        ]
+    )
+    # One delete per key and bucket: it removes every target row it matches.
+    if t.bucket_by:
+        deletes = _with_bucket(t, deletes).unique([*keys, BUCKET]).drop(BUCKET)
+    else:
+        deletes = deletes.unique(keys)
+    return writes, deletes
 
 
 def write_rows(lake: Lake | str, name: str, where: Where, frame: pl.DataFrame) -> int | None:
@@ -236,16 +279,18 @@ def write_rows(lake: Lake | str, name: str, where: Where, frame: pl.DataFrame) -
 def _merge(lake: Lake, t: Table, where: Where, wanted: pl.DataFrame) -> int | None:
     dt = open_table(lake, t.name)
     old = _read(dt, t, where, None)
-    upserts, gone = _changes(t, old, wanted)
-    if upserts.height == 0 and gone.height == 0:
+    writes, deletes = _changes(t, old, wanted)
+    if writes.height == 0 and deletes.height == 0:
         return None
     if dt is None:
         dt = _ensure_table(lake, t)
     _add_new_columns(dt, t)
     source = pl.concat(
         [
-            upserts.with_columns(pl.lit(False).alias(_DELETE)),
-            _conform(t, gone).with_columns(pl.lit(True).alias(_DELETE)),
+            writes.with_columns(pl.lit(False).alias(_DELETE)),
+            _conform(t, deletes).with_columns(
+                pl.lit(False).alias(_FRESH), pl.lit(True).alias(_DELETE)
+            ),
         ]
     )
     source = _with_bucket(t, source).to_arrow()
@@ -257,7 +302,7 @@ def _merge(lake: Lake, t: Table, where: Where, wanted: pl.DataFrame) -> int | No
     (
         dt.merge(
             source,
-            predicate=f"{_sql_where(where, 't')} AND {on}",
+            predicate=f"{_sql_where(where, 't')} AND {on} AND NOT s.`{_FRESH}`",
             source_alias="s",
             target_alias="t",
         )

@@ -39,6 +39,7 @@ def plan_rows(
     fingerprint: str,
     existing_fingerprint: str | None = None,
     reusable: pl.Expr | None = None,
+    row_key: str | list[str] | None = None,
 ) -> RowPlan:
     """Split `wanted` into rows to compute and `existing` rows to reuse.
 
@@ -46,7 +47,9 @@ def plan_rows(
     name by default) of an existing row with the same `key` for that row to be reused;
     `reusable` is an extra condition on existing rows (say, "not failed"). Existing rows may
     hold several rows per key (chunks per document): a key is reused only when every one of
-    them matches, and then all of them are kept.
+    them matches, and then all of them are kept, once per `row_key` (the table's own key, `key`
+    by default): an existing row that repeats a kept row's `row_key` is dropped, so that a table
+    holding the same row twice (damaged by an earlier version) is rewritten whole.
     """
     keys = [key] if isinstance(key, str) else list(key)
     old_fp = existing_fingerprint or fingerprint
@@ -71,6 +74,8 @@ def plan_rows(
         )
         .select(keys)
     )
-    reuse = existing.join(matched, on=keys, how="semi")
+    reuse = existing.join(matched, on=keys, how="semi").unique(
+        subset=row_key or keys, keep="first", maintain_order=True
+    )
     todo = wanted.join(matched, on=keys, how="anti")
     return RowPlan(reuse, todo, existing.height - reuse.height)

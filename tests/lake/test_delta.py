@@ -10,8 +10,11 @@ import polars as pl
 import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memcity_pipeline.lake.delta import (
+    append_rows,
     delete_rows,
     has_rows,
     maintain,
@@ -272,3 +275,69 @@ def test_a_column_added_to_a_schema_joins_an_existing_table(tmp_path: Path) -> N
     after = read_rows(tmp_path, "chunks", where, columns=["chunk_id", "header"])
     assert after["header"].to_list() == ["Manual › Intro"] * 2
     assert "header" in DeltaTable(str(tmp_path / "chunks")).schema().to_arrow().names
+
+
+# ---------------------------------------------------------------- property: a write is exact
+
+_DOCS = [f"doc{i}" for i in range(6)]  # their buckets differ (crc32 % 32), so rows move buckets
+_chunk_states = st.lists(
+    st.dictionaries(
+        st.sampled_from([f"c{i}" for i in range(12)]),
+        st.tuples(st.sampled_from(_DOCS), st.sampled_from(["a", "b", "a longer text", ""])),
+        max_size=12,
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def _chunk_frame(state: dict[str, tuple[str, str]]) -> pl.DataFrame:
+    ids = sorted(state)
+    return pl.DataFrame(
+        {
+            "org_id": ["acme"] * len(ids),
+            "knowledge_base_id": ["kb"] * len(ids),
+            "document_id": [state[c][0] for c in ids],
+            "chunk_id": ids,
+            "ordinal": list(range(len(ids))),
+            "section_title": [None] * len(ids),
+            "start": [0] * len(ids),
+            "end": [len(state[c][1]) for c in ids],
+            "text": [state[c][1] for c in ids],
+            "token_count": [1] * len(ids),
+            "source_key": ["k"] * len(ids),
+            "header": [None] * len(ids),
+        },
+        schema_overrides={"section_title": pl.String, "header": pl.String},
+    )
+
+
+def _as_set(frame: pl.DataFrame) -> set[tuple[object, ...]]:
+    return set(frame.select(sorted(frame.columns)).iter_rows())
+
+
+@given(states=_chunk_states, damage=st.booleans())
+@settings(max_examples=25)
+def test_any_sequence_of_writes_leaves_the_partition_exactly_the_last_state(
+    tmp_path_factory: pytest.TempPathFactory, states: list[dict[str, tuple[str, str]]], damage: bool
+) -> None:
+    """`chunks` is keyed by chunk and bucketed by document: whatever rows come and go, change
+    document (so bucket) or text, each write leaves the partition exactly the rows asked for,
+    with no key twice, and the other partition untouched. A partition damaged by an earlier
+    version (a row held twice, a stale row) is healed by the next write."""
+    lake = tmp_path_factory.mktemp("lake")
+    where = scope_where("chunks", "acme", "kb")
+    other = scope_where("chunks", "acme", "other")
+    bystander = _chunk_frame({"c0": ("doc0", "other kb")}).with_columns(
+        knowledge_base_id=pl.lit("other")
+    )
+    write_rows(lake, "chunks", other, bystander)
+    if damage:  # the same row twice and a stale row, as appends (no MERGE) would leave them
+        append_rows(lake, "chunks", _chunk_frame({"c0": ("doc1", "a"), "c11": ("doc2", "b")}))
+        append_rows(lake, "chunks", _chunk_frame({"c0": ("doc1", "a")}))
+    for state in states:
+        write_rows(lake, "chunks", where, _chunk_frame(state))
+        back = read_rows(lake, "chunks", where)
+        assert back["chunk_id"].is_duplicated().sum() == 0
+        assert _as_set(back) == _as_set(_chunk_frame(state))
+    assert _as_set(read_rows(lake, "chunks", other)) == _as_set(bystander)

@@ -53,7 +53,7 @@ def test_a_key_with_several_rows_is_kept_only_when_all_of_them_match() -> None:
         }
     )
     wanted = pl.DataFrame({"doc": ["d1", "d2"], "source_key": ["k1", "k2"]})
-    plan = plan_rows(wanted, existing, key="doc", fingerprint="source_key")
+    plan = plan_rows(wanted, existing, key="doc", fingerprint="source_key", row_key="chunk")
     assert plan.reuse["chunk"].to_list() == ["c1", "c2"]
     assert plan.todo["doc"].to_list() == ["d2"]
     assert plan.dropped == 2
@@ -63,3 +63,14 @@ def test_an_empty_table_computes_everything() -> None:
     wanted = pl.DataFrame({"id": ["a", "b"], "fp": ["1", "2"]})
     plan = plan_rows(wanted, frame([]), key="id", fingerprint="fp")
     assert plan.todo.height == 2 and plan.reuse.height == 0 and plan.dropped == 0
+
+
+def test_a_row_held_twice_is_dropped_once_so_the_table_is_rewritten() -> None:
+    # a table damaged by an earlier version: one chunk twice, with the wanted fingerprint
+    existing = pl.DataFrame(
+        {"doc": ["d1", "d1", "d1"], "chunk": ["c1", "c1", "c2"], "source_key": ["k1"] * 3}
+    )
+    wanted = pl.DataFrame({"doc": ["d1"], "source_key": ["k1"]})
+    plan = plan_rows(wanted, existing, key="doc", fingerprint="source_key", row_key="chunk")
+    assert plan.reuse["chunk"].to_list() == ["c1", "c2"]
+    assert plan.todo.height == 0 and plan.dropped == 1 and plan.changed
