@@ -188,22 +188,46 @@ def plan_ingest(
 
 
 def _outcome(result: Any, into: PartitionOutcome) -> None:
+    """Fill `into` from a finished run: a partition succeeded when its run did and every check
+    passed; its failure names the failed checks, else the cause of the first failed step."""
     into.run_id = result.run_id
-    into.success = result.success
     for event in result.get_asset_materialization_events():
         mat = event.materialization
         into.materializations[mat.asset_key.to_user_string()] = {
             k: _plain(v) for k, v in mat.metadata.items()
         }
+    failed_checks: list[str] = []
+    step_failure = None
     for event in result.all_events:
         if event.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION:
             data = event.event_specific_data
             into.check_results[data.check_name] = bool(data.passed)  # type: ignore[union-attr]
-        if event.is_step_failure and into.failure is None:
+            if not data.passed:  # type: ignore[union-attr]
+                failed_checks.append(_failed_check(data))
+        if event.is_step_failure and step_failure is None:
             err = event.step_failure_data.error  # type: ignore[union-attr]
-            into.failure = f"{event.step_key}: {err.message.strip() if err else 'failed'}"
-    if not into.success and into.failure is None:
-        into.failure = "the run failed"
+            step_failure = f"{event.step_key}: {error_cause(err) if err else 'failed'}"
+    into.success = result.success and not failed_checks
+    if failed_checks:
+        into.failure = "; ".join(failed_checks)
+    elif not into.success:
+        into.failure = step_failure or "the run failed"
+
+
+def _failed_check(evaluation: Any) -> str:
+    """`check chunk_offsets_valid of chunks failed: 1 chunks with wrong offsets`."""
+    asset = evaluation.asset_key.to_user_string()
+    detail = f": {evaluation.description}" if evaluation.description else ""
+    return f"check {evaluation.check_name} of {asset} failed{detail}"
+
+
+def error_cause(err: Any) -> str:
+    """One line naming the cause of a failed step or run: the first error of its chain that is
+    not one of Dagster's wrappers (`DagsterExecutionStepExecutionError: Error occurred while
+    executing op ...`), so an S3 error reads as the S3 error."""
+    while (err.cls_name or "").startswith("Dagster") and (err.cause or err.context):
+        err = err.cause or err.context
+    return " ".join((err.message or err.cls_name or "failed").split())[:500]
 
 
 def _plain(value: Any) -> Any:
@@ -282,7 +306,11 @@ def _remove_and_record_layout(
     ) as result:
         outcome.layout_run_id = result.run_id
         if not result.success:
-            outcome.layout_failure = "sync_landing_layout failed; see run " + result.run_id
+            failed = PartitionOutcome(PartitionRef("knowledge_base", ""))
+            _outcome(result, failed)
+            outcome.layout_failure = f"sync_landing_layout failed (run {result.run_id}): " + (
+                failed.failure or "the run failed"
+            )
             return
     for part in plan.removed:
         instance.delete_dynamic_partition(PARTITIONS[part.scope], part.key)

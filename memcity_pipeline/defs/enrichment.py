@@ -3,7 +3,8 @@
 Partitioned per knowledge base: a step handles its partitions one at a time, reuses every row
 whose inputs did not change, and rewrites a knowledge base's table only when something in it
 changed. The LLM-calling phases (1 and 3) run in the `llm` concurrency pool; the checks that guard
-LLM spend (no empty chunk, every chunk within budget) are blocking, so phase 3 does not run on a
+LLM spend and the lake's correctness (no empty chunk, every chunk within budget, offsets, every
+chunk once and of a live document: `defs.checks`) are blocking, so phase 3 does not run on a
 broken chunking. Downstream assets follow upstream by declarative automation (`eager`).
 
 This module stays whole: the three phases' assets and the checks beside them share the per-
@@ -17,6 +18,7 @@ import dagster as dg
 import polars as pl
 from pydantic import BaseModel
 
+from memcity_pipeline.defs.checks import same_ids, spec, verdict
 from memcity_pipeline.defs.ingestion import raw_documents
 from memcity_pipeline.defs.metadata import markdown_table, step_progress
 from memcity_pipeline.defs.partitions import backfill_policy, knowledge_bases, partition_scopes
@@ -340,22 +342,17 @@ def document_structure(
     backfill_policy=backfill_policy,
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
-        dg.AssetCheckSpec(
-            "chunks_not_empty",
-            asset="chunks",
-            blocking=True,
-            description="No chunk is empty or only white space (blocks enrichment).",
-        ),
-        dg.AssetCheckSpec(
-            "chunks_within_token_budget",
-            asset="chunks",
-            blocking=True,
-            description="Every chunk fits the token budget (blocks enrichment).",
-        ),
-        dg.AssetCheckSpec(
+        spec("chunks_not_empty", "chunks", "No chunk is empty or only white space."),
+        spec("chunks_within_token_budget", "chunks", "Every chunk fits the token budget."),
+        spec(
             "chunk_offsets_valid",
-            asset="chunks",
-            description="Chunk offsets lie inside their document and are in order.",
+            "chunks",
+            "Each chunk is the slice of its document's text at its offsets, in order.",
+        ),
+        spec(
+            "chunks_match_documents",
+            "chunks",
+            "Every document has chunks and every chunk a document; no chunk id or position twice.",
         ),
     ],
 )
@@ -383,11 +380,7 @@ def chunks(
     scopes = partition_scopes(context)
     sample = _first_table(lake, "chunks", scopes)
     return dg.MaterializeResult(
-        check_results=[
-            _chunks_not_empty(lake, scopes),
-            _chunks_within_token_budget(lake, scopes, enrichment.chunk_tokens),
-            _chunk_offsets_valid(lake, scopes),
-        ],
+        check_results=_chunk_checks(lake, scopes, enrichment.chunk_tokens),
         metadata={
             "summary": f"{stats.rows} chunks from {stats.documents} documents "
             f"({stats.processed} re-chunked, {stats.reused} unchanged)",
@@ -425,11 +418,16 @@ def chunks(
     pool=LLM_POOL,
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
-        dg.AssetCheckSpec(
+        spec(
             "chunks_enriched_or_explained",
-            asset="enriched_chunks",
-            description="Every chunk is enriched, or failed with a reason.",
-        )
+            "enriched_chunks",
+            "Every chunk is enriched, or failed with a reason.",
+        ),
+        spec(
+            "enriched_chunks_match_chunks",
+            "enriched_chunks",
+            "Exactly the chunks of `chunks`, each once.",
+        ),
     ],
 )
 def enriched_chunks(
@@ -488,7 +486,15 @@ def enriched_chunks(
             else sample.head(3)
         )
     return dg.MaterializeResult(
-        check_results=[_chunks_enriched_or_explained(lake, scopes)],
+        check_results=[
+            _chunks_enriched_or_explained(lake, scopes),
+            same_ids(
+                "enriched_chunks_match_chunks",
+                _rows(lake, "chunks", scopes, ["chunk_id"])["chunk_id"],
+                _rows(lake, "enriched_chunks", scopes, ["chunk_id"])["chunk_id"],
+                "chunks",
+            ),
+        ],
         metadata={
             "summary": (
                 f"{stats.processed} chunks enriched now ({stats.failures} failed), "
@@ -544,57 +550,48 @@ def _rows(lake: LakeResource, table: str, scopes: Scopes, columns: list[str]) ->
 # ---------------------------------------------------------------- checks (run with their asset)
 
 
-def _chunks_not_empty(lake: LakeResource, scopes: Scopes) -> dg.AssetCheckResult:
-    frame = _rows(lake, "chunks", scopes, ["chunk_id", "text"])
-    empty = frame.filter(pl.col("text").str.strip_chars() == "").height
-    return dg.AssetCheckResult(
-        check_name="chunks_not_empty",
-        passed=empty == 0,
-        metadata={"chunks": frame.height, "empty": empty},
-    )
-
-
-def _chunks_within_token_budget(
-    lake: LakeResource, scopes: Scopes, budget: int
-) -> dg.AssetCheckResult:
-    frame = _rows(lake, "chunks", scopes, ["chunk_id", "token_count"])
-    over = frame.filter(pl.col("token_count") > budget).height
-    biggest = int(frame["token_count"].max() or 0) if frame.height else 0  # type: ignore[arg-type]
-    return dg.AssetCheckResult(
-        check_name="chunks_within_token_budget",
-        passed=over == 0,
-        metadata={"over_budget": over, "largest_chunk_tokens": biggest, "budget": budget},
-    )
-
-
-def _chunk_offsets_valid(lake: LakeResource, scopes: Scopes) -> dg.AssetCheckResult:
-    bad = 0
-    total = 0
+def _chunk_checks(lake: LakeResource, scopes: Scopes, budget: int) -> list[dg.AssetCheckResult]:
+    """The checks of `chunks`, from one read of each partition's chunks and documents."""
+    columns = ["chunk_id", "document_id", "ordinal", "start", "end", "text", "token_count"]
+    empty = over = bad_offsets = unknown_docs = unchunked = dup_ids = dup_positions = total = 0
+    largest = 0
     for org, kb in scopes:
-        ch = _read(lake, "chunks", org, kb)
-        docs = _read(lake, "raw_documents", org, kb)
-        lengths = dict(
-            zip(docs["document_id"].to_list(), docs["char_count"].to_list(), strict=True)
-        )
-        texts = dict(zip(docs["document_id"].to_list(), docs["text"].to_list(), strict=True))
+        ch = read_rows(lake.lake, "chunks", scope_where("chunks", org, kb), columns)
+        docs = _read(lake, "raw_documents", org, kb).select("document_id", "text")
         total += ch.height
-        for doc_id, group in ch.sort("ordinal").group_by("document_id", maintain_order=True):
-            doc = doc_id[0]
-            prev_start = -1
-            for r in group.iter_rows(named=True):
-                ok = (
-                    doc in lengths
-                    and 0 <= r["start"] < r["end"] <= lengths[doc]
-                    and r["start"] > prev_start
-                    and texts[doc][r["start"] : r["end"]] == r["text"]
-                )
-                bad += 0 if ok else 1
-                prev_start = r["start"]
-    return dg.AssetCheckResult(
-        check_name="chunk_offsets_valid",
-        passed=bad == 0,
-        metadata={"chunks": total, "invalid": bad},
-    )
+        empty += ch.filter(pl.col("text").str.strip_chars() == "").height
+        over += ch.filter(pl.col("token_count") > budget).height
+        largest = max(largest, int(ch["token_count"].max() or 0))  # type: ignore[arg-type]
+        dup_ids += ch.filter(pl.col("chunk_id").is_duplicated()).height
+        dup_positions += ch.filter(pl.struct("document_id", "ordinal").is_duplicated()).height
+        unknown_docs += ch.join(docs, on="document_id", how="anti").height
+        unchunked += docs.join(ch, on="document_id", how="anti").height
+        texts = dict(zip(docs["document_id"], docs["text"], strict=True))
+        for (doc,), group in ch.sort("ordinal").group_by("document_id", maintain_order=True):
+            text, prev_start = texts.get(doc), -1
+            for start, end, chunk in group.select("start", "end", "text").iter_rows():
+                ok = text is not None and 0 <= start < end <= len(text) and start > prev_start
+                bad_offsets += 0 if ok and text[start:end] == chunk else 1  # type: ignore[index]
+                prev_start = start
+    return [
+        verdict("chunks_not_empty", {"empty_chunks": empty}, chunks=total),
+        verdict(
+            "chunks_within_token_budget",
+            {"chunks_over_budget": over},
+            largest_chunk_tokens=largest,
+            budget=budget,
+        ),
+        verdict("chunk_offsets_valid", {"chunks_with_wrong_offsets": bad_offsets}, chunks=total),
+        verdict(
+            "chunks_match_documents",
+            {
+                "chunks_of_unknown_documents": unknown_docs,
+                "documents_without_chunks": unchunked,
+                "duplicated_chunk_ids": dup_ids,
+                "duplicated_chunk_positions": dup_positions,
+            },
+        ),
+    ]
 
 
 def _chunks_enriched_or_explained(lake: LakeResource, scopes: Scopes) -> dg.AssetCheckResult:
@@ -613,8 +610,6 @@ def _chunks_enriched_or_explained(lake: LakeResource, scopes: Scopes) -> dg.Asse
         r["enrichment_status"]: r["len"]
         for r in frame.group_by("enrichment_status").len().to_dicts()
     }
-    return dg.AssetCheckResult(
-        check_name="chunks_enriched_or_explained",
-        passed=bad == 0,
-        metadata={"chunks": frame.height, "unexplained": bad, **counts},
+    return verdict(
+        "chunks_enriched_or_explained", {"unexplained_chunks": bad}, chunks=frame.height, **counts
     )

@@ -7,6 +7,7 @@ import time
 
 import dagster as dg
 
+from memcity_pipeline.defs.checks import same_ids, spec, verdict
 from memcity_pipeline.defs.enrichment import enriched_chunks
 from memcity_pipeline.defs.ingestion import memories
 from memcity_pipeline.defs.metadata import step_progress
@@ -39,13 +40,17 @@ def _source_key(ids: list[str], texts: list[str]) -> str:
     return digest.hexdigest()
 
 
+def _bm25_current(lake: Lake, prefix: str, ids: list[str], texts: list[str]) -> bool:
+    """Whether the index published under `prefix` was built from exactly these items."""
+    return bm25_store.is_current(lake, prefix, _source_key(ids, texts))
+
+
 def _refresh_bm25(lake: Lake, prefix: str, ids: list[str], texts: list[str]) -> bool:
     """Rebuild and publish the index under `prefix` unless it was built from these texts; True
     if rebuilt."""
-    key = _source_key(ids, texts)
-    if bm25_store.is_current(lake, prefix, key):
+    if _bm25_current(lake, prefix, ids, texts):
         return False
-    bm25_store.publish(lake, prefix, BM25Index.build(ids, texts), key)
+    bm25_store.publish(lake, prefix, BM25Index.build(ids, texts), _source_key(ids, texts))
     return True
 
 
@@ -86,10 +91,10 @@ def _refresh_vectors(
     backfill_policy=backfill_policy,
     automation_condition=dg.AutomationCondition.eager(),
     check_specs=[
-        dg.AssetCheckSpec(
+        spec(
             "every_chunk_embedded",
-            asset="chunk_embeddings",
-            description="Every enriched chunk has its vectors, and nothing else has.",
+            "chunk_embeddings",
+            "Every enriched chunk has its vectors, once, and nothing else has.",
         )
     ],
 )
@@ -159,6 +164,13 @@ def chunk_embeddings(
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
     automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        spec(
+            "bm25_index_matches_chunks",
+            "bm25_index",
+            "The published index was built from exactly the enriched chunks and their texts.",
+        )
+    ],
 )
 def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """A BM25 index (bm25s, English stopwords, Snowball stemming) per knowledge base over the
@@ -167,6 +179,7 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     root = lake.lake.join(bm25_root("chunks"))
     built: list[str] = []
     counts = {"unchanged": 0, "chunks": 0}
+    stale: list[str] = []  # partitions whose published index is not built from their chunks
 
     started = time.perf_counter()
     for org, kb in partition_scopes(context):
@@ -183,7 +196,12 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
             context.log.info(f"bm25_index: {org}/{kb}: {len(ids)} chunks indexed")
         else:
             counts["unchanged"] += 1
+        if not _bm25_current(lake.lake, prefix, ids, texts):
+            stale.append(f"{org}/{kb}")
     return dg.MaterializeResult(
+        check_results=[
+            verdict("bm25_index_matches_chunks", {"stale_indexes": len(stale)}, stale=stale)
+        ],
         metadata={
             "summary": f"{len(built)} knowledge bases indexed, {counts['unchanged']} unchanged",
             "dagster/row_count": counts["chunks"],
@@ -191,7 +209,7 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
             "unchanged": counts["unchanged"],
             "build_seconds": round(time.perf_counter() - started, 3),
             "index_path": dg.MetadataValue.path(root),
-        }
+        },
     )
 
 
@@ -202,6 +220,18 @@ def bm25_index(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Mate
     partitions_def=users,
     backfill_policy=backfill_policy,
     automation_condition=dg.AutomationCondition.eager(),
+    check_specs=[
+        spec(
+            "memory_index_matches_memories",
+            "memory_index",
+            "Every memory has its vectors, once, and nothing else has.",
+        ),
+        spec(
+            "memory_bm25_matches_memories",
+            "memory_index",
+            "The published BM25 index was built from exactly the memories and their texts.",
+        ),
+    ],
 )
 def memory_index(
     context: dg.AssetExecutionContext, lake: LakeResource, embeddings: EmbeddingsResource
@@ -210,6 +240,8 @@ def memory_index(
     `get_context` searches documents. Incremental like `chunk_embeddings`."""
     embedder = embeddings.get_embedder()
     totals = {"memories": 0, "embedded": 0, "reused": 0, "bm25_rebuilt": 0}
+    memory_ids: list[str] = []
+    stale: list[str] = []  # users whose published BM25 index is not built from their memories
 
     scopes = partition_scopes(context)
     for org, user in scopes:
@@ -225,10 +257,22 @@ def memory_index(
         )
         if _refresh_bm25(lake.lake, prefix, ids, texts):
             totals["bm25_rebuilt"] += 1
+        if not _bm25_current(lake.lake, prefix, ids, texts):
+            stale.append(f"{org}/{user}")
+        memory_ids += ids
         totals["memories"] += stats.items
         totals["embedded"] += stats.embedded
         totals["reused"] += stats.reused
     return dg.MaterializeResult(
+        check_results=[
+            same_ids(
+                "memory_index_matches_memories",
+                memory_ids,
+                _ids(lake, "memory_embeddings", scopes),
+                "memories",
+            ),
+            verdict("memory_bm25_matches_memories", {"stale_indexes": len(stale)}, stale=stale),
+        ],
         metadata={
             "summary": f"{totals['embedded']} memories embedded, {totals['reused']} unchanged, "
             f"{totals['bm25_rebuilt']} user indexes rebuilt",
@@ -237,7 +281,7 @@ def memory_index(
             **{k: v for k, v in totals.items() if k != "memories"},
             "model": embedder.model_name,
             "table_version": _version(lake, "memory_embeddings"),
-        }
+        },
     )
 
 
@@ -247,27 +291,22 @@ def _version(lake: LakeResource, table: str) -> dg.MetadataValue:
     return dg.MetadataValue.int(version) if version is not None else dg.MetadataValue.null()
 
 
+def _ids(lake: LakeResource, table: str, scopes: list[tuple[str, str]]) -> list[str]:
+    """The ids of these partitions' rows of `table` (chunk ids, or embedded item ids)."""
+    column = "chunk_id" if table == "enriched_chunks" else "item_id"
+    return [
+        i
+        for org, scope in scopes
+        for i in read_rows(lake.lake, table, scope_where(table, org, scope), columns=[column])[
+            column
+        ]
+    ]
+
+
 def _every_chunk_embedded(lake: LakeResource, scopes: list[tuple[str, str]]) -> dg.AssetCheckResult:
-    missing = extra = 0
-    for org, kb in scopes:
-        chunk_ids = set(
-            read_rows(
-                lake.lake,
-                "enriched_chunks",
-                scope_where("enriched_chunks", org, kb),
-                columns=["chunk_id"],
-            )["chunk_id"]
-        )
-        ids = read_rows(
-            lake.lake,
-            "chunk_embeddings",
-            scope_where("chunk_embeddings", org, kb),
-            columns=["item_id"],
-        )["item_id"].to_list()
-        missing += len(chunk_ids - set(ids))
-        extra += len(ids) - len(set(ids) & chunk_ids)
-    return dg.AssetCheckResult(
-        check_name="every_chunk_embedded",
-        passed=missing == 0 and extra == 0,
-        metadata={"missing": missing, "extra": extra},
+    return same_ids(
+        "every_chunk_embedded",
+        _ids(lake, "enriched_chunks", scopes),
+        _ids(lake, "chunk_embeddings", scopes),
+        "chunks",
     )

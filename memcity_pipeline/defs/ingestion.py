@@ -5,6 +5,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from memcity_pipeline.defs.checks import spec, verdict
 from memcity_pipeline.defs.metadata import markdown_table, preview
 from memcity_pipeline.defs.partitions import (
     backfill_policy,
@@ -25,6 +26,7 @@ PREVIEW_COLUMNS: dict[SourceKind, list[str]] = {
 UNIQUE_KEYS: dict[SourceKind, list[str]] = {
     "documents": ["org_id", "document_id"],
     "memories": ["org_id", "user_id", "memory_id"],
+    "conversations": ["org_id", "user_id", "session_id", "turn"],
 }
 
 
@@ -32,7 +34,6 @@ def _sync(
     context: dg.AssetExecutionContext, lake: LakeResource, kind: SourceKind
 ) -> dg.MaterializeResult:
     """Sync each partition of this step (its own folder and tables only); one result for all."""
-    SOURCE_TABLES[kind]
     reports: list[SyncReport] = []
     for org, scope in partition_scopes(context):
         report = sync_sources(
@@ -50,7 +51,7 @@ def _sync(
         context.log.info(f"{org}/{scope}: {_summary(report)}")
         reports.append(report)
     total = SyncReport.combined(kind, reports)
-    checks = [_unique_check(kind, reports, lake)] if kind in UNIQUE_KEYS else []
+    checks = [_unique_check(kind, reports, lake)]
     return dg.MaterializeResult(metadata=_metadata(lake, total, reports), check_results=checks)
 
 
@@ -110,11 +111,7 @@ def _unique_check(
         or [empty_frame(table).select(keys)]
     )
     dupes = frame.group_by(keys).len().filter(pl.col("len") > 1)
-    return dg.AssetCheckResult(
-        check_name=f"{table}_unique_ids",
-        passed=dupes.height == 0,
-        metadata={"rows": frame.height, "duplicated_ids": dupes.height},
-    )
+    return verdict(f"{table}_unique_ids", {"duplicated_ids": dupes.height}, rows=frame.height)
 
 
 @dg.asset(
@@ -123,11 +120,7 @@ def _unique_check(
     partitions_def=knowledge_bases,
     backfill_policy=backfill_policy,
     check_specs=[
-        dg.AssetCheckSpec(
-            "raw_documents_unique_ids",
-            asset="raw_documents",
-            description="Every document id appears once per org.",
-        )
+        spec("raw_documents_unique_ids", "raw_documents", "Every document id appears once per org.")
     ],
 )
 def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
@@ -147,13 +140,7 @@ def raw_documents(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.M
     kinds={"deltalake", "polars"},
     partitions_def=users,
     backfill_policy=backfill_policy,
-    check_specs=[
-        dg.AssetCheckSpec(
-            "memories_unique_ids",
-            asset="memories",
-            description="Every memory id appears once per user.",
-        )
-    ],
+    check_specs=[spec("memories_unique_ids", "memories", "Every memory id appears once per user.")],
 )
 def memories(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Users' memories (`users/<user>/memories.jsonl`), one row per memory, in
@@ -168,6 +155,13 @@ def memories(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materi
     kinds={"deltalake", "polars"},
     partitions_def=users,
     backfill_policy=backfill_policy,
+    check_specs=[
+        spec(
+            "conversations_unique_ids",
+            "conversations",
+            "Every turn of a session appears once per user.",
+        )
+    ],
 )
 def conversations(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
     """Users' conversation sessions (`users/<user>/conversations/<session>.jsonl`), one row per
