@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     )
     chunk_tokens: int = Field(default=512, gt=16)
     chunk_overlap_tokens: int = Field(default=64, ge=0)
+    enrichment_max_attempts: int = Field(
+        default=3,
+        gt=0,
+        description="Runs that try a document or chunk whose LLM answer failed; then it stays "
+        "failed, with its reason, until its text, its context or the model changes.",
+    )
     embeddings: str = Field(
         default="local",
         pattern=r"^(local|local-int8|local-torch|openai:\S.*)$",
@@ -275,6 +281,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             chunk_overlap_tokens=min(s.chunk_overlap_tokens, s.chunk_tokens // 2),
             max_workers=s.llm_max_concurrency,
             long_documents=s.long_documents,
+            max_attempts=s.enrichment_max_attempts,
         ),
         "embeddings": EmbeddingsResource(
             setting=s.embeddings, base_url=s.llm_base_url, api_key=llm_key

@@ -1,10 +1,12 @@
-"""Following runs as they go: each run's step events and the progress lines its steps log
-(`memcity_pipeline.progress`), read from the instance's event log with a cursor per run (a record
-is read once, however long the run), from a thread of the command."""
+"""What runs say: following runs as they go (each run's step events and the progress lines its
+steps log, `memcity_pipeline.progress`, read from the instance's event log with a cursor per run,
+so a record is read once, however long the run, from a thread of the command), and a failed
+step's or check's cause in one line."""
 
 import contextlib
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
 
@@ -64,3 +66,19 @@ class RunFollower(threading.Thread):
                 self.cursors[run.run_id] = conn.cursor
                 if not conn.has_more:
                     break
+
+
+def failed_check(evaluation: Any) -> str:
+    """`check chunk_offsets_valid of chunks failed: 1 chunks with wrong offsets`."""
+    asset = evaluation.asset_key.to_user_string()
+    detail = f": {evaluation.description}" if evaluation.description else ""
+    return f"check {evaluation.check_name} of {asset} failed{detail}"
+
+
+def error_cause(err: Any) -> str:
+    """One line naming the cause of a failed step or run: the first error of its chain that is
+    not one of Dagster's wrappers (`DagsterExecutionStepExecutionError: Error occurred while
+    executing op ...`), so an S3 error reads as the S3 error."""
+    while (err.cls_name or "").startswith("Dagster") and (err.cause or err.context):
+        err = err.cause or err.context
+    return " ".join((err.message or err.cls_name or "failed").split())[:500]

@@ -4,16 +4,17 @@ settings and their own last run.
 A partition is up to date when its latest run materialized its last steps, that run had the
 settings that change what ingestion makes (`settings_fingerprint`, kept in the run's
 `SETTINGS_TAG`), the lake's bookkeeping matches its landing files (paths, sizes, mtimes), and no
-document or chunk of it failed its LLM phase (those are retried by the next run).
+document or chunk of it failed its LLM phase with attempts left (those are retried by the next
+run).
 """
 
 import hashlib
 import json
 
 import dagster as dg
-import polars as pl
 
 from memcity_pipeline.cli.events import PARTITION_TAG
+from memcity_pipeline.enrichment.retries import retries_due
 from memcity_pipeline.ingestion.sync import scope_is_current
 from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.lake.location import Lake
@@ -72,9 +73,9 @@ def _same_settings(instance: dg.DagsterInstance, key: str, settings: Settings) -
     return latest == settings_fingerprint(settings)
 
 
-def _has_failed_rows(lake: Lake, scope: ScopeKind, key: str) -> bool:
-    """Whether a knowledge base has documents or chunks whose LLM phase failed (they are retried
-    by the next run, so the partition is not up to date)."""
+def _has_retries_due(lake: Lake, scope: ScopeKind, key: str, max_attempts: int) -> bool:
+    """Whether a knowledge base has documents or chunks whose LLM phase failed and that the
+    next run tries again (until each has had `max_attempts`)."""
     if scope != "knowledge_base":
         return False
     org, kb = parse_scope_key(key)
@@ -82,8 +83,8 @@ def _has_failed_rows(lake: Lake, scope: ScopeKind, key: str) -> bool:
         ("document_structure", "status"),
         ("enriched_chunks", "enrichment_status"),
     ):
-        rows = read_rows(lake, table, scope_where(table, org, kb), columns=[column])
-        if rows.filter(pl.col(column) == "failed").height:
+        rows = read_rows(lake, table, scope_where(table, org, kb), columns=[column, "attempts"])
+        if retries_due(rows, column, max_attempts):
             return True
     return False
 
@@ -95,5 +96,5 @@ def up_to_date(
     return (
         _same_settings(instance, key, settings)
         and scope_is_current(settings.landing_dir, settings.lake, scope, *parse_scope_key(key))
-        and not _has_failed_rows(settings.lake, scope, key)
+        and not _has_retries_due(settings.lake, scope, key, settings.enrichment_max_attempts)
     )

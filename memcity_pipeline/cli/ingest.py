@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import dagster as dg
 
-from memcity_pipeline.cli.events import PARTITION_TAG, RunFollower
+from memcity_pipeline.cli.events import PARTITION_TAG, RunFollower, error_cause, failed_check
 from memcity_pipeline.cli.freshness import (
     SETTINGS_TAG,
     finished_partitions,
@@ -203,7 +203,7 @@ def _outcome(result: Any, into: PartitionOutcome) -> None:
             data = event.event_specific_data
             into.check_results[data.check_name] = bool(data.passed)  # type: ignore[union-attr]
             if not data.passed:  # type: ignore[union-attr]
-                failed_checks.append(_failed_check(data))
+                failed_checks.append(failed_check(data))
         if event.is_step_failure and step_failure is None:
             err = event.step_failure_data.error  # type: ignore[union-attr]
             step_failure = f"{event.step_key}: {error_cause(err) if err else 'failed'}"
@@ -212,22 +212,6 @@ def _outcome(result: Any, into: PartitionOutcome) -> None:
         into.failure = "; ".join(failed_checks)
     elif not into.success:
         into.failure = step_failure or "the run failed"
-
-
-def _failed_check(evaluation: Any) -> str:
-    """`check chunk_offsets_valid of chunks failed: 1 chunks with wrong offsets`."""
-    asset = evaluation.asset_key.to_user_string()
-    detail = f": {evaluation.description}" if evaluation.description else ""
-    return f"check {evaluation.check_name} of {asset} failed{detail}"
-
-
-def error_cause(err: Any) -> str:
-    """One line naming the cause of a failed step or run: the first error of its chain that is
-    not one of Dagster's wrappers (`DagsterExecutionStepExecutionError: Error occurred while
-    executing op ...`), so an S3 error reads as the S3 error."""
-    while (err.cls_name or "").startswith("Dagster") and (err.cause or err.context):
-        err = err.cause or err.context
-    return " ".join((err.message or err.cls_name or "failed").split())[:500]
 
 
 def _plain(value: Any) -> Any:

@@ -64,9 +64,14 @@ def _structured_call(client: Any) -> StructuredCall:
     limit is the longest answer its bounded schema allows (`llm.schema`), so a valid answer is
     never cut."""
 
-    def call(messages: list[dict[str, str]], schema: type[BaseModel]) -> tuple[BaseModel, Usage]:
+    def call(
+        messages: list[dict[str, str]],
+        schema: type[BaseModel],
+        accept: Callable[[BaseModel], bool] | None = None,
+    ) -> tuple[BaseModel, Usage]:
         limit = max_answer_chars(schema) or UNBOUNDED_ANSWER_TOKENS
-        res = client.complete(messages, schema=schema, max_tokens=limit)
+        verdict = None if accept is None else (lambda r: accept(r.parsed))
+        res = client.complete(messages, schema=schema, max_tokens=limit, accept=verdict)
         return res.parsed, res.usage
 
     return call
@@ -311,6 +316,7 @@ def document_structure(
             structurer=structurer_for(org) if client else None,
             max_workers=_workers(enrichment, client),
             progress=step_progress(context, org, kb, "documents"),
+            max_attempts=enrichment.max_attempts,
         )
 
     stats, written = _sync_tables(context, lake, "document_structure", build)
@@ -471,6 +477,7 @@ def enriched_chunks(
             enricher=enricher if client else None,
             max_workers=_workers(enrichment, client),
             progress=step_progress(context, org, kb, "chunks"),
+            max_attempts=enrichment.max_attempts,
         )
 
     stats, written = _sync_tables(context, lake, "enriched_chunks", build)

@@ -3,8 +3,11 @@
 Each builder takes the upstream rows and the table as it stands, reuses every row whose inputs
 did not change (same document content, same sections, same model, same context: a fingerprint
 compared by `lake.reconcile.plan_rows`), recomputes the rest, and returns the new table and what
-it did. Documents that left the upstream table drop out. A failed row is always recomputed on
-the next run. `StageStats.changed` says whether the table needs writing at all.
+it did. Documents that left the upstream table drop out. `StageStats.changed` says whether the
+table needs writing at all.
+
+A row whose LLM answer failed is retried by the next runs, a bounded number of times
+(`enrichment.retries`).
 """
 
 import hashlib
@@ -25,6 +28,7 @@ from memcity_pipeline.enrichment.chunking import (
     heading_sections,
 )
 from memcity_pipeline.enrichment.enrich import ChunkEnrichment
+from memcity_pipeline.enrichment.retries import given_up, prior_attempts
 from memcity_pipeline.enrichment.structure import DocumentStructure, EntityOut, headings_structure
 from memcity_pipeline.lake.reconcile import plan_rows
 from memcity_pipeline.lake.tables import CHUNKS, DOCUMENT_STRUCTURE, ENRICHED_CHUNKS
@@ -101,17 +105,21 @@ def build_document_structure(
     structurer: Structurer | None,
     max_workers: int = 4,
     progress: ProgressLog | None = None,
+    max_attempts: int = 3,
 ) -> tuple[pl.DataFrame, StageStats]:
     """One row per document: summary, entities, relationships, sections. `progress` counts the
     documents structured now."""
     stats = StageStats(documents=docs.height)
     want_method = "headings" if enrichment == "off" else "llm"
+    same_model = pl.col("model").eq_missing(model)
+    failed = (pl.col("status") == "failed") & same_model
     reusable = (pl.col("status") == "ok") & pl.col("method").str.starts_with(want_method)
     if enrichment != "off":
-        reusable = reusable & pl.col("model").eq_missing(model)
+        reusable = (reusable & same_model) | given_up(failed, max_attempts)
     plan = plan_rows(
         docs, existing, key="document_id", fingerprint="content_hash", reusable=reusable
     )
+    tried = prior_attempts(existing, failed, plan.todo, "document_id", "content_hash")
     # A kept row takes the document's current title.
     reused = plan.reuse.drop("title").join(
         docs.select("document_id", "title"), on="document_id", how="left"
@@ -147,6 +155,7 @@ def build_document_structure(
             "model": None if enrichment == "off" else model,
             **result.usage.as_columns(),
             "structured_at": now,
+            "attempts": tried.get(doc["document_id"], 0) + 1,
         }
 
     progress = progress or NoProgress()
@@ -270,6 +279,7 @@ def build_enriched_chunks(
     enricher: Enricher | None,
     max_workers: int = 4,
     progress: ProgressLog | None = None,
+    max_attempts: int = 3,
 ) -> tuple[pl.DataFrame, StageStats]:
     """Every chunk with resolved text, key terms, summary and entities (or a failure reason).
     `progress` counts the chunks enriched now (a document's at a time)."""
@@ -295,13 +305,16 @@ def build_enriched_chunks(
             dtype=pl.String,
         )
     )
+    failed = pl.col("enrichment_status") == "failed"
     plan = plan_rows(
         wanted,
         existing,
         key="chunk_id",
         fingerprint="context_key",
-        reusable=pl.col("enrichment_status").is_in(["enriched", "off"]),
+        reusable=pl.col("enrichment_status").is_in(["enriched", "off"])
+        | given_up(failed, max_attempts),
     )
+    tried = prior_attempts(existing, failed, plan.todo, "chunk_id", "context_key")
     # A kept row takes the chunk's current position and header (not inputs of the LLM).
     reused = plan.reuse.drop("ordinal", "header").join(
         chunks.select("chunk_id", "ordinal", "header"), on="chunk_id", how="left"
@@ -343,6 +356,7 @@ def build_enriched_chunks(
                 "context_key": r["context_key"],
                 **o.usage.as_columns(),
                 "enriched_at": now,
+                "attempts": tried.get(r["chunk_id"], 0) + 1,
             }
             for r, o in zip(todo, outcomes, strict=True)
         ]

@@ -172,7 +172,8 @@ def enrich_chunks(
     batch_size: int = 4,
     on_error: Callable[[str], None] | None = None,
 ) -> list[ChunkEnrichment]:
-    """Enrich `chunks` of one document; the result has one entry per chunk, in order."""
+    """Enrich `chunks` of one document; the result has one entry per chunk, in order. An answer
+    with any chunk rejected is not cached (`StructuredCall`'s `accept`)."""
     context = _context(title, summary, entities)
     results: list[ChunkEnrichment | None] = [None] * len(chunks)
     for start in range(0, len(chunks), batch_size):
@@ -180,18 +181,12 @@ def enrich_chunks(
         retry: list[int] = []
         try:
             parsed, spent = call(
-                _messages(context, [(i + 1, chunks[i]) for i in batch]), batch_schema(len(batch))
+                _messages(context, [(i + 1, chunks[i]) for i in batch]),
+                batch_schema(len(batch)),
+                accept=lambda answer, batch=batch: _all_enriched(answer, batch, chunks),
             )
-            assert isinstance(parsed, ChunkBatchOut)
-            answers = _by_chunk(parsed, [i + 1 for i in batch])
             share = spent.share(len(batch))
-            for i in batch:
-                out = answers.get(i + 1)
-                res = (
-                    _accept(chunks[i], out)
-                    if out
-                    else ChunkEnrichment("failed", error="chunk missing from the LLM's answer")
-                )
+            for i, res in _outcomes(parsed, batch, chunks).items():
                 res.usage = share
                 if res.status == "failed" and len(batch) > 1:
                     retry.append(i)
@@ -205,21 +200,47 @@ def enrich_chunks(
                 )
             retry = batch
         for i in retry if len(batch) > 1 else []:
-            results[i] = _single(context, i, chunks[i], call, results[i])
+            results[i] = _single(context, i, chunks, call, results[i])
     return [
         r if r is not None else ChunkEnrichment("failed", error="not processed") for r in results
     ]
 
 
+def _outcomes(
+    parsed: BaseModel, batch: list[int], chunks: Sequence[str]
+) -> dict[int, ChunkEnrichment]:
+    """Each chunk of `batch` (positions in `chunks`) with its outcome from one answer."""
+    assert isinstance(parsed, ChunkBatchOut)
+    answers = _by_chunk(parsed, [i + 1 for i in batch])
+    missing = "chunk missing from the LLM's answer"
+    return {
+        i: _accept(chunks[i], out)
+        if (out := answers.get(i + 1))
+        else ChunkEnrichment("failed", error=missing)
+        for i in batch
+    }
+
+
+def _all_enriched(parsed: BaseModel, batch: list[int], chunks: Sequence[str]) -> bool:
+    """Whether an answer enriches every chunk of `batch` (else it is not cached)."""
+    return all(r.status == "enriched" for r in _outcomes(parsed, batch, chunks).values())
+
+
 def _single(
-    context: str, i: int, text: str, call: StructuredCall, prior: ChunkEnrichment | None
+    context: str,
+    i: int,
+    chunks: Sequence[str],
+    call: StructuredCall,
+    prior: ChunkEnrichment | None,
 ) -> ChunkEnrichment:
     before = prior.usage if prior is not None else Usage()
     try:
-        parsed, spent = call(_messages(context, [(i + 1, text)]), batch_schema(1))
-        assert isinstance(parsed, ChunkBatchOut)
-        out = _by_chunk(parsed, [i + 1]).get(i + 1)
-        res = _accept(text, out) if out else ChunkEnrichment("failed", error="no chunk in answer")
+        parsed, spent = call(
+            _messages(context, [(i + 1, chunks[i])]),
+            batch_schema(1),
+            accept=lambda answer: _all_enriched(answer, [i], chunks),
+        )
+        res = _outcomes(parsed, [i], chunks)[i]
     except Exception as exc:
         res = ChunkEnrichment("failed", error=_reason(exc))
         spent = Usage(calls=1)

@@ -11,6 +11,7 @@ window summaries combined by one more call.
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -88,8 +89,19 @@ MERGE_SUMMARY_SYSTEM = (
     'most 5 sentences. Reply with JSON only: {"summary": "..."}.'
 )
 
-# (messages, schema) -> (parsed answer, the call's usage)
-StructuredCall = Callable[[list[dict[str, str]], type[BaseModel]], tuple[BaseModel, Usage]]
+
+class StructuredCall(Protocol):
+    """One structured LLM call: (messages, schema) -> (the parsed answer, the call's usage).
+
+    `accept` is the caller's verdict on a parsed answer: one it refuses is not cached, so that a
+    later retry asks the model again instead of getting the same answer back."""
+
+    def __call__(
+        self,
+        messages: list[dict[str, str]],
+        schema: type[BaseModel],
+        accept: Callable[[BaseModel], bool] | None = None,
+    ) -> tuple[BaseModel, Usage]: ...
 
 
 @dataclass

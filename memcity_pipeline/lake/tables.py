@@ -157,6 +157,7 @@ DOCUMENT_STRUCTURE = pa.schema(
         ("completion_tokens", pa.int64()),
         ("cost_usd", pa.float64()),
         ("structured_at", UTC_TS),
+        ("attempts", pa.int64()),  # runs that tried the LLM on this text and model (null: 1)
     ]
 )
 
@@ -202,6 +203,7 @@ ENRICHED_CHUNKS = pa.schema(
         ("cost_usd", pa.float64()),
         ("enriched_at", UTC_TS),
         ("header", pa.string()),  # the chunk's header (chunks.header)
+        ("attempts", pa.int64()),  # runs that tried the LLM on this context_key (null: 1)
     ]
 )
 

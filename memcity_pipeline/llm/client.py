@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +102,8 @@ class LLMStats:
     - `requests`: HTTP requests sent (retries and repairs included);
     - `prompt_tokens`, `completion_tokens`, `cost_usd`: new spend only (not cache hits), kept
       as one `Usage` (`usage()`); `cost_usd` stays None until some answer reports a cost;
-    - `failures`: calls that raised; `retries`: transport retries; `repairs`: repair requests.
+    - `failures`: calls that raised; `retries`: transport retries; `repairs`: repair requests;
+    - `rejected`: answers the caller's `accept` refused (not cached).
     """
 
     calls: int = 0
@@ -111,6 +112,7 @@ class LLMStats:
     failures: int = 0
     retries: int = 0
     repairs: int = 0
+    rejected: int = 0
     _spent: Usage = field(default_factory=Usage)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -158,6 +160,7 @@ class LLMStats:
                 "failures": self.failures,
                 "retries": self.retries,
                 "repairs": self.repairs,
+                "rejected": self.rejected,
             }
 
 
@@ -354,10 +357,14 @@ class LLMClient:
         schema: type[BaseModel] | None = None,
         use_cache: bool = True,
         time_limit_s: float | None = None,
+        accept: Callable[[LLMResult], bool] | None = None,
     ) -> LLMResult:
         """One chat completion; with `schema`, the answer validated into `parsed`.
 
-        `use_cache=False` neither reads nor writes the cache. `time_limit_s` bounds the whole
+        `use_cache=False` neither reads nor writes the cache. `accept` is the caller's own
+        verdict on an answer: one it refuses is returned but never cached, and a cached answer
+        it refuses is not served (the model is asked again), so a retry of a rejected answer
+        never gets that answer back from the cache. `time_limit_s` bounds the whole
         call (waits for a free slot, retries and a repair included): each HTTP request gets
         the time left as its timeout (never more than the client's `timeout_s`), so a request
         still unanswered then is dropped, and no request starts once the time is spent.
@@ -383,7 +390,8 @@ class LLMClient:
         )
         if use_cache and self.cache is not None:
             hit = self._from_cache(key, schema, started)
-            if hit is not None:
+            if hit is not None and (accept is None or accept(hit)):
+                self.stats.add(cache_hits=1)
                 return hit
         try:
             result = self._call(
@@ -399,7 +407,9 @@ class LLMClient:
         except LLMError:
             self.stats.add(failures=1)
             raise
-        if use_cache and self.cache is not None:
+        if accept is not None and not accept(result):
+            self.stats.add(rejected=1)
+        elif use_cache and self.cache is not None:
             answer = CachedAnswer(
                 result.model,
                 result.text,
@@ -461,7 +471,6 @@ class LLMClient:
                 parsed = parse_structured(hit.text, schema)
             except ValueError:
                 return None
-        self.stats.add(cache_hits=1)
         return LLMResult(
             text=hit.text,
             parsed=parsed,

@@ -33,6 +33,12 @@ class EnrichmentResource(dg.ConfigurableResource):
     long_documents: LongDocuments = Field(
         default=LongDocuments.rlm, description="Phase 1 of a document over the LLM's window."
     )
+    max_attempts: int = Field(
+        default=3,
+        gt=0,
+        description="Runs that try a row whose LLM answer failed before it stays failed (until "
+        "its input or the model changes).",
+    )
     rlm_max_iterations: int = Field(default=12, gt=0, description="Turns of a phase-1 RLM.")
     rlm_max_timeout_s: float = Field(default=600.0, gt=0, description="Wall clock of one.")
 

@@ -13,7 +13,7 @@ import pytest
 from memcity_pipeline.cli.runner import sample_corpus_dir
 from memcity_pipeline.defs.enrichment import chunks, document_structure, enriched_chunks
 from memcity_pipeline.defs.ingestion import raw_documents
-from memcity_pipeline.lake.delta import read_rows
+from memcity_pipeline.lake.delta import read_rows, table_version
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.settings import build_resources, get_settings
@@ -230,6 +230,73 @@ def test_a_failed_chunk_keeps_its_text_and_only_it_is_retried(
     prompts = [_user_text(r.body) for r in scripted_llm.chat_requests]
     assert prompts and all("POISON" in p for p in prompts)  # only the failed chunk went again
     assert _meta(again, "enriched_chunks")["chunks_processed"] == 1
+
+
+def test_retries_of_a_rejected_answer_ask_the_model_and_stop_after_their_attempts(
+    scripted_llm: ScriptedLLMServer,
+) -> None:
+    """The POISON chunk's answer is always rejected and DOC_B's structure never parses. Each
+    retry asks the model again (the cache kept neither answer), until each row has had its 3
+    attempts; then a run asks nothing and commits nothing, until the text changes."""
+
+    def responder(request: dict[str, Any]) -> str:
+        if "Customers may return" in _user_text(request) and "You analyse one" in str(request):
+            return "this is not JSON at all"
+        answer = smart_responder(request)
+        if "POISON" not in _user_text(request) or "You prepare chunks" not in str(request):
+            return answer
+        # Valid for the schema, rejected by the pipeline: the summary is the chunk itself.
+        chunks = json.loads(answer)["chunks"]
+        bodies = re.findall(
+            r"\[chunk \d+\]\n(.*?)(?=\n\n\[chunk \d+\]\n|\Z)", _user_text(request), re.S
+        )
+        for chunk, body in zip(chunks, bodies, strict=True):
+            if "POISON" in body:
+                chunk["summary"] = body.strip()
+        return json.dumps({"chunks": chunks})
+
+    scripted_llm.responder = responder
+    landing = get_settings().landing_dir
+    _write(landing, f"{KB}/widget.md", DOC_A)
+    _write(landing, f"{KB}/returns.md", DOC_B)
+
+    def poison_prompts() -> int:  # enrichment requests (not structure) that carry the chunk
+        return sum(
+            "POISON" in _user_text(r.body)
+            and r.body["messages"][0]["content"].startswith("You prepare chunks")
+            for r in scripted_llm.chat_requests
+        )
+
+    for attempt in (1, 2, 3):
+        scripted_llm.reset()
+        scripted_llm.responder = responder
+        _materialize(_resources(scripted_llm))
+        assert poison_prompts() >= 1, f"run {attempt} did not ask the model again"
+        failed = _table("enriched_chunks").filter(pl.col("enrichment_status") == "failed")
+        assert failed["attempts"].to_list() == [attempt] * failed.height
+        structure = _table("document_structure").filter(pl.col("status") == "failed")
+        assert structure["attempts"].to_list() == [attempt]
+    versions = {
+        t: table_version(get_settings().lake, t) for t in ("document_structure", "enriched_chunks")
+    }
+
+    scripted_llm.reset()
+    scripted_llm.responder = responder
+    quiet = _materialize(_resources(scripted_llm))
+    assert scripted_llm.call_count == 0  # given up: no call, no commit, the reasons kept
+    assert {t: table_version(get_settings().lake, t) for t in versions} == versions
+    assert _meta(quiet, "enriched_chunks")["chunks_processed"] == 0
+    row = (
+        _table("enriched_chunks").filter(pl.col("enrichment_status") == "failed").row(0, named=True)
+    )
+    assert "summary is the chunk itself" in row["enrichment_error"]
+
+    # A new text is a new input: it gets its attempts again.
+    _write(landing, f"{KB}/returns.md", DOC_B.replace("POISON marks", "POISON now marks"))
+    _materialize(_resources(scripted_llm))
+    assert poison_prompts() >= 1
+    failed = _table("enriched_chunks").filter(pl.col("enrichment_status") == "failed")
+    assert failed["attempts"].to_list() == [1]
 
 
 def test_enrichment_off_calls_no_llm_and_chunks_by_headings(
@@ -460,7 +527,9 @@ def test_answers_numbered_otherwise_are_matched_by_position() -> None:
 
     sizes: list[tuple[int, int]] = []
 
-    def call(messages: list[dict[str, str]], schema: type[Any]) -> tuple[Any, Usage]:
+    def call(
+        messages: list[dict[str, str]], schema: type[Any], accept: Any = None
+    ) -> tuple[Any, Usage]:
         bounds = schema.model_json_schema()["properties"]["chunks"]
         sizes.append((bounds["minItems"], bounds["maxItems"]))
         sent = re.findall(r"\[chunk (\d+)\]\n([^\n]*)", messages[-1]["content"])

@@ -262,6 +262,35 @@ def test_cache_makes_zero_http_calls(scripted_llm: ScriptedLLMServer, tmp_path: 
         assert scripted_llm.call_count == 3
 
 
+def test_an_answer_the_caller_rejects_is_never_cached_nor_served(
+    scripted_llm: ScriptedLLMServer, tmp_path: Path
+) -> None:
+    """A retry of a rejected answer asks the model again; an accepted one is cached; a cached
+    answer the caller now refuses is not served."""
+    cache_dir = tmp_path / "cache"
+    answers = iter(
+        ['{"name": "Lisbon", "country": "Spain"}', '{"name": "Coimbra", "country": "Portugal"}']
+    )
+    scripted_llm.responder = lambda request: next(answers)
+
+    def right(result: Any) -> bool:
+        return result.parsed.country == "Portugal"
+
+    with make_client(scripted_llm, cache_dir) as c:
+        wrong = c.complete(QUESTION, schema=City, accept=right)
+        assert wrong.parsed.country == "Spain" and c.stats.snapshot()["rejected"] == 1
+        retried = c.complete(QUESTION, schema=City, accept=right)  # not the cached "Spain"
+        assert (retried.cached, retried.parsed.name, scripted_llm.call_count) == (
+            False,
+            "Coimbra",
+            2,
+        )
+        assert c.complete(QUESTION, schema=City, accept=right).cached  # accepted: cached
+        scripted_llm.responder = lambda request: '{"name": "Faro", "country": "Portugal"}'
+        refused = c.complete(QUESTION, schema=City, accept=lambda r: r.parsed.name != "Coimbra")
+        assert (refused.cached, refused.parsed.name, scripted_llm.call_count) == (False, "Faro", 3)
+
+
 def test_corrupt_cache_is_recreated(
     scripted_llm: ScriptedLLMServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
