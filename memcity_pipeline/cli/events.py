@@ -81,4 +81,8 @@ def error_cause(err: Any) -> str:
     executing op ...`), so an S3 error reads as the S3 error."""
     while (err.cls_name or "").startswith("Dagster") and (err.cause or err.context):
         err = err.cause or err.context
-    return " ".join((err.message or err.cls_name or "failed").split())[:500]
+    text = " ".join((err.message or err.cls_name or "failed").split())
+    qualified, colon, rest = text.partition(": ")
+    if colon and err.cls_name and qualified.endswith(err.cls_name):  # `_internal.DeltaError`
+        text = f"{err.cls_name}: {rest}"
+    return text[:500]

@@ -75,6 +75,36 @@ def test_ingest_picks_partitions_and_refuses_ones_the_landing_folder_lacks(
         assert option in output, option
 
 
+def test_a_failed_step_names_its_own_cause_and_a_failed_check_names_the_check(
+    memcity_home: Path,
+) -> None:
+    """A step that fails names its own error in one line (not Dagster's wrapper); a failed
+    check fails the partition, naming the check and what it found, and the command exits 1."""
+    user = memcity_home / "landing/orgs/acme/users/ann"
+    (user / "conversations").mkdir(parents=True)
+    (user / "memories.jsonl").write_text('{"id": "m1", "text": "likes tea"}\n')
+    (user / "conversations/s1.jsonl").write_text('{"role": "user", "content": "hi"}\n')
+    (memcity_home / "lake").mkdir()
+    (memcity_home / "lake/conversations").write_text("not a table")  # where the table should be
+    code, output = run("ingest")
+    flat = " ".join(output.split())
+    assert code == 1
+    assert "acme/ann failed" in flat and "conversations: DeltaError: " in flat
+    assert "Dagster" not in flat.split("acme/ann failed", 1)[1] and "Traceback" not in flat
+
+    (memcity_home / "lake/conversations").unlink()
+    assert run("ingest")[0] == 0
+    from memcity_pipeline.lake.delta import append_rows, read_rows
+
+    lake = memcity_home / "lake"
+    append_rows(lake, "conversations", read_rows(lake, "conversations"))  # a turn twice
+    (user / "conversations/s1.jsonl").touch()  # the partition runs again
+    code, output = run("ingest")
+    flat = " ".join(output.split())
+    assert code == 1
+    assert "check conversations_unique_ids of conversations failed: 1 duplicated ids" in flat
+
+
 def test_query_help_lists_every_engine_option_with_its_choices() -> None:
     code, output = run("query", "--help", env={"COLUMNS": "200"})
     assert code == 0
