@@ -6,6 +6,8 @@ changed, files renamed, replaced, added and removed. After each edit the knowled
 are materialized on one lake (incrementally, reusing what did not change) and on a new lake
 (a fresh ingest); every table, the errors and the BM25 index must be the same on both, with no
 stale row anywhere, and every blocking check must pass (a failed one fails the materialization).
+With enrichment off, and with the LLM phases on a scripted model (the fresh ingest is then
+answered from the cache, so what the calls cost is left out of the comparison).
 """
 
 import os
@@ -24,16 +26,21 @@ from memcity_pipeline.lake.delta import read_rows
 from memcity_pipeline.lake.tables import bm25_prefix
 from memcity_pipeline.resources.enrichment import EnrichmentResource
 from memcity_pipeline.resources.lake import LakeResource
+from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.search import bm25_store
 from memcity_pipeline.settings import build_resources, get_settings
+from tests.enrichment.test_enrichment import smart_responder
+from tests.scripted_llm_server import ScriptedLLMServer
 
 pytestmark = pytest.mark.slow
 
 ASSETS = [raw_documents, document_structure, chunks, enriched_chunks, chunk_embeddings, bm25_index]
 KB = Path("orgs/acme/knowledge_bases/kb")
 PARTITION = "acme/kb"
-# Columns that record when a row was made, not what it holds.
-WHEN = {"ingested_at", "structured_at", "enriched_at", "detected_at"}
+# Columns that record when a row was made, how often the LLM was tried on it, or what making it
+# cost: its history, not what it holds.
+WHEN = {"ingested_at", "structured_at", "enriched_at", "detected_at", "attempts"}
+COST = {"llm_calls", "prompt_tokens", "completion_tokens", "cost_usd"}
 TABLES = {
     "raw_documents": "document_id",
     "document_structure": "document_id",
@@ -133,13 +140,20 @@ class Landing:
             self.write(target, text)
 
 
-def _materialize(lake_dir: Path, instance: dg.DagsterInstance) -> None:
+def _materialize(lake_dir: Path, instance: dg.DagsterInstance, llm: str | None) -> None:
+    """The knowledge base's assets on `lake_dir`; the LLM phases on the model at `llm`."""
     settings = get_settings()
     resources = {
         **build_resources(settings),
         "lake": LakeResource(lake_uri=str(lake_dir), landing_dir=str(settings.landing_dir)),
-        "enrichment": EnrichmentResource(mode="off", chunk_tokens=40, chunk_overlap_tokens=6),
+        "enrichment": EnrichmentResource(
+            mode="llm" if llm else "off", chunk_tokens=40, chunk_overlap_tokens=6
+        ),
     }
+    if llm:
+        resources["llm"] = LLMResource(
+            base_url=llm, model="scripted-model", cache_dir=str(settings.cache_dir / "llm")
+        )
     instance.add_dynamic_partitions("knowledge_bases", [PARTITION])
     result = dg.materialize(ASSETS, partition_key=PARTITION, instance=instance, resources=resources)
     assert result.success
@@ -157,7 +171,7 @@ def _state(lake_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, key in TABLES.items():
         frame = read_rows(lake_dir, name)
-        keep = [c for c in frame.columns if c not in WHEN and c != "vector"]
+        keep = [c for c in frame.columns if c not in WHEN | COST and c != "vector"]
         assert frame[key].is_duplicated().sum() == 0 or name == "ingestion_errors", name
         out[name] = frame.select(keep).sort(keep, nulls_last=True).to_dicts()
     out["bm25"] = bm25_store.current_key(lake_dir, bm25_prefix("chunks", "acme", "kb"))
@@ -168,24 +182,31 @@ def _state(lake_dir: Path) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("enrichment", ["off", "llm"])
 @given(first=st.lists(st.tuples(names, document), min_size=1, max_size=3), data=st.data())
-@settings(max_examples=10)
+@settings(max_examples=8)
 def test_the_lake_equals_a_fresh_ingest_after_any_sequence_of_edits(
-    tmp_path_factory: pytest.TempPathFactory, first: list[tuple[str, str]], data: st.DataObject
+    tmp_path_factory: pytest.TempPathFactory,
+    scripted_llm: ScriptedLLMServer,
+    enrichment: str,
+    first: list[tuple[str, str]],
+    data: st.DataObject,
 ) -> None:
+    scripted_llm.responder = smart_responder
+    llm = scripted_llm.base_url if enrichment == "llm" else None
     home = tmp_path_factory.mktemp("edits")
     os.environ["MEMCITY_HOME"] = str(home)  # the fixture's variable, for this example only
     landing = Landing(get_settings().landing_dir)
     for name, text in first:
         landing.write(landing.root / name, text)
     instance = dg.DagsterInstance.ephemeral()
-    _materialize(home / "lake", instance)
+    _materialize(home / "lake", instance, llm)
     edits = data.draw(st.lists(st.tuples(edit, st.integers(0, 1000)), min_size=1, max_size=4))
     for step, ((kind, arg), pick) in enumerate(edits):
         landing.apply(kind, arg, pick)
-        _materialize(home / "lake", instance)
+        _materialize(home / "lake", instance, llm)
         fresh = home / f"fresh-{step}"
-        _materialize(fresh, dg.DagsterInstance.ephemeral())
+        _materialize(fresh, dg.DagsterInstance.ephemeral(), llm)
         incremental, expected = _state(home / "lake"), _state(fresh)
         for part in expected:
             assert incremental[part] == expected[part], f"{part} after {kind} (edit {step + 1})"
