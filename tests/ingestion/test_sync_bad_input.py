@@ -117,7 +117,7 @@ BAD_LINES = [
     '{"id": "bad"}',
 ]
 PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
-FAILURES = ["binary", "empty", "blank", "oversize", "bad-bom", "all-bad", "fifo"]
+FAILURES = ["binary", "empty", "blank", "oversize", "bad-bom", "all-bad", "fifo", "loop"]
 
 version = st.one_of(
     st.tuples(

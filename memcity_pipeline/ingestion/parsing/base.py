@@ -129,7 +129,8 @@ def _size_reason(size: int, limit: int) -> str:
     return f"file is {shown}, over the {cap} limit ({ENV_MAX_FILE_BYTES})"
 
 
-def _kind_of(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a reason: `a named pipe`, `a device`..."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
@@ -168,7 +169,7 @@ def read_file_checked(path: Path, *, max_file_bytes: int) -> FileBytes:
     except OSError as exc:
         raise FileRejected(f"unreadable file: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise FileRejected(f"not a regular file ({_kind_of(st.st_mode)})")
+        raise FileRejected(f"not a regular file ({file_kind(st.st_mode)})")
     if st.st_size > max_file_bytes:
         raise FileRejected(_size_reason(st.st_size, max_file_bytes))
     try:
@@ -180,7 +181,7 @@ def read_file_checked(path: Path, *, max_file_bytes: int) -> FileBytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):  # swapped for a special file since the stat above
-            raise FileRejected(f"not a regular file ({_kind_of(st.st_mode)})")
+            raise FileRejected(f"not a regular file ({file_kind(st.st_mode)})")
         if st.st_size > max_file_bytes:
             raise FileRejected(_size_reason(st.st_size, max_file_bytes))
         with open(fd, "rb", closefd=False) as fh:
