@@ -10,7 +10,8 @@ A run for one scope:
 1. scans its landing folder; a file whose size and mtime, or else whose sha256, are unchanged
    is not read again;
 2. reads each new and changed file once (its sha256 and its rows come from the same bytes) and
-   parses it; a bad record is a row of `ingestion_errors` with its line, and the file's other
+   parses it; a bad record is a row of `ingestion_errors` with its line (the first
+   `MAX_PROBLEMS_PER_FILE` of a file, then one row counting the others), and the file's other
    records are kept;
 3. when a file was added, changed or removed, commits the difference to the scope's partition
    (one MERGE: rows of changed files replaced, rows of deleted files removed); a scope whose
@@ -289,6 +290,18 @@ def _keeping(problems: list[parsing.Problem], rows: int) -> list[parsing.Problem
     return [*problems, parsing.Problem(f"no usable record; {note}", None)]
 
 
+MAX_PROBLEMS_PER_FILE = 1_000  # error rows listed one by one for a file (a fixed limit)
+
+
+def _listed(problems: list[parsing.Problem]) -> list[parsing.Problem]:
+    """The first `MAX_PROBLEMS_PER_FILE` problems of a file, and one row counting the others."""
+    if len(problems) <= MAX_PROBLEMS_PER_FILE:
+        return problems
+    more = len(problems) - MAX_PROBLEMS_PER_FILE
+    note = f"and {more:,} more problems (a file lists its first {MAX_PROBLEMS_PER_FILE:,})"
+    return [*problems[:MAX_PROBLEMS_PER_FILE], parsing.Problem(note, None)]
+
+
 def _stat_key(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(
         (pl.col("size").cast(pl.String) + ":" + pl.col("mtime_ns").cast(pl.String)).alias("_stat")
@@ -382,6 +395,7 @@ def _find_changes(
         if on_progress:
             on_progress(f"{kind}: parsing {src.rel_path} ({i}/{len(todo)} to read)")
         rows, problems = _parse(src, got.data if got else None, limits, now, read_error)
+        problems = _listed(problems)
         kept = 0
         if rows or not problems:
             changes.parsed[src.rel_path] = rows

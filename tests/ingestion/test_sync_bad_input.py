@@ -104,6 +104,22 @@ def test_a_document_file_that_fails_keeps_its_documents(tmp_path: Path) -> None:
     assert list(texts()) == ["Other"]
 
 
+def test_a_file_of_many_bad_lines_lists_the_first_thousand_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    """A CSV saved as memories.jsonl: every line is wrong, and each would be a row (and a warning
+    in the run's log); a file lists its first 1,000 and counts the others."""
+    landing, lake = tmp_path / "landing", tmp_path / "lake"
+    path = landing / MEMORIES
+    path.parent.mkdir(parents=True)
+    csv = [f"m{i},a memory as CSV" for i in range(1_500)]
+    path.write_text("\n".join([*csv, *memory_lines(2)]) + "\n")
+    assert sync_memories(landing, lake) == {"m0": "memory 0", "m1": "memory 1"}
+    found = errors(lake)
+    assert [line for _, line, _ in found] == [None, *range(1, 1_001)]
+    assert found[0][2] == "and 500 more problems (a file lists its first 1,000)"
+
+
 # --------------------------------------------------------------------------- any sequence of edits
 
 BAD_LINES = [
