@@ -190,7 +190,7 @@ def write_version(path: Path, step: int, v: tuple) -> dict[str, str] | None:
     return good or None
 
 
-@settings(max_examples=25)
+@settings(max_examples=40)
 @given(versions=st.lists(version, min_size=1, max_size=5))
 def test_no_sequence_of_edits_loses_a_good_memory(versions: list[tuple]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
