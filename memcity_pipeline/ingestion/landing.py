@@ -9,11 +9,22 @@
 Symbolic links are never followed out of the landing folder: a link whose target lies outside it
 is reported as a problem and not read. Hidden files and folders (a leading `.`) are ignored.
 
+The scan survives any file system and never opens a file (it only stats). Each of these is a
+`LandingProblem` of its own path, reported once, and every other file is still found: a link to a
+folder, out of the landing folder, in a loop or dangling; a folder it cannot list (the error of
+listing it, e.g. permission denied); a name that is not UTF-8 (its path is shown with the bytes
+escaped, `\\xff`, and nothing under such a folder is looked at); a pipe, socket or device; a path
+that vanished during the scan. Paths are relative to the landing folder, with `/`, and always
+valid UTF-8. A problem in a knowledge base or user folder, or of that folder itself when it is a
+folder the scan cannot list or a link to one, belongs to that scope (so the scope stays one, and
+its sync keeps what the lake holds there); other paths are in no scope.
+
 Each knowledge base folder and each user folder is one scope (one Dagster partition, keyed
 `<org>/<id>`); `landing_scopes` lists them with a fingerprint of their files (paths, sizes,
 mtimes), which is how the sensor and `memcity ingest` tell which partitions changed.
 """
 
+import errno
 import hashlib
 import os
 import stat
@@ -21,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memcity_pipeline.ingestion.parsing.base import file_kind
 from memcity_pipeline.lake.io import check_id
 from memcity_pipeline.lake.tables import SCOPE_OF_KIND, ScopeKind, SourceKind, scope_key
 
@@ -71,8 +83,8 @@ _OUTSIDE = (
 
 
 def _scope_of(parts: tuple[str, ...]) -> tuple[ScopeKind, str, str] | None:
-    """The (scope kind, org, id) of the knowledge base or user folder that `parts` lie in."""
-    if len(parts) < 4 or parts[1] not in AREAS:
+    """The (scope kind, org, id) of the knowledge base or user folder that `parts` are or lie in."""
+    if len(parts) < 3 or parts[1] not in AREAS:
         return None
     try:
         check_id("org id", parts[0])
@@ -109,76 +121,128 @@ def _classify(parts: tuple[str, ...]) -> tuple[SourceKind, str, str] | str:
 
 
 def _problem(
-    kind: SourceKind | None, parts: tuple[str, ...], rel: str, reason: str
+    kind: SourceKind | None, parts: tuple[str, ...], rel: str, reason: str, folder: bool = False
 ) -> LandingProblem:
-    where = _scope_of(parts)
+    """A refused path, in the scope it lies in (a knowledge base or user folder is in its own)."""
+    where = _scope_of(parts) if folder or len(parts) > 3 else None
     if where is None:
         return LandingProblem(kind, None, None, rel, reason)
     return LandingProblem(kind, where[1], where[2], rel, reason, where[0])
+
+
+def _readable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (held as surrogates by `os`) as `\\xff`."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _broken_link(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop: not followed"
+    if exc.errno == errno.ENOENT:
+        return "dangling symbolic link (its target does not exist)"
+    return f"symbolic link not followed: {exc.strerror or exc}"
+
+
+@dataclass
+class _Scan:
+    """One walk of the landing folder: the files it found and the paths it refused.
+
+    An entry is named by `parts`, its readable names below `orgs/`. A problem of a knowledge base
+    or user folder itself (or of any path in one) belongs to that scope.
+    """
+
+    root: Path  # the landing folder, resolved
+    files: list[SourceFile] = field(default_factory=list)
+    problems: list[LandingProblem] = field(default_factory=list)
+
+    def refuse(self, parts: tuple[str, ...], why: str, *, folder: bool = False) -> None:
+        """Refuse a path for `why`; a file outside the layout for that reason instead (a path
+        where the layout puts a knowledge base or user folder keeps `why`)."""
+        rel = "/".join(("orgs", *parts))
+        if folder or (len(parts) == 3 and parts[1] in AREAS):
+            self.problems.append(_problem(None, parts, rel, why, folder))
+            return
+        where = _classify(parts)
+        kind = None if isinstance(where, str) else where[0]
+        self.problems.append(_problem(kind, parts, rel, where if isinstance(where, str) else why))
+
+    def visit(self, path: Path, parts: tuple[str, ...]) -> bool:
+        """Look at one entry: a file is found or refused; True for a folder to walk."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.refuse(parts, "vanished during the scan")
+            return False
+        except OSError as exc:
+            self.refuse(parts, f"cannot stat: {exc.strerror or exc}")
+            return False
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if parts and _readable(path.name) != path.name:
+            self.refuse(parts, "name is not valid UTF-8 (rename it): not read", folder=is_dir)
+            return False
+        if is_dir:
+            return True
+        target = path
+        if stat.S_ISLNK(st.st_mode):
+            target = Path(os.path.realpath(path))
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                self.refuse(parts, _broken_link(exc))
+                return False
+            if stat.S_ISDIR(st.st_mode):
+                self.refuse(parts, "symbolic link to a folder: not followed", folder=True)
+                return False
+            if not target.is_relative_to(self.root):
+                self.refuse(parts, "symbolic link leading out of the landing folder: not followed")
+                return False
+        if not stat.S_ISREG(st.st_mode):
+            self.refuse(parts, f"not a regular file ({file_kind(st.st_mode)})")
+            return False
+        where = _classify(parts)
+        if isinstance(where, str):
+            self.refuse(parts, where)
+            return False
+        kind, org, scope = where
+        rel = "/".join(("orgs", *parts))
+        self.files.append(SourceFile(kind, org, scope, rel, target, st.st_size, st.st_mtime_ns))
+        return False
+
+    def walk(self, folder: Path, parts: tuple[str, ...]) -> None:
+        """Every entry under `folder`, depth first, with a stack (any depth is fine)."""
+        stack = [(folder, parts)]
+        while stack:
+            here, here_parts = stack.pop()
+            try:
+                names = os.listdir(here)
+            except OSError as exc:
+                self.refuse(here_parts, f"cannot list folder: {exc.strerror or exc}", folder=True)
+                continue
+            for name in sorted(names, reverse=True):
+                child, child_parts = here / name, (*here_parts, _readable(name))
+                if not name.startswith(".") and self.visit(child, child_parts):
+                    stack.append((child, child_parts))
 
 
 def scan_landing(
     root: Path, only: tuple[ScopeKind, str, str] | None = None
 ) -> tuple[list[SourceFile], list[LandingProblem]]:
     """Every source file under `root/orgs` (or only under one knowledge base's or user's folder,
-    `only=(scope kind, org, id)`), sorted by path, and the paths that were refused."""
-    root = root.resolve()
-    files: list[SourceFile] = []
-    problems: list[LandingProblem] = []
-    orgs_dir = root / "orgs"
-    start = orgs_dir if only is None else orgs_dir / only[1] / _FOLDERS[only[0]] / only[2]
-    if not start.is_dir() or start.is_symlink():
-        return files, problems
-    for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
-        here = Path(dirpath)
-        # Symlinked folders are never entered (os.walk lists them in dirnames without following).
-        for name in list(dirnames):
-            if name.startswith("."):
-                dirnames.remove(name)
-            elif (here / name).is_symlink():
-                dirnames.remove(name)
-                rel = (here / name).relative_to(root).as_posix()
-                parts = (here / name / "_").relative_to(orgs_dir).parts
-                problems.append(
-                    _problem(None, parts, rel, "symbolic link to a folder: not followed")
-                )
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            entry = here / name
-            rel = entry.relative_to(root).as_posix()
-            parts = entry.relative_to(orgs_dir).parts
-            where = _classify(parts)
-            if isinstance(where, str):
-                problems.append(_problem(None, parts, rel, where))
-                continue
-            kind, org, scope = where
-            target = entry
-            if entry.is_symlink():
-                resolved = entry.resolve()
-                if not resolved.is_relative_to(root):
-                    problems.append(
-                        LandingProblem(
-                            kind,
-                            org,
-                            scope,
-                            rel,
-                            "symbolic link leading out of the landing folder: not followed",
-                        )
-                    )
-                    continue
-                target = resolved
-            try:
-                st = target.stat()
-            except OSError as exc:
-                problems.append(_problem(kind, parts, rel, f"cannot stat: {exc.strerror}"))
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                problems.append(_problem(kind, parts, rel, "not a regular file"))
-                continue
-            files.append(SourceFile(kind, org, scope, rel, target, st.st_size, st.st_mtime_ns))
-    return files, problems
+    `only=(scope kind, org, id)`), sorted by path, and the paths that were refused, sorted by
+    path. Never raises for what the file system holds (see the module docstring)."""
+    scan = _Scan(Path(os.path.realpath(root)))
+    parts: tuple[str, ...] = () if only is None else (only[1], _FOLDERS[only[0]], only[2])
+    start = scan.root.joinpath("orgs", *parts)
+    try:
+        os.lstat(start)
+    except FileNotFoundError:
+        return [], []
+    except OSError:
+        pass  # `visit` says why
+    if scan.visit(start, parts):
+        scan.walk(start, parts)
+    files = sorted(scan.files, key=lambda f: f.rel_path)
+    return files, sorted(scan.problems, key=lambda p: p.rel_path)
 
 
 def files_fingerprint(entries: Iterable[tuple[str, int, int]]) -> str:
@@ -222,15 +286,6 @@ def landing_scopes(root: Path) -> LandingScopes:
     for (scope, key), items in sorted(entries.items()):
         found.of(scope)[key] = files_fingerprint(items)
     return found
-
-
-def file_sha256(path: Path) -> str:
-    """Content hash of a file, read in blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

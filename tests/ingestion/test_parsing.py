@@ -568,3 +568,156 @@ def test_second_org_has_different_facts_and_corpus_is_small() -> None:
     for brambleway_fact in ("Brambleway", "HiveScale", "30 days", "Cooper's Yard"):
         assert brambleway_fact not in texts
     assert sum(p.stat().st_size for p in corpus_root().rglob("*") if p.is_file()) < 300_000
+
+
+# --------------------------------------------------------------------------- bad records, one each
+
+
+def _good_memories(n: int = 5) -> list[str]:
+    return [json.dumps({"id": f"m{i}", "text": f"memory number {i}"}) for i in range(n)]
+
+
+def test_a_number_python_cannot_convert_costs_only_its_line(tmp_path: Path) -> None:
+    huge = "9" * 5000  # over Python's 4,300-digit limit: json.loads alone raises ValueError
+    lines = _good_memories()
+    lines.insert(2, '{"id": "big", "text": "t", "metadata": {"n": ' + huge + "}}")  # line 3
+    lines.append('{"id": ' + huge + ', "text": "t"}')  # line 7
+    lines.append('{"id": "ignored", "text": "kept", "unused": ' + huge + "}")  # line 8
+    path = write(tmp_path, "memories.jsonl", "\n".join(lines))
+    memories, problems = parse_memories_file(path, **LIMITS)
+    assert [m.id for m in memories] == ["m0", "m1", "m2", "m3", "m4", "ignored"]
+    assert [p.line for p in problems] == [3, 7]
+    assert problems[0].reason == (
+        "a number of 5,000 digits (over the 4,300-digit limit of Python's integers,"
+        " PYTHONINTMAXSTRDIGITS) at metadata.n"
+    )
+    assert problems[1].reason.startswith("'id' must be a string, got a number of 5,000 digits")
+    # The same line reader serves conversations and JSONL documents.
+    session = write(
+        tmp_path,
+        "s.jsonl",
+        '{"role": "user", "content": "hi"}\n{"role": "user", "content": ' + huge + "}\n",
+    )
+    messages, problems = parse_conversation_file(session, **LIMITS)
+    assert [(m.content, m.line) for m in messages] == [("hi", 1)]
+    assert [p.line for p in problems] == [2]
+    docs, problems = parse_document_file(
+        write(tmp_path, "d.jsonl", '{"text": "a"}\n{"text": "b", "metadata": {"x": ' + huge + "}}"),
+        **LIMITS,
+    )
+    assert [d.text for d in docs] == ["a"] and [p.line for p in problems] == [2]
+
+
+def test_lone_surrogates_become_replacement_characters(tmp_path: Path) -> None:
+    lines = [
+        r'{"id": "m1", "text": "half \ud800 a pair", "metadata": {"k\udc00": ["\ud83d"]}}',
+        r'{"id": "m2\udfff", "text": "a real pair \ud83d\ude00 stays"}',
+    ]
+    memories, problems = parse_memories_file(
+        write(tmp_path, "memories.jsonl", "\n".join(lines)), **LIMITS
+    )
+    assert problems == []
+    assert [(m.id, m.text, m.metadata) for m in memories] == [
+        ("m1", "half \ufffd a pair", {"k\ufffd": ["\ufffd"]}),
+        ("m2\ufffd", "a real pair \U0001f600 stays", {}),
+    ]
+    for m in memories:  # what the lake writes must encode as UTF-8
+        (m.id + m.text + json.dumps(m.metadata, ensure_ascii=False)).encode("utf-8")
+    docs, _ = parse_document_file(
+        write(tmp_path, "d.json", r'{"title": "T\udbff", "text": "x\udc80y"}'), **LIMITS
+    )
+    assert (docs[0].title, docs[0].text) == ("T\ufffd", "x\ufffdy")
+    messages, _ = parse_conversation_file(
+        write(tmp_path, "s.jsonl", r'{"role": "user", "content": "\ud800"}'), **LIMITS
+    )
+    assert messages[0].content == "\ufffd"
+
+
+def test_nan_infinity_and_overflow_cost_their_line_when_kept(tmp_path: Path) -> None:
+    lines = [
+        '{"id": "a", "text": "t", "metadata": {"score": NaN}}',
+        '{"id": "b", "text": "t", "metadata": {"x": [1, -Infinity]}}',
+        '{"id": "c", "text": "t", "metadata": {"x": 1e400}}',
+        '{"id": "d", "text": NaN}',
+        '{"id": "e", "text": "unused fields may hold anything", "score": NaN, "big": 1e999}',
+    ]
+    memories, problems = parse_memories_file(
+        write(tmp_path, "memories.jsonl", "\n".join(lines)), **LIMITS
+    )
+    assert [m.id for m in memories] == ["e"]
+    assert [(p.line, p.reason) for p in problems] == [
+        (1, "NaN is not a JSON number at metadata.score"),
+        (2, "-Infinity is not a JSON number at metadata.x[1]"),
+        (3, "a number out of range at metadata.x"),
+        (4, "'text' must be a string, got NaN"),
+    ]
+
+
+def test_deep_nesting_is_a_problem_of_its_line(tmp_path: Path) -> None:
+    deep_meta = '{"id": "a", "text": "t", "metadata": ' + '{"k": ' * 150 + "1" + "}" * 151
+    deeper = "[" * 100_000 + "]" * 100_000  # deeper than Python's parser goes
+    path = write(tmp_path, "m.jsonl", "\n".join([deep_meta, deeper, '{"id": "ok", "text": "t"}']))
+    memories, problems = parse_memories_file(path, max_file_bytes=10**6, max_document_chars=10**6)
+    assert [m.id for m in memories] == ["ok"]
+    assert [p.line for p in problems] == [1, 2]
+    assert problems[0].reason.startswith("nested more than 100 levels deep at metadata.k.k.k")
+    assert problems[1].reason == "invalid JSON: nested too deeply"
+
+
+def test_one_bad_record_of_a_json_list_costs_only_that_record(tmp_path: Path) -> None:
+    text = '[{"text": "a"}, {"text": "b", "metadata": {"n": ' + "1" * 4400 + '}}, {"text": "c"}]'
+    docs, problems = parse_document_file(write(tmp_path, "list.json", text), **LIMITS)
+    assert [d.text for d in docs] == ["a", "c"]
+    assert len(problems) == 1 and problems[0].reason.startswith("record #2: a number of 4,400")
+
+
+def test_ids_titles_and_metadata_over_the_limit_name_the_setting(tmp_path: Path) -> None:
+    lines = [
+        json.dumps({"id": "i" * 101, "text": "t"}),
+        json.dumps({"title": "T" * 101, "text": "t"}),
+        json.dumps({"text": "t", "metadata": {"k": "v" * 100}}),
+        json.dumps({"text": "fits"}),
+    ]
+    docs, problems = parse_document_file(
+        write(tmp_path, "d.jsonl", "\n".join(lines)), max_file_bytes=10_000, max_document_chars=100
+    )
+    assert [d.text for d in docs] == ["fits"]
+    assert [(p.line, p.reason) for p in problems] == [
+        (1, "'id' is 101 characters, over the 100 limit (MEMCITY_MAX_DOCUMENT_CHARS)"),
+        (2, "'title' is 101 characters, over the 100 limit (MEMCITY_MAX_DOCUMENT_CHARS)"),
+        (3, "'metadata' is 109 characters, over the 100 limit (MEMCITY_MAX_DOCUMENT_CHARS)"),
+    ]
+
+
+def test_a_time_out_of_range_in_utc_is_a_problem(tmp_path: Path) -> None:
+    lines = [
+        '{"id": "a", "text": "t", "created_at": "0001-01-01T00:00:00+01:00"}',
+        '{"id": "b", "text": "t", "created_at": "9999-12-31T23:00:00+00:00"}',
+    ]
+    memories, problems = parse_memories_file(write(tmp_path, "m.jsonl", "\n".join(lines)), **LIMITS)
+    assert [m.id for m in memories] == ["b"]
+    assert problems == [
+        Problem("'created_at' '0001-01-01T00:00:00+01:00' is out of range in UTC", 1)
+    ]
+
+
+def test_pdf_text_over_the_limit_is_refused_at_the_page_that_crosses_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "press.pdf", sample_pdf_bytes())
+    reason = rejected(path, max_document_chars=500)
+    assert reason.startswith("document has ") and "characters in its first 1 of 3 pages" in reason
+    assert reason.endswith("over the 500 limit (MEMCITY_MAX_DOCUMENT_CHARS)")
+
+
+def test_a_parser_failing_on_a_file_refuses_that_file(tmp_path: Path) -> None:
+    deep = write(tmp_path, "deep.html", "<div>" * 5000 + "text" + "</div>" * 5000)
+    assert rejected(deep) == "HTML file is nested too deeply to read"
+
+
+def test_parsers_read_the_bytes_they_are_given(tmp_path: Path) -> None:
+    path = write(tmp_path, "notes.md", "# On disk\n\nthe file as it is now")
+    docs, _ = parse_document_file(path, **LIMITS, data=b"# Read before\n\nwhat was hashed")
+    assert docs[0].title == "Read before" and docs[0].text.endswith("what was hashed")
+    with pytest.raises(FileRejected, match="empty file"):
+        parse_memories_file(path, **LIMITS, data=b"")
+    with pytest.raises(FileRejected, match="MEMCITY_MAX_FILE_BYTES"):
+        parse_document_file(path, max_file_bytes=3, max_document_chars=10, data=b"four")

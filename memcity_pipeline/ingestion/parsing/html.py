@@ -17,8 +17,8 @@ from typing import Any
 from memcity_pipeline.ingestion.parsing.base import (
     DocumentsResult,
     FileRejected,
-    read_bytes_checked,
     single_document,
+    source_bytes,
 )
 from memcity_pipeline.ingestion.parsing.text import clean_text, decode_text_with_encoding
 
@@ -156,9 +156,13 @@ def html_to_text(html: str) -> tuple[str | None, str]:
     return title, clean_text(text.replace(_LINE_BREAK, "\n"))
 
 
-def parse_html_file(path: Path, *, max_file_bytes: int, max_document_chars: int) -> DocumentsResult:
-    """The one document of an HTML page; `FileRejected` when it is unusable or has no text."""
-    data = read_bytes_checked(path, max_file_bytes=max_file_bytes)
+def parse_html_file(
+    path: Path, *, max_file_bytes: int, max_document_chars: int, data: bytes | None = None
+) -> DocumentsResult:
+    """The one document of an HTML page; `FileRejected` when it is unusable or has no text.
+
+    `data` is the file's bytes when the caller already read them (see `base.source_bytes`)."""
+    data = source_bytes(path, data, max_file_bytes)
     raw, encoding = decode_text_with_encoding(data)
     html_title, text = html_to_text(raw)
     if not text:

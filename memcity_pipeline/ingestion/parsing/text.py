@@ -6,7 +6,8 @@ Contract:
   BOM-less UTF-16, then strict UTF-8, else a detected legacy encoding (Windows-1252 preferred
   for Western text). Binary data and bytes no encoding reads plausibly raise `FileRejected`.
   The result has no BOM but is not yet normalised.
-- `clean_text`: `\\n` newlines, no NUL/control characters or BOMs, NFC, no blank ends.
+- `clean_text`: valid Unicode (lone surrogates become U+FFFD, see `base.valid_unicode`), `\\n`
+  newlines, no NUL/control characters or BOMs, NFC, no blank ends.
 - `parse_text_file` (`txt`, `md`): one document; its title is the first `# Heading` of a
   Markdown file (outside fenced code), else the file's stem; its metadata names the encoding.
 """
@@ -18,8 +19,9 @@ from pathlib import Path
 from memcity_pipeline.ingestion.parsing.base import (
     DocumentsResult,
     FileRejected,
-    read_bytes_checked,
     single_document,
+    source_bytes,
+    valid_unicode,
 )
 
 # Byte order marks, longest first (the UTF-32 LE mark begins with the UTF-16 LE one).
@@ -125,7 +127,8 @@ def decode_text(data: bytes) -> str:
 
 
 def clean_text(text: str) -> str:
-    """Normalise newlines to `\\n`, drop NUL/control characters and BOMs, NFC, strip the ends."""
+    """Valid Unicode, newlines as `\\n`, no NUL/control characters or BOMs, NFC, no blank ends."""
+    text = valid_unicode(text)
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\v", "\n").replace("\f", "\n")
     text = _STRAY_CONTROLS.sub("", text).replace("\ufeff", "")
     return unicodedata.normalize("NFC", text).strip()
@@ -153,10 +156,17 @@ def markdown_title(text: str) -> str | None:
 
 
 def parse_text_file(
-    path: Path, fmt: str, *, max_file_bytes: int, max_document_chars: int
+    path: Path,
+    fmt: str,
+    *,
+    max_file_bytes: int,
+    max_document_chars: int,
+    data: bytes | None = None,
 ) -> DocumentsResult:
-    """The one document of a `txt` or `md` file (`fmt`); `FileRejected` when it is unusable."""
-    data = read_bytes_checked(path, max_file_bytes=max_file_bytes)
+    """The one document of a `txt` or `md` file (`fmt`); `FileRejected` when it is unusable.
+
+    `data` is the file's bytes when the caller already read them (see `base.source_bytes`)."""
+    data = source_bytes(path, data, max_file_bytes)
     raw, encoding = decode_text_with_encoding(data)
     text = clean_text(raw)
     if not text:
