@@ -534,7 +534,7 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     scripted_llm.responder = Script(repl("FINAL('one')"), repl("FINAL('two')"))
-    down = SessionStore(lake, CLOSED_PORT_URL, table=pg_table, connect_timeout_s=2)
+    down = SessionStore(lake, CLOSED_PORT_URL, table=pg_table)
     with caplog.at_level(logging.ERROR):
         first = ask(scripted_llm, sandbox, "custom", custom_context="x", session_store=down)
     assert first.status == "completed" and not first.logged_to_postgres
@@ -546,6 +546,30 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     assert sorted(ids) == sorted([first.session_id, second.session_id])  # first caught up
     assert up.sync_to_postgres() == 0  # an explicit catch-up finds nothing more
     assert read_sessions(lake).height == 2
+
+
+@pytest.mark.postgres
+def test_the_answer_comes_before_the_session_is_recorded(
+    scripted_llm: ScriptedLLMServer, sandbox: SandboxResource, lake: Path, pg_table: str
+) -> None:
+    scripted_llm.responder = Script(repl("FINAL('first')"))
+    store = SessionStore(lake, POSTGRES_TEST_URL, table=pg_table)
+    seen: list[tuple[str, int, bool]] = []
+
+    def on_answer(result: RLMResult) -> None:
+        seen.append((result.answer, read_sessions(lake).height, result.logged_to_postgres))
+
+    result = ask(
+        scripted_llm,
+        sandbox,
+        "custom",
+        custom_context="x",
+        session_store=store,
+        on_answer=on_answer,
+    )
+    assert seen == [("first", 0, False)]  # the answer, and no row anywhere yet
+    assert result.logged_to_postgres and read_sessions(lake).height == 1
+    assert [r["session_id"] for r in pg_rows(pg_table)] == [result.session_id]
 
 
 ADDED_COLUMNS = {"search_calls": 0, "sub_call_cache_hits": 0, "depth_reached": 1}
@@ -655,6 +679,8 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
     assert "**FINAL**: from dagster" in trajectory
     logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any(m.startswith("iteration 1: 1 code block (1 line)") for m in logged), logged
+    session_id = metadata["session_id"].value
+    assert f"session {session_id} completed: from dagster" in logged  # before it was recorded
 
     report = dg.materialize([rlm_session_report], resources={"lake": configured["lake"]})
     assert report.success
