@@ -109,7 +109,8 @@ def rlm_query(
     """Answer `query` over ALL of an org's context with a Recursive Language Model.
 
     `context_type` is `memories` (needs `user_id`), `documents` (`knowledge_base_id`),
-    `conversation` (`user_id`) or `custom` (`custom_context`: a string or a list). The LLM, the
+    `conversation` (`user_id`) or `custom` (`custom_context`: a string or a list of at most
+    `MEMCITY_MAX_CUSTOM_CONTEXT_CHARS` characters). The LLM, the
     sandbox (with the config's sandbox options applied), the lake and the session store
     (Postgres with `MEMCITY_POSTGRES_URL`) come from the settings unless `llm`, `sandbox` or
     `session_store` is given (a given sandbox is used as it is). The sandboxed code's `search`
@@ -133,6 +134,7 @@ def rlm_query(
         custom_context=custom_context,
         rlm_config=cfg,
         lake_dir=s.lake,
+        max_custom_chars=s.max_custom_context_chars,
     )
     resources = build_resources(s)
     llm_resource = resources["llm"] if llm is None else None

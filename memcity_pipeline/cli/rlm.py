@@ -27,7 +27,7 @@ from rich.table import Table
 from memcity_pipeline.cli.console import print_error, print_wide, spinner
 from memcity_pipeline.cli.inputs import read_custom_file, read_text_file
 from memcity_pipeline.lake.delta import read_rows
-from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
+from memcity_pipeline.rlm.config import MAX_PROMPT_CHARS, RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
 from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
 from memcity_pipeline.settings import Settings, load_settings
@@ -142,12 +142,20 @@ def query_command(
             print_answer(result, out)
 
     try:
+        settings = settings or load_settings()
         if system_prompt_file is not None:
             config["custom_system_prompt"] = read_text_file(
-                system_prompt_file, "--system-prompt-file"
+                system_prompt_file,
+                "--system-prompt-file",
+                MAX_PROMPT_CHARS,
+                "the most a system prompt may have",
             )
         check_rlm_options(config)
-        custom = read_custom_file(custom_file) if custom_file is not None else None
+        custom = (
+            read_custom_file(custom_file, settings.max_custom_context_chars)
+            if custom_file is not None
+            else None
+        )
         with spinner(err, "rlm", disable=as_json) as progress:
             task = progress.add_task("gathering the context", total=None)
 

@@ -186,6 +186,7 @@ def run_rlm_query(
             custom_context=config.custom(),
             rlm_config=cfg,
             lake_dir=lake.lake,
+            max_custom_chars=lake.max_custom_context_chars,
         )
     except RLMRequestError as exc:
         raise dg.Failure(description=f"bad RLM request: {exc}") from exc

@@ -61,13 +61,19 @@ from memcity_pipeline.lake.tables import trajectory_key
 from memcity_pipeline.llm.client import LLMClient, LLMError, parse_structured
 from memcity_pipeline.rlm.config import (
     AVAILABLE_RUNTIMES,
+    MAX_PROMPT_CHARS,
     RLMConfig,
     RLMRequestError,
     RLMResult,
     Status,
     parse_config,
 )
-from memcity_pipeline.rlm.context import ContextError, GatheredContext, gather_context
+from memcity_pipeline.rlm.context import (
+    MAX_CUSTOM_CHARS,
+    ContextError,
+    GatheredContext,
+    gather_context,
+)
 from memcity_pipeline.rlm.engine import (
     PRELUDES,
     Deadline,
@@ -152,12 +158,18 @@ def prepare_query(
     custom_context: str | list[Any] | None = None,
     rlm_config: RLMConfig | dict[str, Any] | None = None,
     lake_dir: Lake | str | Path,
+    max_custom_chars: int = MAX_CUSTOM_CHARS,
 ) -> PreparedQuery:
     """Check a request and gather its context from the lake; RLMRequestError when it is wrong
-    (so a wrong request costs no LLM, no sandbox and no model start)."""
+    (so a wrong request costs no LLM, no sandbox and no model start). A query has at most
+    `MAX_PROMPT_CHARS` characters, a custom context `max_custom_chars`."""
     cfg = parse_config(rlm_config)
     if not query or not query.strip():
         raise RLMRequestError("query is empty")
+    if len(query) > MAX_PROMPT_CHARS:
+        raise RLMRequestError(
+            f"query is {len(query):,} characters, over the limit of {MAX_PROMPT_CHARS:,}"
+        )
     lake = Lake.of(lake_dir)
     try:
         gathered = gather_context(
@@ -167,6 +179,7 @@ def prepare_query(
             user_id=user_id,
             knowledge_base_id=knowledge_base_id,
             custom_context=custom_context,
+            max_custom_chars=max_custom_chars,
         )
     except ContextError as exc:
         raise RLMRequestError(str(exc)) from exc

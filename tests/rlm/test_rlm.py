@@ -456,7 +456,27 @@ def test_max_timeout_bounds_a_hung_execution(
             "rlm_config",
         ),
         ("../etc", "memories", {"user_id": "ruth"}, "invalid org_id"),
+        (
+            "saltmarsh",
+            "custom",
+            {"custom_context": "x" * 20_000_001},
+            r"custom_context is 20,000,001 characters, over the limit of 20,000,000 "
+            r"\(MEMCITY_MAX_CUSTOM_CONTEXT_CHARS\)",
+        ),
+        (
+            "saltmarsh",
+            "custom",
+            {"custom_context": "x", "query": "?" * 100_001},
+            "query is 100,001 characters, over the limit of 100,000",
+        ),
+        (
+            "saltmarsh",
+            "custom",
+            {"custom_context": "x", "rlm_config": {"custom_system_prompt": "p" * 100_001}},
+            "at most 100000 characters",
+        ),
     ],
+    ids=lambda value: value[:40] if isinstance(value, str) else None,
 )
 def test_bad_requests_fail_before_any_llm_call(
     scripted_llm: ScriptedLLMServer,
@@ -471,6 +491,42 @@ def test_bad_requests_fail_before_any_llm_call(
         ask(scripted_llm, sandbox, context_type, org_id=org, **kwargs)
     assert scripted_llm.call_count == 0
     assert read_sessions(lake).is_empty()
+
+
+def test_the_custom_context_limit_is_a_setting_of_the_api_and_the_launchpad(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,
+    lake: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memcity_pipeline.defs.rlm import rlm_query_job
+
+    monkeypatch.setenv("MEMCITY_MAX_CUSTOM_CONTEXT_CHARS", "5")
+    message = (
+        "custom_context is 6 characters, over the limit of 5 (MEMCITY_MAX_CUSTOM_CONTEXT_CHARS)"
+    )
+    with pytest.raises(RLMRequestError) as caught:
+        ask(scripted_llm, sandbox, "custom", custom_context=["abc", "def"])
+    assert str(caught.value) == message
+    scripted_llm.responder = Script(repl("FINAL('five')"))
+    assert ask(scripted_llm, sandbox, "custom", custom_context=["ab", "cde"]).answer == "five"
+
+    configured = build_resources(get_settings())
+    llm = LLMResource(base_url=scripted_llm.base_url, model=ROOT, sub_model=SUB, use_cache=False)
+    calls = scripted_llm.call_count
+    run = rlm_query_job.execute_in_process(
+        run_config={
+            "ops": {
+                "run_rlm_query": {"config": {"context_type": "custom", "custom_context": "abcdef"}}
+            }
+        },
+        resources={**configured, "llm": llm, "sandbox": sandbox},
+        raise_on_error=False,
+    )
+    assert not run.success
+    [failure] = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert message in str(failure.event_specific_data)
+    assert scripted_llm.call_count == calls
 
 
 # -- session rows in Postgres -----------------------------------------------------------------
