@@ -103,6 +103,7 @@ def bounded(conn: Any, seconds: float) -> Iterator[None]:
         with suppress(OSError):  # already closed by its end
             sock.shutdown(socket.SHUT_RDWR)
 
+    message = f"Postgres did not answer within {round(seconds, 1):g} s; the connection was closed"
     timer = threading.Timer(max(0.0, seconds), cut)
     timer.daemon = True
     timer.start()
@@ -110,17 +111,13 @@ def bounded(conn: Any, seconds: float) -> Iterator[None]:
         yield
     except Exception as exc:
         if fired.is_set():
-            raise PostgresTimeout(
-                f"Postgres did not answer within {seconds:.2g} s; the connection was closed"
-            ) from exc
+            raise PostgresTimeout(message) from exc
         raise
     finally:
         timer.cancel()
         sock.close()
     if fired.is_set():  # the block ended anyway, but the connection is gone
-        raise PostgresTimeout(
-            f"Postgres did not answer within {seconds:.2g} s; the connection was closed"
-        )
+        raise PostgresTimeout(message)
 
 
 @contextmanager
