@@ -26,6 +26,7 @@ from memcity_pipeline.settings import Settings, build_embedder, build_resources,
 if TYPE_CHECKING:
     from memcity_pipeline.llm.client import LLMClient
     from memcity_pipeline.rlm.engine import ProgressFn
+    from memcity_pipeline.rlm.query import AnswerFn
     from memcity_pipeline.rlm.sessions import SessionStore
     from memcity_pipeline.sandbox.base import SandboxBackend
     from memcity_pipeline.search.embeddings import Embedder
@@ -103,16 +104,22 @@ def rlm_query(
     sandbox: SandboxBackend | None = None,
     session_store: SessionStore | None = None,
     progress: ProgressFn | None = None,
+    on_answer: AnswerFn | None = None,
 ) -> RLMResult:
     """Answer `query` over ALL of an org's context with a Recursive Language Model.
 
     `context_type` is `memories` (needs `user_id`), `documents` (`knowledge_base_id`),
-    `conversation` (`user_id`) or `custom` (`custom_context`: a string or a list). The LLM, the
+    `conversation` (`user_id`) or `custom` (`custom_context`: a string or a list of at most
+    `MEMCITY_MAX_CUSTOM_CONTEXT_CHARS` characters). The LLM, the
     sandbox (with the config's sandbox options applied), the lake and the session store
     (Postgres with `MEMCITY_POSTGRES_URL`) come from the settings unless `llm`, `sandbox` or
     `session_store` is given (a given sandbox is used as it is). The sandboxed code's `search`
     uses the embeddings of the settings (`MEMCITY_EMBEDDINGS`), loaded by its first call.
     Raises RLMRequestError for a wrong request; otherwise always returns a result.
+
+    The session is recorded after the answer is known: `on_answer` gets the result first, then
+    the row goes to the lake and Postgres, within deadlines (at most some 15 s more when
+    Postgres does not answer; the row then waits in the lake, marked pending).
     """
     from memcity_pipeline.rlm.query import prepare_query, run_query
 
@@ -127,6 +134,7 @@ def rlm_query(
         custom_context=custom_context,
         rlm_config=cfg,
         lake_dir=s.lake,
+        max_custom_chars=s.max_custom_context_chars,
     )
     resources = build_resources(s)
     llm_resource = resources["llm"] if llm is None else None
@@ -139,6 +147,7 @@ def rlm_query(
             session_store=session_store or resources["sessions"].get_store(),
             progress=progress,
             embedder=functools.partial(_search_embedder, s),  # built by the first search
+            on_answer=on_answer,
         )
     finally:
         if sandbox is None:

@@ -46,9 +46,15 @@ class Settings(BaseSettings):
         description="Table versions older than this are vacuumed by the weekly maintenance job.",
     )
 
-    # Ingestion limits
+    # Input limits
     max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     max_document_chars: int = Field(default=2_000_000, gt=0)
+    max_custom_context_chars: int = Field(
+        default=20_000_000,
+        gt=0,
+        description="The most characters of an RLM query's custom context (`--custom-file`, "
+        "the API's custom_context, the launchpad's).",
+    )
     lake_lock_timeout_s: float = Field(default=1800.0, ge=0)
 
     # LLMs (OpenAI-compatible)
@@ -258,6 +264,7 @@ def build_resources(settings: Settings) -> dict[str, Any]:
             landing_dir=str(s.landing_dir),
             max_file_bytes=s.max_file_bytes,
             max_document_chars=s.max_document_chars,
+            max_custom_context_chars=s.max_custom_context_chars,
         ),
         "llm": LLMResource(
             base_url=s.llm_base_url,

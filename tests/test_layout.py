@@ -6,12 +6,12 @@ to bottom; a module may import its own layer and the layers below it, never one 
 
     definitions, settings, cli, api, defs, resources,
     rlm, search, enrichment, ingestion, llm, lake, sandbox,   (the domain packages)
-    retry, progress
+    retry, progress, postgres
 
 Two upward edges are allowed: `settings` is read by `definitions`, `cli` and `api` (and by no one
 else), and `cli` runs the jobs of `definitions` (the one code location) through the instance. The domain packages also never import `dagster` (or a `dagster_*` package), and the leaves
 import nothing of the project: `retry` only the standard library and tenacity, `progress` only
-the standard library.
+the standard library, `postgres` only the standard library and psycopg.
 
 Every package's `__init__.py` has a docstring, and a module over `MAX_LINES` lines says in its
 module docstring why it "stays whole".
@@ -49,6 +49,7 @@ LAYERS: tuple[str, ...] = (
     "sandbox",
     "retry",
     "progress",
+    "postgres",
 )
 DOMAIN: frozenset[str] = frozenset(
     {"rlm", "search", "enrichment", "ingestion", "llm", "lake", "sandbox"}
@@ -57,7 +58,11 @@ SETTINGS_READERS: frozenset[str] = frozenset({"definitions", "cli", "api"})
 # The CLI runs the one code location's jobs (`build_definitions`, `dg.reconstructable`).
 DEFINITIONS_USERS: frozenset[str] = frozenset({"cli"})
 # The leaves import nothing of the project, and only these packages besides the standard library.
-LEAVES: dict[str, frozenset[str]] = {"retry": frozenset({"tenacity"}), "progress": frozenset()}
+LEAVES: dict[str, frozenset[str]] = {
+    "retry": frozenset({"tenacity"}),
+    "progress": frozenset(),
+    "postgres": frozenset({"psycopg"}),
+}
 
 # (importing module, imported module) -> why it is allowed for now. Each entry names one edge.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}

@@ -219,15 +219,18 @@ def check_postgres(settings: Settings, resources: dict[str, Any]) -> Check:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
+    from memcity_pipeline.postgres import Deadlines, PostgresTimeout, connection
+
     try:
         info = conninfo_to_dict(url)
     except psycopg.Error:
         return Check("postgres", "fail", "MEMCITY_POSTGRES_URL is not a valid connection URL")
     where = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    deadlines = Deadlines(connect_s=POSTGRES_TIMEOUT_S, total_s=POSTGRES_TIMEOUT_S)
     try:
-        with psycopg.connect(url, connect_timeout=POSTGRES_TIMEOUT_S) as conn:
+        with connection(url, deadlines) as conn:
             row = conn.execute("SHOW server_version").fetchone()
-    except psycopg.Error as exc:
+    except (psycopg.Error, PostgresTimeout) as exc:
         first = " ".join(str(exc).split()) or type(exc).__name__
         return Check("postgres", "fail", f"cannot connect to {where}: {first}")
     version = row[0] if row else "?"

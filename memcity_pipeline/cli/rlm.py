@@ -4,6 +4,11 @@ The typer commands in `memcity_pipeline.cli.app` parse the options and call thes
 rich (progress and messages on stderr, results on stdout) and return the exit code: 0 done (a
 `partial` answer included), 1 the work failed, 2 a wrong request. A wrong request is reported by
 `print_error` (one line, or JSON with `--json`) before any LLM call.
+
+`memcity query` prints the answer as soon as it is known, before the session is recorded (the
+figures follow once it is; with `--json` the whole result comes then, within the session store's
+deadlines). Ctrl-C while the session is being recorded ends the command with 130 and leaves the
+row in the lake, marked pending for the next session. Its files are read by `cli.inputs`.
 """
 
 import enum
@@ -20,55 +25,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from memcity_pipeline.cli.console import print_error, print_wide, spinner
+from memcity_pipeline.cli.inputs import read_custom_file, read_text_file
 from memcity_pipeline.lake.delta import read_rows
-from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult
+from memcity_pipeline.rlm.config import MAX_PROMPT_CHARS, RLMConfig, RLMRequestError, RLMResult
 from memcity_pipeline.rlm.sessions import SessionStore, read_sessions
 from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
 from memcity_pipeline.settings import Settings, load_settings
 
 STATUS_STYLE = {"completed": "green", "partial": "yellow", "timeout": "yellow", "failed": "red"}
-
-
-def read_text_file(path: Path, option: str) -> str:
-    """The text of the file given to `option`; RLMRequestError naming both when it cannot be
-    read as UTF-8 text."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise RLMRequestError(
-            f"{option} {path}: not UTF-8 text (byte {exc.start} cannot be decoded)"
-        ) from None
-    except OSError as exc:
-        raise RLMRequestError(f"{option} {path}: {exc.strerror or exc}") from None
-
-
-def _json_value(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RLMRequestError(f"{where}: not valid JSON ({exc})") from None
-
-
-def read_custom_file(path: Path) -> str | list[Any]:
-    """The custom context of a file: a `.json` file's string or list, a `.jsonl` file's lines
-    (each parsed as JSON), anything else as text. RLMRequestError naming the file (and the
-    line of a `.jsonl` file) when it is malformed."""
-    text = read_text_file(path, "--custom-file")
-    if path.suffix == ".json":
-        value = _json_value(text, f"--custom-file {path}")
-        if not isinstance(value, str | list):
-            raise RLMRequestError(
-                f"--custom-file {path}: a custom context must be a JSON string or list, "
-                f"not {type(value).__name__}"
-            )
-        return value
-    if path.suffix == ".jsonl":
-        return [
-            _json_value(line, f"--custom-file {path}, line {number}")
-            for number, line in enumerate(text.splitlines(), start=1)
-            if line.strip()
-        ]
-    return text
 
 
 def check_rlm_options(config: dict[str, Any]) -> None:
@@ -159,9 +123,10 @@ def query_command(
     **rlm_options: Any,
 ) -> int:
     """Run one RLM query and print the answer and its figures; returns the exit code
-    (0 completed or partial, 1 failed or timeout, 2 a bad request). `rlm_options` are
-    `RLMConfig` fields; None means "the default". Each iteration is a line on stderr as it
-    ends (`rlm.trajectory.iteration_line`), unless `as_json`."""
+    (0 completed or partial, 1 failed or timeout, 2 a bad request, 130 interrupted while the
+    session was being recorded). `rlm_options` are `RLMConfig` fields; None means "the
+    default". Each iteration is a line on stderr as it ends (`rlm.trajectory.iteration_line`),
+    unless `as_json`; the answer is printed before the session is recorded."""
     out = out or Console()
     err = err or Console(stderr=True)
     config: dict[str, Any] = {
@@ -169,13 +134,28 @@ def query_command(
         for k, v in rlm_options.items()
         if v is not None
     }
+    answered: list[RLMResult] = []
+
+    def on_answer(result: RLMResult) -> None:
+        answered.append(result)
+        if not as_json:
+            print_answer(result, out)
+
     try:
+        settings = settings or load_settings()
         if system_prompt_file is not None:
             config["custom_system_prompt"] = read_text_file(
-                system_prompt_file, "--system-prompt-file"
+                system_prompt_file,
+                "--system-prompt-file",
+                MAX_PROMPT_CHARS,
+                "the most a system prompt may have",
             )
         check_rlm_options(config)
-        custom = read_custom_file(custom_file) if custom_file is not None else None
+        custom = (
+            read_custom_file(custom_file, settings.max_custom_context_chars)
+            if custom_file is not None
+            else None
+        )
         with spinner(err, "rlm", disable=as_json) as progress:
             task = progress.add_task("gathering the context", total=None)
 
@@ -204,22 +184,44 @@ def query_command(
                 rlm_config=config,
                 settings=settings,
                 progress=on_event,
+                on_answer=on_answer,
             )
     except (RLMRequestError, OSError, ValueError) as exc:
         return print_error(str(exc), 2, as_json=as_json, out=out, err=err)
-    print_result(result, as_json=as_json, out=out, err=err)
+    except KeyboardInterrupt:
+        if not answered:
+            raise
+        result = answered[0]
+        print_result(result, as_json=as_json, out=out, err=err, answer_printed=True)
+        err.print(
+            f"[yellow]interrupted[/yellow] while recording session {result.session_id}: what was "
+            "written is kept (a row in the lake waits, marked pending, for the next session or "
+            "`memcity sessions --sync` to copy it to Postgres)",
+            soft_wrap=True,
+        )
+        return 130
+    print_result(result, as_json=as_json, out=out, err=err, answer_printed=True)
     return 0 if result.status in {"completed", "partial"} else 1
 
 
-def print_result(result: RLMResult, *, as_json: bool, out: Console, err: Console) -> None:
-    """The answer on stdout, the figures and any warning on stderr (or all of it as JSON)."""
-    if as_json:
-        out.print_json(result.model_dump_json())
-        return
+def print_answer(result: RLMResult, out: Console) -> None:
+    """The answer on stdout (or a dim `(no answer)`)."""
     if result.answer:
         out.print(result.answer, markup=False, highlight=False)
     else:
         out.print("[dim](no answer)[/dim]")
+
+
+def print_result(
+    result: RLMResult, *, as_json: bool, out: Console, err: Console, answer_printed: bool = False
+) -> None:
+    """The answer on stdout (unless `answer_printed`), the figures and any warning on stderr
+    (or all of it as JSON)."""
+    if as_json:
+        out.print_json(result.model_dump_json())
+        return
+    if not answer_printed:
+        print_answer(result, out)
     style = STATUS_STYLE.get(result.status, "white")
     cost = f"${result.cost:.4f}" if result.cost is not None else "n/a"
     hits = result.sub_call_cache_hits

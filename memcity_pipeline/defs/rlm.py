@@ -2,11 +2,12 @@
 
 Launch `rlm_query` from the UI's launchpad (its config mirrors the request, with defaults that
 work on the sample corpus, and the `rlm` options derived from `RLMConfig`) or from the
-`memcity query` command; both run `memcity_pipeline.rlm.query`. Each run records one session row
-(lake + Postgres) and reports an `rlm_sessions` materialization with the session's figures, its
-answer and its trajectory as markdown (each iteration's code and output, with its sub-calls and
-searches); the run's log has a line per iteration as it ends. `rlm_session_report`
-summarises latency, iterations and cost by context type.
+`memcity query` command; both run `memcity_pipeline.rlm.query`. Each run logs its answer as soon
+as it is known, then records one session row (lake + Postgres, within deadlines) and reports an
+`rlm_sessions` materialization with the session's figures, its answer and its trajectory as
+markdown (each iteration's code and output, with its sub-calls and searches); the run's log has
+a line per iteration as it ends. `rlm_session_report` summarises latency, iterations and cost by
+context type.
 """
 
 import json
@@ -24,7 +25,7 @@ from memcity_pipeline.resources.lake import LakeResource
 from memcity_pipeline.resources.llm import LLMResource
 from memcity_pipeline.resources.sandbox import SandboxResource
 from memcity_pipeline.resources.sessions import SessionsResource
-from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, parse_config
+from memcity_pipeline.rlm.config import RLMConfig, RLMRequestError, RLMResult, parse_config
 from memcity_pipeline.rlm.query import prepare_query, run_query
 from memcity_pipeline.rlm.sessions import read_sessions
 from memcity_pipeline.rlm.trajectory import iteration_line, read_trajectory, trajectory_markdown
@@ -185,9 +186,15 @@ def run_rlm_query(
             custom_context=config.custom(),
             rlm_config=cfg,
             lake_dir=lake.lake,
+            max_custom_chars=lake.max_custom_context_chars,
         )
     except RLMRequestError as exc:
         raise dg.Failure(description=f"bad RLM request: {exc}") from exc
+
+    def on_answer(result: RLMResult) -> None:
+        """The answer in the run's log before the session is recorded (which may wait)."""
+        context.log.info(f"session {result.session_id} {result.status}: {result.answer[:4000]}")
+
     tuned = sandbox.with_options(**cfg.sandbox_overrides())
     try:
         result = run_query(
@@ -197,6 +204,7 @@ def run_rlm_query(
             session_store=sessions.get_store(),
             progress=progress,
             embedder=embeddings.get_embedder,
+            on_answer=on_answer,
         )
     finally:
         if tuned is not sandbox:

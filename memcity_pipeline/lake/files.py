@@ -8,6 +8,7 @@ one pointer object naming it (`search.bm25_store`).
 """
 
 import contextlib
+from datetime import datetime
 from pathlib import Path
 
 import obstore
@@ -24,6 +25,14 @@ def get_bytes(lake: Lake | str, key: str) -> bytes | None:
     """The content of object `key`, or None when there is none."""
     try:
         return bytes(obstore.get(Lake.of(lake).store(), key).bytes())
+    except FileNotFoundError:
+        return None
+
+
+def modified_at(lake: Lake | str, key: str) -> datetime | None:
+    """When object `key` was last written (UTC), or None when there is none."""
+    try:
+        return obstore.head(Lake.of(lake).store(), key)["last_modified"]
     except FileNotFoundError:
         return None
 

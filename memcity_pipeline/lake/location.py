@@ -12,10 +12,18 @@ the lake is used (so a run process sees its own environment):
 Delta tables (`lake.delta`) are reached by delta-rs with `storage_options()`; every other file
 of the lake (BM25 index folders, trajectories, markers) through `store()`, an obstore store of
 the same location.
+
+Every request to object storage has deadlines, the same for delta-rs and obstore (both on the
+`object_store` crate), set here rather than left to the libraries' defaults: connecting
+`CONNECT_TIMEOUT` (5 s), each request `REQUEST_TIMEOUT` (30 s, body included), and the retries
+of one failed request (object_store's backoff) stop after `RETRY_TIMEOUT` (60 s; object_store's
+own default is 3 minutes). A store that accepts connections and never answers fails a call in
+about 90 s rather than hanging it.
 """
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -42,6 +50,11 @@ _ENV_OPTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 _FAMILY = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
+
+CONNECT_TIMEOUT_S = 5
+REQUEST_TIMEOUT_S = 30
+RETRY_TIMEOUT_S = 60
+MAX_RETRIES = 10
 
 
 def _scheme(uri: str) -> str:
@@ -93,12 +106,19 @@ class Lake:
         return self.uri
 
     def storage_options(self) -> dict[str, str]:
-        """delta-rs / obstore options of this location, from the standard environment variables
-        (empty for a local lake)."""
+        """delta-rs options of this location: the credentials of the standard environment
+        variables and the deadlines (empty for a local lake)."""
         family = _FAMILY.get(_scheme(self.uri), "az" if not self.is_local else "")
         if not family:
             return {}
-        return {name: os.environ[name] for name in _ENV_OPTIONS[family] if os.environ.get(name)}
+        options = {name: os.environ[name] for name in _ENV_OPTIONS[family] if os.environ.get(name)}
+        return {
+            **options,
+            "connect_timeout": f"{CONNECT_TIMEOUT_S}s",
+            "timeout": f"{REQUEST_TIMEOUT_S}s",
+            "max_retries": str(MAX_RETRIES),
+            "retry_timeout": f"{RETRY_TIMEOUT_S}s",
+        }
 
     @cached_property
     def _store(self) -> Any:
@@ -109,9 +129,21 @@ class Lake:
         options = {k.lower(): v for k, v in self.storage_options().items()}
         if "aws_endpoint_url" in options:
             options["aws_endpoint"] = options.pop("aws_endpoint_url")
+        client: dict[str, Any] = {
+            "connect_timeout": options.pop("connect_timeout"),
+            "timeout": options.pop("timeout"),
+        }
         allow_http = options.pop("aws_allow_http", None)
-        client = {"allow_http": allow_http.lower() == "true"} if allow_http else None
-        return obstore.store.from_url(self.uri, config=options or None, client_options=client)
+        if allow_http:
+            client["allow_http"] = allow_http.lower() == "true"
+        retry = {
+            "max_retries": int(options.pop("max_retries")),
+            "retry_timeout": timedelta(seconds=RETRY_TIMEOUT_S),
+        }
+        options.pop("retry_timeout")
+        return obstore.store.from_url(
+            self.uri, config=options or None, client_options=client, retry_config=retry
+        )
 
     def store(self) -> Any:
         """An obstore store rooted at the lake (paths relative to the root)."""

@@ -1,6 +1,7 @@
 """The lake resource: where the lake (`lake_uri`: a local folder or object storage) and the
-landing folder are, and ingestion limits. Object-storage credentials come from the standard
-environment variables of each store (`lake.location`), never from run config."""
+landing folder are, and the limits of inputs (ingested files and documents, an RLM query's
+custom context). Object-storage credentials come from the standard environment variables of
+each store (`lake.location`), never from run config."""
 
 from pathlib import Path
 
@@ -18,6 +19,9 @@ class LakeResource(dg.ConfigurableResource):
     landing_dir: str = Field(description="Where sources arrive.")
     max_file_bytes: int = Field(default=50 * 1024 * 1024, gt=0, description="Larger: refused.")
     max_document_chars: int = Field(default=2_000_000, gt=0, description="Longer: refused.")
+    max_custom_context_chars: int = Field(
+        default=20_000_000, gt=0, description="An RLM query's custom context: longer is refused."
+    )
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Convert a Parquet lake of an earlier version before a step reads it (once; a few

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 Status = Literal["completed", "partial", "failed", "timeout"]
+MAX_PROMPT_CHARS = 100_000
+"""The most characters of a query and of a custom system prompt: each goes with every root LLM
+call, and 100,000 characters (about 25,000 tokens) already fill most models' windows."""
 AVAILABLE_RUNTIMES = ("python", "bun")
 
 # Sandbox options of the spec -> fields of SandboxResource.
@@ -63,7 +66,9 @@ class RLMConfig(BaseModel):
         "parameters from the LLM cache, free (null: on when sub_temperature is 0).",
     )
     custom_system_prompt: str | None = Field(
-        default=None, description="Replaces the built-in system prompt (advanced)."
+        default=None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Replaces the built-in system prompt (advanced).",
     )
     max_timeout: float = Field(default=600.0, gt=0, description="Seconds for the whole query.")
     max_budget: float | None = Field(

@@ -7,7 +7,9 @@ Context types (the spec's `contextType`):
   (pronoun-resolved) text when present, else the chunk text; falls back to whole raw documents
   when the knowledge base has not been chunked yet;
 - ``conversation``: a user's conversation sessions (the most recent 50), one string per session;
-- ``custom``: the string or list the caller gives.
+- ``custom``: the string or list the caller gives, at most `max_custom_chars` characters
+  (`MAX_CUSTOM_CHARS` unless the caller says otherwise: the API and the job pass
+  `MEMCITY_MAX_CUSTOM_CONTEXT_CHARS`), counted as `context_chars` counts them.
 
 A cap keeps the total count: `GatheredContext.cap_note` says what was kept ("the most recent
 1,000 of 1,200 memories"), for the root LLM and for the query's warning.
@@ -39,6 +41,10 @@ CONTEXT_TYPES: tuple[str, ...] = ("memories", "documents", "conversation", "cust
 MAX_MEMORIES = 1_000
 MAX_CHUNKS = 5_000
 MAX_SESSIONS = 50
+MAX_CUSTOM_CHARS = 20_000_000
+"""The default bound of a custom context: twice the largest context the lake gives a query
+(5,000 chunks of 512 tokens, about 10 million characters), and some 20 MB held in memory and
+sent to the sandbox."""
 
 
 class ContextError(ValueError):
@@ -128,6 +134,7 @@ def gather_context(
     user_id: str | None = None,
     knowledge_base_id: str | None = None,
     custom_context: str | list[Any] | None = None,
+    max_custom_chars: int = MAX_CUSTOM_CHARS,
 ) -> GatheredContext:
     """The context of a query; ContextError for a wrong request (nothing else is touched)."""
     if context_type not in CONTEXT_TYPES:
@@ -136,7 +143,7 @@ def gather_context(
         )
     if context_type == "custom":
         _valid("org_id", org_id)
-        return custom(custom_context)
+        return custom(custom_context, max_custom_chars)
     _require(lake, org_id)
     if context_type == "memories":
         return memories(lake, org_id, _require_user(lake, org_id, user_id, context_type))
@@ -148,8 +155,11 @@ def gather_context(
     return documents(lake, org_id, knowledge_base_id)
 
 
-def custom(custom_context: str | list[Any] | None) -> GatheredContext:
-    """The caller's own context: a non-empty string or list (JSON-serialisable)."""
+def custom(
+    custom_context: str | list[Any] | None, max_chars: int = MAX_CUSTOM_CHARS
+) -> GatheredContext:
+    """The caller's own context: a non-empty string or list (JSON-serialisable) of at most
+    `max_chars` characters."""
     if custom_context is None:
         raise ContextError("context_type 'custom' needs custom_context (a string or a list)")
     if not isinstance(custom_context, str | list):
@@ -158,6 +168,12 @@ def custom(custom_context: str | list[Any] | None) -> GatheredContext:
         )
     if len(custom_context) == 0:
         raise ContextError("custom_context is empty")
+    chars = context_chars(custom_context)
+    if chars > max_chars:
+        raise ContextError(
+            f"custom_context is {chars:,} characters, over the limit of {max_chars:,} "
+            "(MEMCITY_MAX_CUSTOM_CONTEXT_CHARS)"
+        )
     try:
         json.dumps(custom_context)
     except (TypeError, ValueError) as exc:

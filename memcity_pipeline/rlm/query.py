@@ -8,6 +8,11 @@ an exception: a limit (iterations, budget, errors, timeout) gives the best answe
 `warning` and status `partial` or `timeout`; a failure (the LLM or the sandbox unavailable) gives
 status `failed` and an `error`.
 
+The answer comes before the bookkeeping: a caller's `on_answer` receives the result as soon as
+the answer is known (`memcity query` prints it then), and only then is the session recorded (the
+trajectory uploaded, the row written to the lake and Postgres), within the deadlines of
+`rlm.sessions` (a Postgres that does not answer leaves the row in the lake, marked pending).
+
 Runtime ``bun`` runs the generated code as JavaScript (``repl_server.js`` under Bun or Node.js).
 When that runtime fails (no interpreter, the server dies or breaks the protocol), the whole query
 runs again on ``python`` if ``runtime_fallback_to_python`` (the default); the session row keeps
@@ -34,6 +39,7 @@ import re
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +61,19 @@ from memcity_pipeline.lake.tables import trajectory_key
 from memcity_pipeline.llm.client import LLMClient, LLMError, parse_structured
 from memcity_pipeline.rlm.config import (
     AVAILABLE_RUNTIMES,
+    MAX_PROMPT_CHARS,
     RLMConfig,
     RLMRequestError,
     RLMResult,
     Status,
     parse_config,
 )
-from memcity_pipeline.rlm.context import ContextError, GatheredContext, gather_context
+from memcity_pipeline.rlm.context import (
+    MAX_CUSTOM_CHARS,
+    ContextError,
+    GatheredContext,
+    gather_context,
+)
 from memcity_pipeline.rlm.engine import (
     PRELUDES,
     Deadline,
@@ -82,6 +94,10 @@ from memcity_pipeline.sandbox.base import (
 )
 
 log = logging.getLogger(__name__)
+
+AnswerFn = Callable[[RLMResult], None]
+"""Receives a query's result once its answer is known, before the session is recorded (its
+`logged_to_postgres` is still false then; the same object is completed and returned after)."""
 
 
 class RuntimeFailure(Exception):
@@ -142,12 +158,18 @@ def prepare_query(
     custom_context: str | list[Any] | None = None,
     rlm_config: RLMConfig | dict[str, Any] | None = None,
     lake_dir: Lake | str | Path,
+    max_custom_chars: int = MAX_CUSTOM_CHARS,
 ) -> PreparedQuery:
     """Check a request and gather its context from the lake; RLMRequestError when it is wrong
-    (so a wrong request costs no LLM, no sandbox and no model start)."""
+    (so a wrong request costs no LLM, no sandbox and no model start). A query has at most
+    `MAX_PROMPT_CHARS` characters, a custom context `max_custom_chars`."""
     cfg = parse_config(rlm_config)
     if not query or not query.strip():
         raise RLMRequestError("query is empty")
+    if len(query) > MAX_PROMPT_CHARS:
+        raise RLMRequestError(
+            f"query is {len(query):,} characters, over the limit of {MAX_PROMPT_CHARS:,}"
+        )
     lake = Lake.of(lake_dir)
     try:
         gathered = gather_context(
@@ -157,6 +179,7 @@ def prepare_query(
             user_id=user_id,
             knowledge_base_id=knowledge_base_id,
             custom_context=custom_context,
+            max_custom_chars=max_custom_chars,
         )
     except ContextError as exc:
         raise RLMRequestError(str(exc)) from exc
@@ -171,10 +194,12 @@ def run_query(
     session_store: SessionStore | None = None,
     progress: ProgressFn | None = None,
     embedder: EmbedderSource | None = None,
+    on_answer: AnswerFn | None = None,
 ) -> RLMResult:
     """Run a prepared query; always returns a result and records one session row in
-    `session_store` (default: the lake only). `embedder` builds the embedder of the lake's
-    indexes for the sandbox's `search` (without it, `search` answers with an error)."""
+    `session_store` (default: the lake only), after giving the result to `on_answer`.
+    `embedder` builds the embedder of the lake's indexes for the sandbox's `search` (without
+    it, `search` answers with an error)."""
     p = prepared
     run = _Run(p.org_id, p.query, p.user_id, p.knowledge_base_id, p.config, p.context, p.lake)
     run.embedder = embedder
@@ -194,7 +219,12 @@ def run_query(
         except Exception as exc:  # whatever happened, the session is recorded
             log.exception("rlm session %s failed", run.session_id)
             run.fail(f"{type(exc).__name__}: {exc}")
-        result = run.finish(session_store or SessionStore(p.lake))
+        result = run.result()
+        try:
+            if on_answer is not None:
+                on_answer(result)
+        finally:  # recorded whatever the callback does
+            run.record(result, session_store or SessionStore(p.lake))
         set_attributes(
             span,
             {
@@ -232,9 +262,11 @@ def rlm_query(
     session_store: SessionStore | None = None,
     progress: ProgressFn | None = None,
     embedder: EmbedderSource | None = None,
+    on_answer: AnswerFn | None = None,
 ) -> RLMResult:
     """Answer `query` over the org's context (in the lake at `lake_dir`) with a Recursive
-    Language Model whose REPL runs in sessions of `sandbox`: `prepare_query`, then `run_query`.
+    Language Model whose REPL runs in sessions of `sandbox`: `prepare_query`, then `run_query`
+    (`on_answer` gets the result before the session is recorded).
 
     `progress` receives events (`sandbox_opening`, `context_loaded`, `iteration_start`,
     `iteration_done`). The config's sandbox options are the caller's to apply to `sandbox`,
@@ -258,6 +290,7 @@ def rlm_query(
         session_store=session_store,
         progress=progress,
         embedder=embedder,
+        on_answer=on_answer,
     )
 
 
@@ -301,6 +334,7 @@ class _Run:
         self.root_model: str | None = cfg.model
         self.sub_model: str | None = cfg.sub_model
         self.trajectory: Path | None = None
+        self.ended = self.started_at
 
     def fail(self, message: str) -> None:
         self.status = "failed"
@@ -461,12 +495,10 @@ class _Run:
             parts.append(f"the context was capped: {self.gathered.cap_note} were loaded")
         return "; ".join(parts) or None
 
-    def finish(self, store: SessionStore) -> RLMResult:
-        """Record the session (the lake, then Postgres) and build the result."""
-        ended = now_utc()
-        elapsed = time.monotonic() - self.t0
-        trajectory = _publish_trajectory(self.lake, self.session_id, self.trajectory)
-        result = RLMResult(
+    def result(self) -> RLMResult:
+        """The query's result, once its answer is known (nothing recorded yet)."""
+        self.ended = now_utc()
+        return RLMResult(
             answer=self.answer,
             status=self.status,
             iterations=self.iterations,
@@ -480,7 +512,7 @@ class _Run:
             warning=self._warnings(),
             error=self.error,
             session_id=self.session_id,
-            execution_time_s=round(elapsed, 3),
+            execution_time_s=round(time.monotonic() - self.t0, 3),
             context_type=self.gathered.context_type,
             context_chars=self.gathered.char_count,
             context_items=self.gathered.item_count,
@@ -489,8 +521,14 @@ class _Run:
             sub_model=self.sub_model,
             runtime=self.cfg.runtime,
             runtime_used=self.runtime_used,
-            trajectory_path=trajectory,
+            trajectory_path=_trajectory_location(self.lake, self.session_id, self.trajectory),
         )
+
+    def record(self, result: RLMResult, store: SessionStore) -> None:
+        """Record the session (the trajectory, then the row: the lake, then Postgres) and
+        complete `result` with where it went."""
+        trajectory = _publish_trajectory(self.lake, self.session_id, self.trajectory)
+        result.trajectory_path = trajectory
         row = {
             "session_id": self.session_id,
             "org_id": self.org_id,
@@ -521,7 +559,7 @@ class _Run:
             "answer_chars": len(result.answer),
             "trajectory_path": trajectory,
             "started_at": self.started_at,
-            "ended_at": ended,
+            "ended_at": self.ended,
         }
         try:
             result.logged_to_postgres = store.record(row)
@@ -529,7 +567,6 @@ class _Run:
             log.error("rlm session %s: the session row was not written: %s", self.session_id, exc)
             extra = f"session log not written: {exc}"
             result.warning = f"{result.warning}; {extra}" if result.warning else extra
-        return result
 
 
 def _trajectory_file(lake: Lake, session_id: str) -> Path:
@@ -538,6 +575,13 @@ def _trajectory_file(lake: Lake, session_id: str) -> Path:
     if lake.is_local:
         return lake.path / trajectory_key(session_id)
     return Path(tempfile.gettempdir()) / "memcity-trajectories" / f"{session_id}.jsonl"
+
+
+def _trajectory_location(lake: Lake, session_id: str, local: Path | None) -> str | None:
+    """Where `_publish_trajectory` puts the trajectory (None when none was written)."""
+    if local is None or not local.exists():
+        return None
+    return str(local) if lake.is_local else lake.join(trajectory_key(session_id))
 
 
 def _publish_trajectory(lake: Lake, session_id: str, local: Path | None) -> str | None:

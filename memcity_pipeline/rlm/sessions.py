@@ -11,26 +11,37 @@ Every query, whatever its end, is one row:
   them as null) in the transaction of the next insert; the lake's table gains them on its next
   append.
 
-The lake is written first. If Postgres is down, the error is logged and the row waits in the
-lake, marked pending (the object `_state/sessions_pending/<session_id>`); the next session that
-reaches Postgres copies every pending row (catch-up), and `SessionStore.sync_to_postgres()` (or
-`memcity sessions --sync`) copies every row Postgres lacks. Nothing is lost, nothing duplicated.
+`SessionStore.record` is crash-safe. With Postgres configured it first marks the session pending
+(the object `_state/sessions_pending/<session_id>`), then appends the row to the lake (the truth),
+then inserts it into Postgres, and removes the mark only after that commit. So whatever ends the
+process at any point (kill -9, Ctrl-C, a Postgres that fails or does not answer), the row is
+either in both places or marked pending, and the next session that reaches Postgres copies the
+pending rows (catch-up) and removes their marks; `SessionStore.sync_to_postgres()` (or
+`memcity sessions --sync`) copies every row Postgres lacks. The insert is idempotent, so nothing
+is duplicated either. A mark whose row never reached the lake (the process ended between the two)
+is dropped once it is `STALE_MARK_S` old.
+
+Every Postgres call has deadlines (`memcity_pipeline.postgres`: connect 5 s, statements 10 s,
+locks 3 s, TCP keepalives, and 15 s on the client for each connection's whole use), so a
+Postgres that stops answering or a table locked by `VACUUM FULL` or a migration costs a
+session at most those seconds: its row waits in the lake, marked pending.
 The trajectory of each session (rlms logger format, JSONL) lies in the lake at
 `rlm_trajectories/<session_id>.jsonl`.
 """
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from memcity_pipeline.lake.delta import append_rows, read_rows
-from memcity_pipeline.lake.files import delete_keys, list_keys, put_bytes
+from memcity_pipeline.lake.files import delete_keys, list_keys, modified_at, put_bytes
 from memcity_pipeline.lake.location import Lake
 from memcity_pipeline.lake.tables import RLM_SESSIONS, UTC_TS
+from memcity_pipeline.postgres import DEFAULT_DEADLINES, Deadlines, connection
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,11 @@ _PG_TYPES = {
 COLUMNS: list[str] = [n for n in RLM_SESSIONS.names if n != "date"]
 """The Postgres columns: the lake's, but the partition column `date`."""
 PENDING = "_state/sessions_pending"
+STALE_MARK_S = 3600.0
+"""A pending mark this old whose row is not in the lake is dropped (its process ended between
+marking the session and appending its row: there is nothing to copy)."""
+INSERT_BATCH = 1000
+"""Rows per transaction when many are copied (`sync_to_postgres`): each within the deadline."""
 
 
 def pending_ids(lake: Lake | str) -> list[str]:
@@ -143,46 +159,35 @@ def _insert(table: str) -> Any:
     )
 
 
-def _connect(url: str, connect_timeout_s: int) -> Any:
-    import psycopg
-
-    return psycopg.connect(url, connect_timeout=connect_timeout_s)
-
-
-def ensure_table(url: str, table: str = SESSIONS_TABLE, *, connect_timeout_s: int = 5) -> None:
-    """Create the sessions table and its indexes if missing, and add the columns it lacks."""
-    with _connect(url, connect_timeout_s) as conn, conn.transaction():
-        _prepare(conn, table)
-
-
 def insert_rows(
     url: str,
     rows: list[dict[str, Any]],
     table: str = SESSIONS_TABLE,
     *,
-    connect_timeout_s: int = 5,
+    deadlines: Deadlines = DEFAULT_DEADLINES,
 ) -> int:
-    """Insert rows in one transaction (table created if missing); returns rows inserted."""
-    if not rows:
-        return 0
+    """Insert rows (table created if missing), `INSERT_BATCH` to a transaction, each transaction
+    within the deadlines; returns rows inserted (a row Postgres has already is skipped)."""
     inserted = 0
-    with _connect(url, connect_timeout_s) as conn, conn.transaction():
-        _prepare(conn, table)
-        query = _insert(table)
-        for row in rows:
-            cursor = conn.execute(query, [row.get(c) for c in COLUMNS])
+    for start in range(0, len(rows), INSERT_BATCH):
+        batch = rows[start : start + INSERT_BATCH]
+        with connection(url, deadlines) as conn, conn.transaction():
+            _prepare(conn, table)
+            cursor = conn.cursor()
+            cursor.executemany(_insert(table), [[row.get(c) for c in COLUMNS] for row in batch])
             inserted += max(cursor.rowcount, 0)
     return inserted
 
 
 def postgres_session_ids(
-    url: str, table: str = SESSIONS_TABLE, *, connect_timeout_s: int = 5
+    url: str, table: str = SESSIONS_TABLE, *, deadlines: Deadlines = DEFAULT_DEADLINES
 ) -> set[str]:
     """The session ids Postgres has (table created if missing)."""
     from psycopg import sql
 
-    ensure_table(url, table, connect_timeout_s=connect_timeout_s)
-    with _connect(url, connect_timeout_s) as conn:
+    with connection(url, deadlines) as conn:
+        with conn.transaction():
+            _prepare(conn, table)
         cursor = conn.execute(sql.SQL("SELECT session_id FROM {}").format(sql.Identifier(table)))
         return {r[0] for r in cursor.fetchall()}
 
@@ -194,43 +199,67 @@ class SessionStore:
     lake: Lake | str
     postgres_url: str | None = None
     table: str = SESSIONS_TABLE
-    connect_timeout_s: int = 5
+    deadlines: Deadlines = DEFAULT_DEADLINES
 
     def record(self, row: dict[str, Any]) -> bool:
         """Write a row to the lake, then Postgres; True when Postgres has it too.
 
-        A Postgres failure is logged, not raised: the row waits in the lake for
-        `sync_to_postgres()`.
+        With Postgres, the session is marked pending before anything is written and unmarked
+        after the insert commits. A Postgres failure (or deadline) is logged, not raised: the row
+        waits in the lake, marked pending, for the next session's catch-up.
         """
+        if not row.get("session_id"):
+            raise ValueError("a session row needs session_id")
+        mark = f"{PENDING}/{row['session_id']}"
+        if self.postgres_url:
+            put_bytes(self.lake, mark, b"")
         write_session_row(self.lake, row)
         if not self.postgres_url:
             return False
         try:
-            insert_rows(
-                self.postgres_url, [row], self.table, connect_timeout_s=self.connect_timeout_s
-            )
+            insert_rows(self.postgres_url, [row], self.table, deadlines=self.deadlines)
         except Exception as exc:
-            put_bytes(self.lake, f"{PENDING}/{row['session_id']}", b"")
             log.error(
-                "rlm session %s: not written to Postgres (%s: %s); it is kept in the lake and "
-                "the next session that reaches Postgres copies it",
-                row.get("session_id"),
+                "rlm session %s: not written to Postgres (%s: %s); it is kept in the lake, "
+                "marked pending, and the next session that reaches Postgres copies it",
+                row["session_id"],
                 type(exc).__name__,
-                exc,
+                " ".join(str(exc).split()),
             )
             return False
+        self._unmark([row["session_id"]])
         self._catch_up()
         return True
 
+    def _unmark(self, session_ids: list[str]) -> None:
+        """Remove pending marks (a failure only leaves them for the next catch-up)."""
+        try:
+            delete_keys(self.lake, [f"{PENDING}/{i}" for i in session_ids])
+        except Exception as exc:
+            log.warning("pending session marks not removed (%s); the next catch-up will", exc)
+
+    def _stale(self, session_id: str) -> bool:
+        """Whether the pending mark of a session whose row is not in the lake is old enough to
+        drop (see `STALE_MARK_S`)."""
+        when = modified_at(self.lake, f"{PENDING}/{session_id}")
+        return when is not None and now_utc() - when > timedelta(seconds=STALE_MARK_S)
+
     def _catch_up(self) -> None:
-        """Copy the rows marked pending (Postgres was down when they were recorded)."""
-        markers = pending_ids(self.lake) if self.postgres_url else []
-        if not markers:
+        """Copy the rows marked pending (Postgres failed, or their process ended, before they
+        were inserted)."""
+        marked = pending_ids(self.lake)
+        if not marked or not self.postgres_url:
             return
         try:
-            copied = self.sync_to_postgres()
+            rows = read_sessions(self.lake).filter(pl.col("session_id").is_in(marked))
+            rows = rows.select(COLUMNS)
+            copied = insert_rows(
+                self.postgres_url, rows.to_dicts(), self.table, deadlines=self.deadlines
+            )
+            found = set(rows["session_id"].to_list())
+            self._unmark([i for i in marked if i in found or self._stale(i)])
         except Exception as exc:
-            log.warning("catch-up of %d pending session rows failed: %s", len(markers), exc)
+            log.warning("catch-up of %d pending session rows failed: %s", len(marked), exc)
             return
         log.info("copied %d session rows that Postgres had missed", copied)
 
@@ -238,23 +267,15 @@ class SessionStore:
         """Copy the lake's rows that Postgres lacks; returns how many were inserted."""
         if not self.postgres_url:
             raise ValueError("no Postgres URL configured (MEMCITY_POSTGRES_URL)")
+        marked = pending_ids(self.lake)
         frame = read_sessions(self.lake).select(COLUMNS)
-        if frame.is_empty():
-            return 0
-        have = postgres_session_ids(
-            self.postgres_url, self.table, connect_timeout_s=self.connect_timeout_s
-        )
+        have = postgres_session_ids(self.postgres_url, self.table, deadlines=self.deadlines)
         missing = frame.filter(~pl.col("session_id").is_in(sorted(have)))
-        copied = 0
-        if not missing.is_empty():
-            copied = insert_rows(
-                self.postgres_url,
-                missing.to_dicts(),
-                self.table,
-                connect_timeout_s=self.connect_timeout_s,
-            )
-        stored = have | set(missing["session_id"].to_list())
-        delete_keys(self.lake, [f"{PENDING}/{i}" for i in pending_ids(self.lake) if i in stored])
+        copied = insert_rows(
+            self.postgres_url, missing.to_dicts(), self.table, deadlines=self.deadlines
+        )
+        stored = set(frame["session_id"].to_list())
+        self._unmark([i for i in marked if i in stored or self._stale(i)])
         return copied
 
 

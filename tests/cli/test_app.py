@@ -257,6 +257,41 @@ def test_a_malformed_custom_context_file_is_named(memcity_home: Path) -> None:
     assert code == 2 and "--custom-file gone.txt: No such file or directory" in one_line(stderr)
 
 
+def test_a_custom_file_over_the_limit_is_refused_before_it_is_read(memcity_home: Path) -> None:
+    huge = memcity_home / "huge.txt"
+    with huge.open("wb") as file:
+        file.truncate(289_000_000)  # 289 MB by its size (sparse: nothing on disk)
+    query = ("query", "?", "--org", "acme", "--context-type", "custom", "--custom-file")
+    code, _, stderr = run_split(*query, str(huge))
+    assert code == 2
+    assert one_line(stderr) == (
+        f"error: --custom-file {huge} is 289,000,000 bytes, over the limit of 20,000,000 "
+        "characters (MEMCITY_MAX_CUSTOM_CONTEXT_CHARS)"
+    )
+    notes = memcity_home / "notes.jsonl"
+    notes.write_text('"ferry at 9"\n"ferry at 10"\n')  # 27 bytes
+    code, _, stderr = run_split(*query, str(notes), env={"MEMCITY_MAX_CUSTOM_CONTEXT_CHARS": "20"})
+    assert code == 2 and "27 bytes, over the limit of 20 characters" in one_line(stderr)
+    code, stdout, _ = run_split(
+        *query, str(notes), "--json", env={"MEMCITY_MAX_CUSTOM_CONTEXT_CHARS": "20"}
+    )
+    assert code == 2 and "MEMCITY_MAX_CUSTOM_CONTEXT_CHARS" in json.loads(stdout)["error"]
+
+
+def test_a_system_prompt_file_over_the_limit_is_refused_before_it_is_read(
+    memcity_home: Path,
+) -> None:
+    prompt = memcity_home / "prompt.txt"
+    prompt.write_text("p" * 100_001)
+    code, _, stderr = run_split(
+        "query", "?", "--org", "acme", "--kb", "w", "--system-prompt-file", str(prompt)
+    )
+    assert code == 2
+    assert f"--system-prompt-file {prompt} is 100,001 bytes, over the limit of 100,000" in (
+        one_line(stderr)
+    )
+
+
 def test_an_ingest_selection_error_is_json_with_json(memcity_home: Path) -> None:
     code, stdout, stderr = run_split("ingest", "--org", "globex", "--json")
     assert code == 2 and stderr == ""

@@ -7,7 +7,13 @@ the point, counted across processes in `MEMCITY_TEST_CRASH_COUNTER`:
 
 - `parse`: a landing file is about to be parsed (during ingestion);
 - `lake-write`: a lake table's MERGE is about to run (odd n: killed before it commits) or has
-  just committed (even n: killed before the step records anything else).
+  just committed (even n: killed before the step records anything else);
+- `session-insert`: a session row is about to be inserted into Postgres (it is marked pending
+  and in the lake);
+- `session-commit`: a session row's insert into Postgres has just committed (its pending mark is
+  not removed yet).
+
+`MEMCITY_TEST_CRASH_SIGNAL=INT` sends SIGINT (a Ctrl-C) instead of SIGKILL.
 """
 
 import fcntl
@@ -26,11 +32,29 @@ def _reached(point: str) -> None:
         counter.seek(0)
         count = len(counter.read())
     if count == int(nth):
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+        name = os.environ.get("MEMCITY_TEST_CRASH_SIGNAL", "KILL")
+        os.killpg(os.getpgrp(), getattr(signal, f"SIG{name}"))
+
+
+def _install_sessions() -> None:
+    from memcity_pipeline.rlm import sessions
+
+    real_insert = sessions.insert_rows
+
+    def insert_rows(*args, **kwargs):  # type: ignore[no-untyped-def]
+        _reached("session-insert")
+        inserted = real_insert(*args, **kwargs)
+        _reached("session-commit")
+        return inserted
+
+    sessions.insert_rows = insert_rows
 
 
 def _install() -> None:
     if not os.environ.get("MEMCITY_TEST_CRASH"):
+        return
+    if os.environ["MEMCITY_TEST_CRASH"].startswith("session-"):
+        _install_sessions()
         return
     from memcity_pipeline.lake import delta
 

@@ -386,7 +386,7 @@ def test_postgres_stopped_mid_series_loses_and_duplicates_no_session(
     tmp_path: Path, scripted_llm: ScriptedLLMServer, private_postgres: PrivatePostgres
 ) -> None:
     lake = tmp_path / "lake"
-    store = SessionStore(lake, private_postgres.url, connect_timeout_s=2)
+    store = SessionStore(lake, private_postgres.url)
     scripted_llm.responder = lambda request: "```repl\nFINAL('done')\n```"
     results = []
     for index in range(6):

@@ -456,7 +456,27 @@ def test_max_timeout_bounds_a_hung_execution(
             "rlm_config",
         ),
         ("../etc", "memories", {"user_id": "ruth"}, "invalid org_id"),
+        (
+            "saltmarsh",
+            "custom",
+            {"custom_context": "x" * 20_000_001},
+            r"custom_context is 20,000,001 characters, over the limit of 20,000,000 "
+            r"\(MEMCITY_MAX_CUSTOM_CONTEXT_CHARS\)",
+        ),
+        (
+            "saltmarsh",
+            "custom",
+            {"custom_context": "x", "query": "?" * 100_001},
+            "query is 100,001 characters, over the limit of 100,000",
+        ),
+        (
+            "saltmarsh",
+            "custom",
+            {"custom_context": "x", "rlm_config": {"custom_system_prompt": "p" * 100_001}},
+            "at most 100000 characters",
+        ),
     ],
+    ids=lambda value: value[:40] if isinstance(value, str) else None,
 )
 def test_bad_requests_fail_before_any_llm_call(
     scripted_llm: ScriptedLLMServer,
@@ -471,6 +491,42 @@ def test_bad_requests_fail_before_any_llm_call(
         ask(scripted_llm, sandbox, context_type, org_id=org, **kwargs)
     assert scripted_llm.call_count == 0
     assert read_sessions(lake).is_empty()
+
+
+def test_the_custom_context_limit_is_a_setting_of_the_api_and_the_launchpad(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,
+    lake: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memcity_pipeline.defs.rlm import rlm_query_job
+
+    monkeypatch.setenv("MEMCITY_MAX_CUSTOM_CONTEXT_CHARS", "5")
+    message = (
+        "custom_context is 6 characters, over the limit of 5 (MEMCITY_MAX_CUSTOM_CONTEXT_CHARS)"
+    )
+    with pytest.raises(RLMRequestError) as caught:
+        ask(scripted_llm, sandbox, "custom", custom_context=["abc", "def"])
+    assert str(caught.value) == message
+    scripted_llm.responder = Script(repl("FINAL('five')"))
+    assert ask(scripted_llm, sandbox, "custom", custom_context=["ab", "cde"]).answer == "five"
+
+    configured = build_resources(get_settings())
+    llm = LLMResource(base_url=scripted_llm.base_url, model=ROOT, sub_model=SUB, use_cache=False)
+    calls = scripted_llm.call_count
+    run = rlm_query_job.execute_in_process(
+        run_config={
+            "ops": {
+                "run_rlm_query": {"config": {"context_type": "custom", "custom_context": "abcdef"}}
+            }
+        },
+        resources={**configured, "llm": llm, "sandbox": sandbox},
+        raise_on_error=False,
+    )
+    assert not run.success
+    [failure] = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert message in str(failure.event_specific_data)
+    assert scripted_llm.call_count == calls
 
 
 # -- session rows in Postgres -----------------------------------------------------------------
@@ -534,7 +590,7 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     scripted_llm.responder = Script(repl("FINAL('one')"), repl("FINAL('two')"))
-    down = SessionStore(lake, CLOSED_PORT_URL, table=pg_table, connect_timeout_s=2)
+    down = SessionStore(lake, CLOSED_PORT_URL, table=pg_table)
     with caplog.at_level(logging.ERROR):
         first = ask(scripted_llm, sandbox, "custom", custom_context="x", session_store=down)
     assert first.status == "completed" and not first.logged_to_postgres
@@ -546,6 +602,30 @@ def test_postgres_down_keeps_the_row_in_the_lake_and_the_next_session_catches_up
     assert sorted(ids) == sorted([first.session_id, second.session_id])  # first caught up
     assert up.sync_to_postgres() == 0  # an explicit catch-up finds nothing more
     assert read_sessions(lake).height == 2
+
+
+@pytest.mark.postgres
+def test_the_answer_comes_before_the_session_is_recorded(
+    scripted_llm: ScriptedLLMServer, sandbox: SandboxResource, lake: Path, pg_table: str
+) -> None:
+    scripted_llm.responder = Script(repl("FINAL('first')"))
+    store = SessionStore(lake, POSTGRES_TEST_URL, table=pg_table)
+    seen: list[tuple[str, int, bool]] = []
+
+    def on_answer(result: RLMResult) -> None:
+        seen.append((result.answer, read_sessions(lake).height, result.logged_to_postgres))
+
+    result = ask(
+        scripted_llm,
+        sandbox,
+        "custom",
+        custom_context="x",
+        session_store=store,
+        on_answer=on_answer,
+    )
+    assert seen == [("first", 0, False)]  # the answer, and no row anywhere yet
+    assert result.logged_to_postgres and read_sessions(lake).height == 1
+    assert [r["session_id"] for r in pg_rows(pg_table)] == [result.session_id]
 
 
 ADDED_COLUMNS = {"search_calls": 0, "sub_call_cache_hits": 0, "depth_reached": 1}
@@ -655,6 +735,8 @@ def test_rlm_query_job_reports_an_rlm_sessions_materialization(
     assert "**FINAL**: from dagster" in trajectory
     logged = [entry.user_message for entry in instance.all_logs(result.run_id)]
     assert any(m.startswith("iteration 1: 1 code block (1 line)") for m in logged), logged
+    session_id = metadata["session_id"].value
+    assert f"session {session_id} completed: from dagster" in logged  # before it was recorded
 
     report = dg.materialize([rlm_session_report], resources={"lake": configured["lake"]})
     assert report.success
