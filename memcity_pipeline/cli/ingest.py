@@ -174,7 +174,11 @@ def plan_ingest(
         if changes.added:
             _add_partitions(instance, name, changes.added)
         plan.added += [PartitionRef(scope, k) for k in changes.added]
-        removed = [k for k in changes.removed if not explicit or k in picked[scope]]
+        removed = [
+            k
+            for k in changes.removed
+            if (not explicit or k in picked[scope]) and not landing.hidden(scope, k)
+        ]
         plan.removed += [PartitionRef(scope, k) for k in removed]
         keys = sorted(picked[scope])
         if everything or explicit:

@@ -182,9 +182,10 @@ def landing_sensor(context: dg.SensorEvaluationContext, lake: LakeResource) -> d
         )
         if changes.added:
             partition_requests.append(pdef.build_add_request(changes.added))
-        if changes.removed:
-            partition_requests.append(pdef.build_delete_request(changes.removed))
-            removed[pdef.name] = changes.removed
+        gone = [k for k in changes.removed if not found.hidden(scope, k)]
+        if gone:
+            partition_requests.append(pdef.build_delete_request(gone))
+            removed[pdef.name] = gone
         runs += [dg.RunRequest(job_name=job.name, partition_key=key) for key in changes.changed]
     layout = problems_fingerprint(found.unscoped)
     if removed or layout != seen.get("layout"):

@@ -34,7 +34,13 @@ from pathlib import Path
 
 from memcity_pipeline.ingestion.parsing.base import file_kind
 from memcity_pipeline.lake.io import check_id
-from memcity_pipeline.lake.tables import SCOPE_OF_KIND, ScopeKind, SourceKind, scope_key
+from memcity_pipeline.lake.tables import (
+    SCOPE_OF_KIND,
+    ScopeKind,
+    SourceKind,
+    parse_scope_key,
+    scope_key,
+)
 
 AREAS: dict[str, ScopeKind] = {"knowledge_bases": "knowledge_base", "users": "user"}
 _FOLDERS = {scope: area for area, scope in AREAS.items()}
@@ -68,6 +74,7 @@ class LandingProblem:
     rel_path: str
     reason: str
     scope_kind: ScopeKind | None = None  # the knowledge base or user folder it lies in, if any
+    folder: bool = False  # a folder whose content the scan did not see (unlisted, link, name)
 
     @property
     def scope(self) -> tuple[ScopeKind, str, str] | None:
@@ -126,8 +133,8 @@ def _problem(
     """A refused path, in the scope it lies in (a knowledge base or user folder is in its own)."""
     where = _scope_of(parts) if folder or len(parts) > 3 else None
     if where is None:
-        return LandingProblem(kind, None, None, rel, reason)
-    return LandingProblem(kind, where[1], where[2], rel, reason, where[0])
+        return LandingProblem(kind, None, None, rel, reason, folder=folder)
+    return LandingProblem(kind, where[1], where[2], rel, reason, where[0], folder)
 
 
 def _readable(name: str) -> str:
@@ -260,24 +267,37 @@ class LandingScopes:
     knowledge_bases: dict[str, str] = field(default_factory=dict)  # "<org>/<kb>" -> fingerprint
     users: dict[str, str] = field(default_factory=dict)  # "<org>/<user>" -> fingerprint
     unscoped: list[LandingProblem] = field(default_factory=list)  # in no kb or user folder
+    unseen: list[str] = field(default_factory=list)  # folders above the scopes the scan missed
 
     def of(self, scope: ScopeKind) -> dict[str, str]:
         return self.knowledge_bases if scope == "knowledge_base" else self.users
+
+    def hidden(self, scope: ScopeKind, key: str) -> bool:
+        """Whether the folder of partition `key` lies in a folder the scan could not look into
+        (`orgs/` or an org folder it could not list, say): its partition is not gone, only
+        unseen, and must not be removed with its data."""
+        org, scope_id = parse_scope_key(key)
+        folder = f"orgs/{org}/{_FOLDERS[scope]}/{scope_id}"
+        return any(folder == p or folder.startswith(p + "/") for p in self.unseen)
 
 
 def landing_scopes(root: Path) -> LandingScopes:
     """Every knowledge base and user that has a file (or a refused path) in the landing folder,
     fingerprinted by its files' paths, sizes and mtimes and its refused paths."""
     files, problems = scan_landing(root)
+    found = LandingScopes()
+    if not root.is_dir():  # an unmounted or mistyped landing folder: nothing is seen as gone
+        found.unseen.append("orgs")
     entries: dict[tuple[ScopeKind, str], list[tuple[str, int, int]]] = {}
     for f in files:
         entries.setdefault((SCOPE_OF_KIND[f.kind], scope_key(f.org_id, f.scope_id)), []).append(
             (f.rel_path, f.size, f.mtime_ns)
         )
-    found = LandingScopes()
     for p in problems:  # a refused path is part of its folder's state (its error row)
         if p.scope is None:
             found.unscoped.append(p)
+            if p.folder:
+                found.unseen.append(p.rel_path)
         else:
             scope, org, scope_id = p.scope
             entries.setdefault((scope, scope_key(org, scope_id)), []).append(

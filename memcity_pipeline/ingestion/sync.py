@@ -60,6 +60,7 @@ from memcity_pipeline.lake.tables import (
     SOURCE_FILES,
     SOURCE_SCHEMAS,
     SOURCE_TABLES,
+    TABLES,
     ScopeKind,
     Where,
     bookkeeping_where,
@@ -446,7 +447,10 @@ def _rewrite_scope(
             report.tables_deleted.append(label)
         return
     old = read_rows(lake, name, where)
-    if not (changes.parsed or changes.deleted) and old.height:
+    damaged = (
+        old.select(list(TABLES[name].key)).is_duplicated().any()
+    )  # by an earlier version: heal
+    if not (changes.parsed or changes.deleted or damaged) and old.height:
         return
     changed_paths = list(set(changes.parsed) | changes.deleted)
     kept = old.filter(~pl.col("source_path").is_in(changed_paths))

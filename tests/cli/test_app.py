@@ -93,16 +93,28 @@ def test_a_failed_step_names_its_own_cause_and_a_failed_check_names_the_check(
     assert "Dagster" not in flat.split("acme/ann failed", 1)[1] and "Traceback" not in flat
 
     (memcity_home / "lake/conversations").unlink()
+    kb = memcity_home / "landing/orgs/acme/knowledge_bases/kb"
+    kb.mkdir(parents=True)
+    (kb / "a.md").write_text("# Hives\n\nA hive scale weighs the hive.\n")
     assert run("ingest")[0] == 0
-    from memcity_pipeline.lake.delta import append_rows, read_rows
+    import polars as pl
+
+    from memcity_pipeline.lake.delta import append_rows, read_rows, write_rows
+    from memcity_pipeline.lake.tables import scope_where
 
     lake = memcity_home / "lake"
     append_rows(lake, "conversations", read_rows(lake, "conversations"))  # a turn twice
-    (user / "conversations/s1.jsonl").touch()  # the partition runs again
+    (user / "conversations/s1.jsonl").touch()  # the partition runs again: its write heals it
+    docs = read_rows(lake, "raw_documents")  # a lake whose text no longer fits its chunks
+    bad = docs.with_columns(pl.col("text").str.replace("scale", "SCALE"))
+    write_rows(lake, "raw_documents", scope_where("raw_documents", "acme", "kb"), bad)
+    (kb / "a.md").touch()
     code, output = run("ingest")
     flat = " ".join(output.split())
     assert code == 1
-    assert "check conversations_unique_ids of conversations failed: 1 duplicated ids" in flat
+    assert "acme/kb failed" in flat and "acme/ann failed" not in flat
+    assert "check chunk_offsets_valid of chunks failed: 1 chunks with wrong offsets" in flat
+    assert read_rows(lake, "conversations").height == 1
 
 
 def test_query_help_lists_every_engine_option_with_its_choices() -> None:

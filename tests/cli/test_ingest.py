@@ -7,6 +7,7 @@ Two orgs with two knowledge bases each and a user each, enrichment off; every ru
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import dagster as dg
 import pytest
 
 from memcity_pipeline.api import get_context
-from memcity_pipeline.cli.ingest import PARTITION_TAG, ingest
+from memcity_pipeline.cli.ingest import PARTITION_TAG, ingest, plan_ingest
 from memcity_pipeline.cli.runner import get_instance
 from memcity_pipeline.lake.delta import has_rows
 from memcity_pipeline.lake.tables import TABLES, Table, scope_where
@@ -186,3 +187,35 @@ def test_runs_on_two_knowledge_bases_overlap_and_runs_on_one_do_not(memcity_home
         assert "\x1b[" not in output
     progress = r"south/notes: chunk_embeddings 2/2 chunks in \d+s"
     assert any(re.fullmatch(progress, ln) for o in outputs for ln in o.splitlines()), outputs
+
+
+def test_an_org_folder_the_scan_cannot_list_keeps_its_partitions_and_data(
+    memcity_home: Path,
+) -> None:
+    """An org folder that cannot be listed hides its knowledge bases and users; they are not
+    gone: no partition is removed and no data deleted (a missing landing folder likewise)."""
+    landing = _landing(memcity_home)
+    settings = load_settings()
+    assert ingest(settings).success
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() == 0 and setpriv is None:
+        pytest.skip("needs setpriv to drop root's permission to read any folder")
+    # Root (as the tests run) reads any folder: the command runs without that privilege.
+    drop = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"] if setpriv else []
+    env = {**os.environ, "DAGSTER_HOME": str(settings.dagster_home)}
+    (landing / "orgs/north").chmod(0)
+    try:
+        done = subprocess.run(
+            [*drop, MEMCITY, "ingest"], env=env, capture_output=True, text=True, timeout=600
+        )
+    finally:
+        (landing / "orgs/north").chmod(0o755)
+    assert done.returncode == 0, done.stdout + done.stderr
+    instance = get_instance(settings)
+    assert "north/guides" in instance.get_dynamic_partitions("knowledge_bases")
+    assert "north/ann" in instance.get_dynamic_partitions("users")
+    assert has_rows(settings.lake_dir, "chunks", scope_where("chunks", "north", "guides"))
+
+    os.rename(landing, landing.with_name("landing-away"))  # an unmounted landing folder
+    plan = plan_ingest(settings, instance)
+    assert plan.removed == []
