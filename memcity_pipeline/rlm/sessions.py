@@ -143,9 +143,14 @@ def _add_missing_columns(conn: Any, table: str) -> None:
 
 
 def _prepare(conn: Any, table: str) -> None:
-    """Create `table` and its indexes if missing, and add the columns it lacks."""
-    for statement in _ddl(table):
-        conn.execute(statement)
+    """Create `table` and its indexes if missing, and add the columns it lacks. When they all
+    exist nothing is locked (`CREATE INDEX IF NOT EXISTS` would take a SHARE lock on the table
+    and queue concurrent inserts behind one another)."""
+    names = [table, f"{table}_org_started_idx", f"{table}_started_idx"]
+    cursor = conn.execute("SELECT " + ", ".join(["to_regclass(%s)"] * len(names)), names)
+    if not all(cursor.fetchone()):
+        for statement in _ddl(table):
+            conn.execute(statement)
     _add_missing_columns(conn, table)
 
 
