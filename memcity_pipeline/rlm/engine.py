@@ -38,7 +38,8 @@ attaches it around each call it answers (and each tool call, through `broker.too
 
 What the sandboxed code sends is bounded on the host (see `sandbox.base`), and so is what the
 broker keeps of it: an execution's trajectory keeps its first `MAX_KEPT_CALLS` sub-calls and as
-many searches, with at most `MAX_KEPT_CALL_CHARS` characters of prompts and answers; the calls
+many searches, with at most `MAX_KEPT_CALL_CHARS` characters of prompts, answers and child
+trajectories; the calls
 past that are answered and counted (`SandboxResult.sub_calls_left_out` and
 `searches_left_out`, the same keys in the trajectory, and in the progress figures) but not
 kept. A query asks for at most `MAX_SUB_MODELS` models by name in
@@ -56,6 +57,7 @@ one (the deadline, the budget and the sub-call broker are shared by all three).
 """
 
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -153,7 +155,8 @@ MAX_KEPT_CALLS = 1_000
 """Sub-calls (and, separately, searches) one execution keeps for the trajectory; more are
 counted, not kept."""
 MAX_KEPT_CALL_CHARS = 4_000_000
-"""Characters of prompts and answers the sub-calls kept for one execution may hold in all."""
+"""Characters of prompts and answers (and child RLMs' trajectories) the sub-calls kept for one
+execution may hold in all."""
 MAX_SUB_MODELS = 8
 """Models one query's code may name in `llm_query(..., model=...)` (each is a client)."""
 
@@ -601,6 +604,8 @@ class SubCallBroker:
     def _keep(self, record: RLMChatCompletion) -> None:
         size = len(record.prompt if isinstance(record.prompt, str) else str(record.prompt))
         size += len(record.response or "")
+        if record.metadata:  # a child RLM's whole trajectory
+            size += len(json.dumps(record.metadata, default=str))
         with self._lock:
             self.total += 1
             if len(self._calls) < MAX_KEPT_CALLS and self._kept_chars + size <= MAX_KEPT_CALL_CHARS:
