@@ -76,7 +76,9 @@ LLMHandler = Callable[[list[str], str | None], list[str]]
 
 ToolHandler = Callable[[str, Any], Any]
 """Host-side tools: ``(tool name, arguments as the sandbox sent them) -> a JSON-serialisable
-result``; raises :class:`ToolError` to refuse a call with a message for the sandboxed code."""
+result``; raises :class:`ToolError` to refuse a call with a message for the sandboxed code. It
+runs on a normal (non-daemon) thread and must return in bounded time (a search does): the
+process waits for it at exit."""
 
 REPL_SERVER_PATH = Path(__file__).resolve().parent / "servers" / "repl_server.py"
 JS_REPL_SERVER_PATH = REPL_SERVER_PATH.with_name("repl_server.js")
