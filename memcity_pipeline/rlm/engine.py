@@ -36,6 +36,15 @@ Tracing (`rlm.tracing`): each iteration is an `rlm.iteration` span, each code bl
 threads, so `SandboxREPL` hands the execution's span context to its `SubCallBroker`, which
 attaches it around each call it answers (and each tool call, through `broker.tools(...)`).
 
+What the sandboxed code sends is bounded on the host (see `sandbox.base`), and so is what the
+broker keeps of it: an execution's trajectory keeps its first `MAX_KEPT_CALLS` sub-calls and as
+many searches, with at most `MAX_KEPT_CALL_CHARS` characters of prompts, answers and child
+trajectories; the calls
+past that are answered and counted (`SandboxResult.sub_calls_left_out` and
+`searches_left_out`, the same keys in the trajectory, and in the progress figures) but not
+kept. A query asks for at most `MAX_SUB_MODELS` models by name in
+`llm_query(..., model=...)`; another name is an error in the code.
+
 Progress (`progress`, the root RLM's only): `sandbox_opening`, `context_loaded`,
 `iteration_start` and `iteration_done`, the last with what the iteration did (code blocks and
 lines, characters printed, errors, sub-calls and searches, whether it ended with FINAL) and what
@@ -48,6 +57,7 @@ one (the deadline, the budget and the sub-call broker are shared by all three).
 """
 
 import asyncio
+import json
 import logging
 import re
 import threading
@@ -140,6 +150,15 @@ function FINAL_VAR(name) {
 """
 """FINAL / FINAL_VAR for the bun runtime (objects and arrays become JSON text)."""
 PRELUDES = {"python": PRELUDE, "bun": JS_PRELUDE}
+
+MAX_KEPT_CALLS = 1_000
+"""Sub-calls (and, separately, searches) one execution keeps for the trajectory; more are
+counted, not kept."""
+MAX_KEPT_CALL_CHARS = 4_000_000
+"""Characters of prompts and answers (and child RLMs' trajectories) the sub-calls kept for one
+execution may hold in all."""
+MAX_SUB_MODELS = 8
+"""Models one query's code may name in `llm_query(..., model=...)` (each is a client)."""
 
 CHILD_QUERY = (
     "`context` is a request that a program sent to you (an `llm_query` call). Do what it asks, "
@@ -400,13 +419,24 @@ class SandboxResult(REPLResult):
     """`rlms`'s REPL result plus the tool calls (`search`) the code made, in the trajectory."""
 
     def __init__(
-        self, *args: Any, tool_calls: list[dict[str, Any]] | None = None, **kw: Any
+        self,
+        *args: Any,
+        tool_calls: list[dict[str, Any]] | None = None,
+        left_out: tuple[int, int] = (0, 0),
+        **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
         self.tool_calls = tool_calls or []
+        # answered and counted, not kept (MAX_KEPT_CALLS, MAX_KEPT_CALL_CHARS)
+        self.sub_calls_left_out, self.searches_left_out = left_out
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "tool_calls": self.tool_calls}
+        kept = {**super().to_dict(), "tool_calls": self.tool_calls}
+        if self.sub_calls_left_out:
+            kept["sub_calls_left_out"] = self.sub_calls_left_out
+        if self.searches_left_out:
+            kept["searches_left_out"] = self.searches_left_out
+        return kept
 
 
 def _lines(code: str) -> int:
@@ -442,6 +472,9 @@ class SubCallBroker:
         self._lock = threading.Lock()
         self._calls: list[RLMChatCompletion] = []
         self._tool_calls: list[dict[str, Any]] = []
+        self._kept_chars = 0
+        self._sub_calls_left_out = 0  # since the last take_left_out(): answered, not kept
+        self._searches_left_out = 0
         self.total = 0
         # the span context of the code execution in progress (set by SandboxREPL)
         self.trace_context: Context | None = None
@@ -480,20 +513,36 @@ class SubCallBroker:
             finally:
                 record["seconds"] = round(time.perf_counter() - started, 3)
                 with self._lock:
-                    self._tool_calls.append(record)
+                    if len(self._tool_calls) < MAX_KEPT_CALLS:
+                        self._tool_calls.append(record)
+                    else:
+                        self._searches_left_out += 1
 
         return traced
 
     def take_tool_calls(self) -> list[dict[str, Any]]:
-        """The tool calls (`search`) made since the last `take_tool_calls()`."""
+        """The tool calls (`search`) made since the last `take_tool_calls()` (the first
+        `MAX_KEPT_CALLS` of them)."""
         with self._lock:
             calls, self._tool_calls = self._tool_calls, []
         return calls
+
+    def take_left_out(self) -> tuple[int, int]:
+        """How many sub-calls and searches were answered and not kept since the last
+        `take_left_out()`."""
+        with self._lock:
+            left_out = (self._sub_calls_left_out, self._searches_left_out)
+            self._sub_calls_left_out = self._searches_left_out = 0
+        return left_out
 
     def _client(self, model: str | None) -> HostLM:
         assert self.handler is not None, "the broker is not attached to an LMHandler"
         with self._lock:
             if model and model not in self.handler.clients:
+                if len(self.handler.clients) >= MAX_SUB_MODELS:
+                    raise ValueError(
+                        f"a query may name at most {MAX_SUB_MODELS} models; {model!r} is one more"
+                    )
                 self.handler.register_client(model, self._make_client(model))
             client = self.handler.get_client(model, depth=1)
         assert isinstance(client, HostLM)
@@ -553,14 +602,23 @@ class SubCallBroker:
         return completion.response or ""
 
     def _keep(self, record: RLMChatCompletion) -> None:
+        size = len(record.prompt if isinstance(record.prompt, str) else str(record.prompt))
+        size += len(record.response or "")
+        if record.metadata:  # a child RLM's whole trajectory
+            size += len(json.dumps(record.metadata, default=str))
         with self._lock:
-            self._calls.append(record)
             self.total += 1
+            if len(self._calls) < MAX_KEPT_CALLS and self._kept_chars + size <= MAX_KEPT_CALL_CHARS:
+                self._calls.append(record)
+                self._kept_chars += size
+            else:
+                self._sub_calls_left_out += 1
 
     def take(self) -> list[RLMChatCompletion]:
-        """The sub-calls answered since the last `take()`."""
+        """The sub-calls answered since the last `take()` (those kept: see `MAX_KEPT_CALLS`)."""
         with self._lock:
             calls, self._calls = self._calls, []
+            self._kept_chars = 0
         return calls
 
 
@@ -617,7 +675,8 @@ class SandboxREPL(IsolatedEnv):
                 {
                     "rlm.output_chars": len(result.stdout or ""),
                     "rlm.error": bool(result.stderr),
-                    "rlm.sub_calls": len(result.rlm_calls),
+                    "rlm.sub_calls": len(result.rlm_calls)
+                    + getattr(result, "sub_calls_left_out", 0),
                     "rlm.final": result.final_answer is not None,
                 },
             )
@@ -628,6 +687,7 @@ class SandboxREPL(IsolatedEnv):
         self.executions += 1
         self.broker.take()
         self.broker.take_tool_calls()
+        self.broker.take_left_out()
         what = scoped(CODE_EXECUTION, self.depth - 1)
         if self.deadline.exceeded():
             raise self.deadline.error(what)
@@ -643,6 +703,7 @@ class SandboxREPL(IsolatedEnv):
                 execution_time=time.perf_counter() - started,
                 rlm_calls=self.broker.take(),
                 tool_calls=self.broker.take_tool_calls(),
+                left_out=self.broker.take_left_out(),
             )
         stderr = result.stderr
         if result.error:
@@ -659,6 +720,7 @@ class SandboxREPL(IsolatedEnv):
             rlm_calls=self.broker.take(),
             final_answer=final,
             tool_calls=self.broker.take_tool_calls(),
+            left_out=self.broker.take_left_out(),
         )
 
     def read_variable(self, name: str) -> str | None:
@@ -939,10 +1001,11 @@ class SandboxRLM(RLM):
             code_lines=sum(_lines(code) for code in codes),
             output_chars=sum(len(r.stdout or "") + len(r.stderr or "") for r in results),
             errors=sum(1 for r in results if r.stderr),
-            sub_calls=sum(len(r.rlm_calls) for r in results),
+            sub_calls=sum(len(r.rlm_calls) + getattr(r, "sub_calls_left_out", 0) for r in results),
             search_calls=sum(  # the searches answered (a refused call is an error in the code)
                 1 for r in results for c in getattr(r, "tool_calls", []) if "hits" in c
-            ),
+            )
+            + sum(getattr(r, "searches_left_out", 0) for r in results),
             final=any(r.final_answer is not None for r in results),
             total_sub_calls=self.tree_sub_calls,
             tokens=self.spend.prompt_tokens + self.spend.completion_tokens,

@@ -13,7 +13,8 @@
   (what is left out is said, with where the full trajectory lies): it is what the `rlm_sessions`
   materialization shows beside the answer in the UI.
 
-Reading is forgiving: an entry written by an earlier version (no `tool_calls`), a runtime
+An execution whose calls went past what the engine keeps (`rlm.engine.MAX_KEPT_CALLS`) says
+how many more it made. Reading is forgiving: an entry written by an earlier version (no `tool_calls`), a runtime
 fallback (two `metadata` entries in one file) or a missing field renders as far as it goes.
 """
 
@@ -165,12 +166,21 @@ def _tool_call_line(call: dict[str, Any]) -> str:
     return f"- search {asked}{k} → {outcome}"
 
 
-def _listed(title: str, lines: list[str]) -> list[str]:
-    if not lines:
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def _listed(title: str, lines: list[str], left_out: int = 0) -> list[str]:
+    """Up to `CALLS_SHOWN` lines under a title with the count; `left_out`: calls made that the
+    trajectory does not keep (past the engine's `MAX_KEPT_CALLS`)."""
+    if not lines and not left_out:
         return []
     shown = lines[:CALLS_SHOWN]
     more = len(lines) - len(shown)
-    return [f"{title} ({len(lines)}):", *shown, *([f"- … and {more} more"] if more else []), ""]
+    notes = [f"- … and {more:,} more"] if more else []
+    if left_out:
+        notes.append(f"- … and {left_out:,} more the trajectory does not keep")
+    return [f"{title} ({len(lines) + left_out:,}):", *shown, *notes, ""]
 
 
 def is_closing_answer(entry: dict[str, Any]) -> bool:
@@ -210,8 +220,10 @@ def iteration_markdown(entry: dict[str, Any], language: str = "python") -> str:
             lines.append("")
         if stderr.strip():
             lines += ["Error:", "", fenced(cut(stderr, OUTPUT_CHARS)), ""]
-        lines += _listed("Sub-calls", [_sub_call_line(c) for c in result.get("rlm_calls") or []])
-        lines += _listed("Searches", [_tool_call_line(c) for c in result.get("tool_calls") or []])
+        sub_calls = [_sub_call_line(c) for c in result.get("rlm_calls") or []]
+        searches = [_tool_call_line(c) for c in result.get("tool_calls") or []]
+        lines += _listed("Sub-calls", sub_calls, _count(result.get("sub_calls_left_out")))
+        lines += _listed("Searches", searches, _count(result.get("searches_left_out")))
         if result.get("final_answer") is not None:
             lines += [f"**FINAL**: {_one_line(result['final_answer'], PROSE_CHARS)}", ""]
     if not blocks:

@@ -19,6 +19,11 @@ exponential backoff and full jitter (honouring Retry-After); any other Daytona e
 a client-side timeout) is not. Either way a final failure raises ``SandboxError`` naming the
 operation.
 
+What a session sends is bounded on the host as for every backend (``sandbox.base``); in
+addition, since the Daytona API returns a command's whole log on each poll, a session whose
+output passes :data:`MAX_LOG_CHARS` is ended with a clear error, and only the tail of its stderr
+is kept.
+
 CPU, memory and disk belong to the snapshot (the API takes no resources on a create from a
 snapshot), so :meth:`DaytonaBackend.create_snapshot` applies them. Sessions that share a
 sandbox run as the same OS user: separate processes and directories keep their variables and
@@ -62,6 +67,9 @@ from memcity_pipeline.retry import (
     retry_call,
 )
 from memcity_pipeline.sandbox.base import (
+    MAX_LINE_BYTES,
+    ChannelOverflow,
+    LineTooLong,
     LLMHandler,
     ReplClient,
     ReplSession,
@@ -101,6 +109,13 @@ _GONE_STATES = {"destroyed", "destroying"}
 
 DEFAULT_RETRY = RetryPolicy(attempts=4, base_delay_s=0.5, max_delay_s=8.0)
 """The backend's retry policy unless it is given one."""
+
+MAX_LOG_CHARS = 64 << 20
+"""The most output (the protocol channel, stdout) a REPL process may write over its life; past
+it the session ends. The Daytona API returns a command's whole log on every poll, so this bounds
+what one poll brings to the host (plus what the code wrote since the poll before)."""
+STDERR_TAIL_CHARS = 100_000
+"""Characters of a REPL process's stderr the host keeps (for error messages)."""
 
 
 def classify_daytona_failure(exc: BaseException) -> Retryable | None:
@@ -143,7 +158,10 @@ class SessionCommandChannel:
 
     Writing sends command input; reading polls the command's logs (the daemon returns the whole
     output so far; we keep an offset), quickly after a write or fresh output, then backing off
-    to ``poll_max_s``, and to ``idle_poll_s`` once nothing has come for a while.
+    to ``poll_max_s``, and to ``idle_poll_s`` once nothing has come for a while. What it keeps
+    is bounded: a line over ``max_line_chars`` raises :class:`LineTooLong`, output over
+    ``max_log_chars`` :class:`ChannelOverflow` (the session ends), and only the last
+    :data:`STDERR_TAIL_CHARS` of stderr are kept.
     """
 
     def __init__(
@@ -156,10 +174,14 @@ class SessionCommandChannel:
         poll_min_s: float = 0.02,
         poll_max_s: float = 0.25,
         idle_poll_s: float = 1.0,
+        max_line_chars: int = MAX_LINE_BYTES,
+        max_log_chars: int = MAX_LOG_CHARS,
     ) -> None:
         self.sandbox = sandbox
         self.session_id = session_id
         self.retry = retry
+        self.max_line_chars = max_line_chars
+        self.max_log_chars = max_log_chars
         self.poll_min_s = poll_min_s
         self.poll_max_s = poll_max_s
         self.idle_poll_s = idle_poll_s
@@ -168,6 +190,7 @@ class SessionCommandChannel:
         self._stderr = ""
         self._ended = False
         self._killed = False
+        self._overflowed = False  # its logs are over the limit: never fetched again
         self._failure: str | None = None
         self._wake = threading.Event()
         self._delay = poll_min_s
@@ -215,6 +238,8 @@ class SessionCommandChannel:
                     line = self._pending[: newline + 1]
                     self._pending = self._pending[newline + 1 :]
                     return line
+                if len(self._pending) > self.max_line_chars:
+                    raise LineTooLong(self.max_line_chars)
                 if self._ended:
                     line, self._pending = self._pending, ""
                     return line
@@ -259,10 +284,17 @@ class SessionCommandChannel:
             self._failure = str(exc)
             raise
         stdout = logs.stdout or ""
+        self._stderr = (logs.stderr or "")[-STDERR_TAIL_CHARS:]
+        if len(stdout) > self.max_log_chars:
+            self._overflowed = True
+            raise ChannelOverflow(
+                f"the REPL process wrote over {self.max_log_chars:,} characters of output "
+                "(the limit of a session); the session is closed"
+            )
         fresh = stdout[self._offset :]
         self._offset = len(stdout)
         self._pending += fresh
-        self._stderr = logs.stderr or ""
+        del stdout, logs
         if fresh:
             self._delay = self.poll_min_s
             self._last_activity = time.monotonic()
@@ -291,12 +323,14 @@ class SessionCommandChannel:
     def describe_end(self) -> str:
         """Why the process ended, for error messages: exit code and the tail of its stderr."""
         parts = [self._failure] if self._failure else []
+        if self._overflowed:
+            return "its output went over the limit"
         try:
             command = self.sandbox.process.get_session_command(self.session_id, self.command_id)
             if command.exit_code is not None:
                 parts.append(f"exit code {command.exit_code}")
             logs = self.sandbox.process.get_session_command_logs(self.session_id, self.command_id)
-            self._stderr = logs.stderr or self._stderr
+            self._stderr = (logs.stderr or self._stderr)[-STDERR_TAIL_CHARS:]
         except DaytonaError:
             parts.append("the Daytona session is gone")
         tail = self._stderr.strip()[-800:]
@@ -648,6 +682,7 @@ class DaytonaBackend(SandboxBackend):
         retry: RetryPolicy | None = None,
         poll_min_s: float = 0.02,
         poll_max_s: float = 0.25,
+        max_log_chars: int = MAX_LOG_CHARS,
         client: Daytona | None = None,
     ) -> None:
         self.api_key = api_key or None
@@ -660,6 +695,7 @@ class DaytonaBackend(SandboxBackend):
         self.ready_timeout_s = ready_timeout_s
         self.retry = retry or DEFAULT_RETRY
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+        self.max_log_chars = max_log_chars
         self.sandboxes = DaytonaSandboxes(
             (lambda: client) if client is not None else self._make_client,
             sandbox_mode=sandbox_mode,
@@ -722,6 +758,7 @@ class DaytonaBackend(SandboxBackend):
                 retry=self.retry,
                 poll_min_s=self.poll_min_s,
                 poll_max_s=self.poll_max_s,
+                max_log_chars=self.max_log_chars,
             )
             client = ReplClient(
                 channel.write,

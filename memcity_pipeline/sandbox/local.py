@@ -22,6 +22,10 @@ else the project's ``node_modules`` Bun, else ``node`` >= 20 on PATH). Either wa
   also capped at ``memory_mb`` with ``--max-old-space-size``); its own session and process group; a wall-clock timeout per execution
   (soft in the server, then a hard kill of the process group and the session uid's processes).
 
+**What the process sends is bounded on the host** (see ``sandbox.base``): its stdout is read a
+line at a time, never more than ``MAX_LINE_BYTES`` of a line, and of its stderr only the last
+:data:`STDERR_TAIL_LINES` lines (cut at :data:`STDERR_LINE_BYTES`) are kept.
+
 **Fail closed.** Where ``bwrap`` cannot run (missing, no user namespaces, a seccomp profile
 that forbids them), opening a session raises a one-line :class:`SandboxError` saying how to fix
 it (:func:`isolation_refusal`): no LLM-written code runs. Only an explicit ``isolation="none"``
@@ -50,7 +54,7 @@ import sys
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +71,7 @@ from memcity_pipeline.sandbox.base import (
     SandboxError,
     ToolHandler,
     check_runtime,
+    read_lines,
 )
 
 log = logging.getLogger(__name__)
@@ -545,14 +550,17 @@ def _exit_reason(process: subprocess.Popen, stderr_tail: deque[str]) -> str:
     return "; ".join(parts)
 
 
-def _drain(stream: IO[str], tail: deque[str]) -> None:
-    """Keep the last lines of the server's stderr (diagnostics, stray writes)."""
-    for line in stream:
-        tail.append(line[:2000])
+STDERR_TAIL_LINES = 50
+"""Lines of a sandbox process's stderr the host keeps (the rest is read and dropped)."""
+STDERR_LINE_BYTES = 2000
+"""The longest stderr line kept whole (a longer one is kept in pieces of this size)."""
 
 
-def _lines(stream: IO[str]) -> Iterator[str]:
-    yield from iter(stream.readline, "")
+def _drain(stream: IO[bytes], tail: deque[str]) -> None:
+    """Keep the last lines of the server's stderr (diagnostics, stray writes): at most
+    :data:`STDERR_TAIL_LINES` of :data:`STDERR_LINE_BYTES`, whatever the code writes."""
+    for piece in iter(lambda: stream.readline(STDERR_LINE_BYTES), b""):
+        tail.append(piece.decode("utf-8", "replace"))
 
 
 class LocalSandboxBackend(SandboxBackend):
@@ -776,15 +784,11 @@ class LocalSandboxBackend(SandboxBackend):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
             start_new_session=True,
             preexec_fn=_limits_setter(self._limits(uid, js)),
             **options,
         )
-        tail: deque[str] = deque(maxlen=50)
+        tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         threading.Thread(
             target=_drain,
             args=(process.stderr, tail),
@@ -794,12 +798,12 @@ class LocalSandboxBackend(SandboxBackend):
 
         def send_line(line: str) -> None:
             assert process.stdin is not None
-            process.stdin.write(line)
+            process.stdin.write(line.encode("utf-8"))
             process.stdin.flush()
 
         client = ReplClient(
             send_line,
-            _lines(process.stdout),  # type: ignore[arg-type]
+            read_lines(process.stdout),  # type: ignore[arg-type]
             llm_handler,
             max_llm_concurrency=self.max_llm_concurrency,
             tool_handler=tool_handler,

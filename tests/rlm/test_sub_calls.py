@@ -257,3 +257,80 @@ def test_at_depth_3_a_grandchild_counts_too(
     assert (result.total_sub_calls, result.iterations, result.depth_reached) == (3, 4, 3)
     row = row_of(lake, result)
     assert (row["sub_calls"], row["iterations"], row["depth_reached"]) == (3, 4, 3)
+
+
+def test_past_what_an_execution_keeps_calls_are_answered_and_counted_not_kept(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,  # noqa: F811
+    lake: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from memcity_pipeline.rlm import engine
+    from memcity_pipeline.rlm.trajectory import read_trajectory, trajectory_markdown
+
+    monkeypatch.setattr(engine, "MAX_KEPT_CALLS", 3)  # the code makes 5 of each
+    script = Script(
+        repl(
+            "answers = [llm_query(f'ferry {i}?') for i in range(5)]\n"
+            "for i in range(5):\n"
+            "    try:\n"
+            "        search('ferry')\n"
+            "    except RuntimeError:\n"
+            "        pass\n"
+            "print(len(answers))",
+            "Asking.",
+        ),
+        repl("FINAL(answers[-1])"),
+    )
+    scripted_llm.responder = script
+    events: list[dict[str, Any]] = []
+    result = ask(
+        scripted_llm,
+        sandbox,
+        "custom",
+        custom_context="x",
+        progress=lambda event, data: events.append(data) if event == "iteration_done" else None,
+    )
+    assert result.status == "completed" and result.answer == "sub[ferry 4?]", result
+    assert result.total_sub_calls == 5  # every answered prompt counts
+    assert (events[0]["sub_calls"], events[0]["search_calls"]) == (5, 2)  # 3 kept + 2 left out
+    assert result.trajectory_path is not None
+    first = json.loads(Path(result.trajectory_path).read_text().splitlines()[1])
+    kept = first["code_blocks"][0]["result"]
+    assert [c["prompt"] for c in kept["rlm_calls"]] == ["ferry 0?", "ferry 1?", "ferry 2?"]
+    assert len(kept["tool_calls"]) == 3
+    assert (kept["sub_calls_left_out"], kept["searches_left_out"]) == (2, 2)
+    trajectory = read_trajectory(lake, result.session_id)
+    assert trajectory is not None
+    text = trajectory_markdown(trajectory)
+    assert "Sub-calls (5):" in text and "- … and 2 more the trajectory does not keep" in text
+
+
+def test_code_names_at_most_a_few_models(
+    scripted_llm: ScriptedLLMServer,
+    sandbox: SandboxResource,  # noqa: F811
+    lake: Path,  # noqa: F811
+) -> None:
+    from memcity_pipeline.rlm.engine import MAX_SUB_MODELS
+
+    script = Script(
+        repl(
+            "failed = []\n"
+            "for i in range(20):\n"
+            "    try:\n"
+            "        llm_query('hi', model=f'model-{i}')\n"
+            "    except RuntimeError as exc:\n"
+            "        failed.append(str(exc))\n"
+            "print(len(failed), failed[-1])",
+            "Asking.",
+        ),
+        repl("FINAL('done')"),
+        sub=lambda prompt: "fine",
+    )
+    scripted_llm.responder = script
+    result = ask(scripted_llm, sandbox, "custom", custom_context="x")
+    assert result.status == "completed", result
+    printed = str(script.root_prompts[1][-2]["content"])
+    # the root and sub models are two of them: six more names are served, the rest refused
+    assert f"{20 - (MAX_SUB_MODELS - 2)} llm_query failed" in printed
+    assert f"a query may name at most {MAX_SUB_MODELS} models" in printed

@@ -15,7 +15,7 @@ import pytest
 from daytona import Daytona, DaytonaConfig
 
 from memcity_pipeline.resources.sandbox import DaytonaSandboxResource
-from memcity_pipeline.sandbox.base import SandboxError, ToolError
+from memcity_pipeline.sandbox.base import MAX_PENDING_CALLS, SandboxError, ToolError
 from memcity_pipeline.sandbox.daytona import (
     DaytonaBackend,
     DaytonaSandboxes,
@@ -559,3 +559,53 @@ def test_the_create_snapshot_command_without_a_key_sends_nothing(fake: FakeDayto
     code, _, stderr = run_cli("daytona", "create-snapshot", env={"DAYTONA_API_URL": fake.api_url})
     assert code == 2 and "DAYTONA_API_KEY is not set" in stderr
     assert fake.calls_to("POST", r"^/api/snapshots$") == []
+
+
+# ----- what the sandbox sends is bounded on the host -----
+
+
+CHANNEL = "import os, json\nfd = search.__self__.channel.fd\n"
+
+
+def test_a_line_over_the_protocol_limit_ends_the_session_with_a_clear_error(
+    backend: DaytonaBackend, fake: FakeDaytona
+) -> None:
+    session = backend.open_session("org-a", RecordingLLM())
+    with pytest.raises(SandboxError, match="sent a line over 16,777,216 bytes"):
+        session.execute(
+            CHANNEL + "os.write(fd, b'{' + b'x' * (17 << 20))\nimport time\ntime.sleep(30)"
+        )
+    assert not session.alive
+    session.close()
+    assert fake.running_processes() == []
+    with backend.open_session("org-a", RecordingLLM()) as fresh:
+        assert fresh.execute("print('ok')").stdout == "ok\n"
+
+
+def test_output_over_the_session_limit_ends_the_session_with_a_clear_error(
+    fake: FakeDaytona,
+) -> None:
+    # the API returns a command's whole log on every poll: the host stops at max_log_chars
+    with make_backend(fake, max_log_chars=1 << 20) as backend:
+        session = backend.open_session("org-a", RecordingLLM())
+        session.execute("print('small outputs travel')")
+        with pytest.raises(SandboxError, match="wrote over 1,048,576 characters of output"):
+            session.execute(
+                CHANNEL + "for _ in range(64):\n    os.write(fd, b'noise ' * 10_000 + b'\\n')\n"
+                "import time\ntime.sleep(30)"
+            )
+        session.close()
+        assert fake.running_processes() == []
+
+
+def test_calls_past_the_bound_are_refused_in_the_code(backend: DaytonaBackend) -> None:
+    with backend.open_session("org-a", RecordingLLM()) as session:
+        result = session.execute(
+            f"try:\n    llm_query_batched(['p'] * {MAX_PENDING_CALLS + 1})\n"
+            "except RuntimeError as exc:\n    print(exc)\n"
+            "print(llm_query_batched(['a']))"
+        )
+        assert result.stdout.startswith(
+            f"llm_query failed: a batch of {MAX_PENDING_CALLS + 1} prompts is over the limit"
+        ), result
+        assert result.stdout.endswith("['answer to a']\n")

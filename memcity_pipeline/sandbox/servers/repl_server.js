@@ -37,6 +37,9 @@
 // code waiting on `llm_query` past `timeout_s` is abandoned by a wall-clock timer. Both report
 // `timed_out` and keep the session. The host kills the process when neither works.
 //
+// Limits (the host's, repeated here): a request over MAX_LINE_BYTES is refused in the code; a
+// final answer or a variable's text is cut to MAX_FINAL_CHARS.
+//
 // This script stays whole: it is copied into sandboxes (or passed to `-e`) as one standalone
 // file, so it cannot import siblings.
 
@@ -47,6 +50,8 @@ const fs = require("node:fs");
 
 const PROTOCOL_VERSION = 1;
 const DEFAULT_MAX_OUTPUT_CHARS = 100000;
+const MAX_LINE_BYTES = 16 * 1024 * 1024; // the host's limit on one line: a longer request is refused here
+const MAX_FINAL_CHARS = 1000000; // a final answer or a variable's text is cut to this
 const SCAFFOLD_NAME = "__memcity__";
 const HELPER_TIMEOUT_MS = 30000;
 const FINISH_MIN_MS = 500;
@@ -717,6 +722,17 @@ class Server {
     process.stdout.write(JSON.stringify(message) + "\n");
   }
 
+  /** Send one request line, unless it is over the host's limit: then say why (refused). */
+  sendRequest(message) {
+    const line = JSON.stringify(message) + "\n";
+    const size = Buffer.byteLength(line, "utf8");
+    if (size > MAX_LINE_BYTES) {
+      return `the request is ${(size / 1048576).toFixed(1)} MiB; at most ${MAX_LINE_BYTES / 1048576} MiB travel in one call (send less at once)`;
+    }
+    process.stdout.write(line);
+    return undefined;
+  }
+
   /** The one host entry point of the scaffold: primitives in, primitives out, never throws. */
   bridge(kind, a, b, c) {
     try {
@@ -749,9 +765,11 @@ class Server {
     if (!exec || exec.finished) return "no execution is running";
     this.llmCounter += 1;
     const id = `${exec.id}.llm.${this.llmCounter}`;
+    const problem = this.sendRequest(
+      { type: "llm_request", id, exec_id: exec.id, prompts: JSON.parse(promptsJson), model });
+    if (problem) return problem;
     this.requests.set(id, { key, exec });
     exec.keys.push(key);
-    this.send({ type: "llm_request", id, exec_id: exec.id, prompts: JSON.parse(promptsJson), model });
     return undefined;
   }
 
@@ -761,9 +779,11 @@ class Server {
     if (!exec || exec.finished) return "no execution is running";
     this.llmCounter += 1;
     const id = `${exec.id}.tool.${this.llmCounter}`;
+    const problem = this.sendRequest(
+      { type: "tool_request", id, exec_id: exec.id, tool, args: JSON.parse(argsJson) });
+    if (problem) return problem;
     this.requests.set(id, { key, exec });
     exec.keys.push(key);
-    this.send({ type: "tool_request", id, exec_id: exec.id, tool, args: JSON.parse(argsJson) });
     return undefined;
   }
 
@@ -865,7 +885,8 @@ class Server {
     if (parsed.missing) {
       return { name, value: null, value_type: null, error: `no variable '${name}'` };
     }
-    return { name, value: parsed.value, value_type: parsed.value_type, error: null };
+    const value = typeof parsed.value === "string" ? truncate(parsed.value, MAX_FINAL_CHARS) : parsed.value;
+    return { name, value, value_type: parsed.value_type, error: null };
   }
 
   startExec(message, prelude) {
@@ -977,6 +998,7 @@ class Server {
       }
       const raw = this.call(`${SCAFFOLD_NAME}.takeFinal()`, limit);
       final = raw ? JSON.parse(raw) : null;
+      if (final && typeof final.value === "string") final.value = truncate(final.value, MAX_FINAL_CHARS);
       if (exec.prelude) this.call(`${SCAFFOLD_NAME}.markScaffold()`, limit);
     } catch (error) {
       if (errorText == null) errorText = `Error: reading the final answer failed: ${error && error.message}`;

@@ -35,6 +35,8 @@ here), ``SHOW_VARS() -> str``. Setting the
 variable ``__final__`` reports it as ``final`` in that execution's result (the hook for
 ``FINAL`` / ``FINAL_VAR`` defined by a prelude). ``timeout_s`` is soft (``SIGALRM`` raises
 ``TimeoutError`` in the code, the session lives); the host enforces a hard limit by killing.
+A request over ``MAX_LINE_BYTES`` (the host's limit on a line) is refused here, in the code; a
+final answer or a variable's text is cut to ``MAX_FINAL_CHARS``.
 
 This script stays whole: it is copied into sandboxes as one standalone file (standard library
 only), so it cannot import siblings.
@@ -55,6 +57,8 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_OUTPUT_CHARS = 100_000
+MAX_LINE_BYTES = 16 << 20  # the host's limit on one line: a longer request is refused here
+MAX_FINAL_CHARS = 1_000_000  # a final answer or a variable's text is cut to this
 HOST_TYPES = {
     "load_context",
     "exec_prelude",
@@ -113,7 +117,15 @@ class Channel:
 
     def send(self, message: dict[str, Any]) -> None:
         """Write one message; SIGALRM is held off so a line is never cut by a timeout."""
-        data = (json.dumps(message, default=str, ensure_ascii=False) + "\n").encode()
+        self.send_line(self.encode(message))
+
+    @staticmethod
+    def encode(message: dict[str, Any]) -> bytes:
+        """One message as the line that carries it."""
+        return (json.dumps(message, default=str, ensure_ascii=False) + "\n").encode()
+
+    def send_line(self, data: bytes) -> None:
+        """Write one encoded line whole (see `send`)."""
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
@@ -201,7 +213,7 @@ class Server:
             slot: dict[str, Any] = {"event": threading.Event()}
             self.pending[request_id] = slot
         try:
-            self.channel.send(
+            line = self.channel.encode(
                 {
                     "type": f"{kind}_request",
                     "id": request_id,
@@ -209,6 +221,12 @@ class Server:
                     **fields,
                 }
             )
+            if len(line) > MAX_LINE_BYTES:
+                raise RuntimeError(
+                    f"{what} failed: the request is {len(line) / (1 << 20):.1f} MiB; at most "
+                    f"{MAX_LINE_BYTES >> 20} MiB travel in one call (send less at once)"
+                )
+            self.channel.send_line(line)
             slot["event"].wait()
         finally:
             with self.pending_lock:
@@ -312,8 +330,11 @@ class Server:
             return None
         value = self.namespace.pop("__final__")
         if isinstance(value, dict):
-            return json.loads(json.dumps(value, default=str))
-        return {"value": str(value)}
+            final = json.loads(json.dumps(value, default=str))
+            if isinstance(final.get("value"), str):
+                final["value"] = truncate(final["value"], MAX_FINAL_CHARS)
+            return final
+        return {"value": truncate(str(value), MAX_FINAL_CHARS)}
 
     def load_context(self, message: dict[str, Any]) -> dict[str, Any]:
         """Set `context` from a file in the working directory or from inline data."""
@@ -353,7 +374,12 @@ class Server:
         except Exception as exc:
             return {"name": name, "value": None, "value_type": type(value).__name__,
                     "error": f"str() failed: {exc!r}"}  # fmt: skip
-        return {"name": name, "value": text, "value_type": type(value).__name__, "error": None}
+        return {
+            "name": name,
+            "value": truncate(text, MAX_FINAL_CHARS),
+            "value_type": type(value).__name__,
+            "error": None,
+        }
 
     # -- loop ------------------------------------------------------------------------------
 
