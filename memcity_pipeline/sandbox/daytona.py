@@ -17,7 +17,10 @@ Control-plane and toolbox calls follow the shared retry policy of ``memcity_pipe
 a Daytona error with HTTP 408, 409, 429 or 5xx, or a dropped connection, is retried with
 exponential backoff and full jitter (honouring Retry-After); any other Daytona error (404, 400,
 a client-side timeout) is not. Either way a final failure raises ``SandboxError`` naming the
-operation.
+operation. Every call has a deadline: each API request :data:`REQUEST_TIMEOUT_S` (the SDK's own
+client sets none for reading an answer), an upload :data:`UPLOAD_TIMEOUT_S`, creating and
+starting a sandbox their own, so a Daytona that stops answering fails the call instead of
+holding it.
 
 What a session sends is bounded on the host as for every backend (``sandbox.base``); in
 addition, since the Daytona API returns a command's whole log on each poll, a session whose
@@ -109,6 +112,11 @@ _GONE_STATES = {"destroyed", "destroying"}
 
 DEFAULT_RETRY = RetryPolicy(attempts=4, base_delay_s=0.5, max_delay_s=8.0)
 """The backend's retry policy unless it is given one."""
+
+REQUEST_TIMEOUT_S = 30.0
+"""The deadline of one Daytona API request (sessions, commands, logs, files, listings)."""
+UPLOAD_TIMEOUT_S = 120.0
+"""The deadline of one file upload (a REPL server, a session's context)."""
 
 MAX_LOG_CHARS = 64 << 20
 """The most output (the protocol channel, stdout) a REPL process may write over its life; past
@@ -205,8 +213,12 @@ class SessionCommandChannel:
 
         def attempt() -> str:
             try:
-                self.sandbox.process.create_session(self.session_id)
-                return self.sandbox.process.execute_session_command(self.session_id, request).cmd_id
+                self.sandbox.process.create_session(
+                    self.session_id, request_timeout=REQUEST_TIMEOUT_S
+                )
+                return self.sandbox.process.execute_session_command(
+                    self.session_id, request, timeout=int(REQUEST_TIMEOUT_S)
+                ).cmd_id
             except DaytonaError:
                 self._delete_session_quietly()
                 raise
@@ -219,7 +231,7 @@ class SessionCommandChannel:
             raise SandboxError("the REPL process in the Daytona sandbox has ended")
         call_with_retries(
             lambda: self.sandbox.process.send_session_command_input(
-                self.session_id, self.command_id, text
+                self.session_id, self.command_id, text, request_timeout=REQUEST_TIMEOUT_S
             ),
             "send input to the REPL process",
             self.retry,
@@ -264,7 +276,7 @@ class SessionCommandChannel:
                 self._last_status_check = time.monotonic()
                 command = call_with_retries(
                     lambda: self.sandbox.process.get_session_command(
-                        self.session_id, self.command_id
+                        self.session_id, self.command_id, request_timeout=REQUEST_TIMEOUT_S
                     ),
                     "check the REPL process",
                     self.retry,
@@ -272,7 +284,7 @@ class SessionCommandChannel:
                 exited = command.exit_code is not None
             logs = call_with_retries(
                 lambda: self.sandbox.process.get_session_command_logs(
-                    self.session_id, self.command_id
+                    self.session_id, self.command_id, request_timeout=REQUEST_TIMEOUT_S
                 ),
                 "read the REPL process output",
                 self.retry,
@@ -326,10 +338,14 @@ class SessionCommandChannel:
         if self._overflowed:
             return "its output went over the limit"
         try:
-            command = self.sandbox.process.get_session_command(self.session_id, self.command_id)
+            command = self.sandbox.process.get_session_command(
+                self.session_id, self.command_id, request_timeout=REQUEST_TIMEOUT_S
+            )
             if command.exit_code is not None:
                 parts.append(f"exit code {command.exit_code}")
-            logs = self.sandbox.process.get_session_command_logs(self.session_id, self.command_id)
+            logs = self.sandbox.process.get_session_command_logs(
+                self.session_id, self.command_id, request_timeout=REQUEST_TIMEOUT_S
+            )
             self._stderr = (logs.stderr or self._stderr)[-STDERR_TAIL_CHARS:]
         except DaytonaError:
             parts.append("the Daytona session is gone")
@@ -351,7 +367,9 @@ class SessionCommandChannel:
         """Delete the Daytona session, retrying transient failures; log (not raise) a failure."""
         try:
             _retried(
-                lambda: self.sandbox.process.delete_session(self.session_id),
+                lambda: self.sandbox.process.delete_session(
+                    self.session_id, request_timeout=REQUEST_TIMEOUT_S
+                ),
                 f"delete session {self.session_id}",
                 self.retry,
             )
@@ -455,7 +473,11 @@ class DaytonaSandboxes:
     def _still_started(self, entry: _SandboxEntry) -> bool:
         """Refresh a cached sandbox; start it again if it stopped meanwhile."""
         try:
-            call_with_retries(entry.sandbox.refresh_data, "refresh the sandbox", self.retry)
+            call_with_retries(
+                lambda: entry.sandbox.refresh_data(REQUEST_TIMEOUT_S),
+                "refresh the sandbox",
+                self.retry,
+            )
         except SandboxError as exc:
             if isinstance(exc.__cause__, DaytonaNotFoundError):
                 return False
@@ -468,7 +490,7 @@ class DaytonaSandboxes:
         return True
 
     def _find_or_create(self, labels: dict[str, str]) -> _SandboxEntry:
-        found = list(self.client.list(ListSandboxesQuery(labels=labels)))
+        found = list(self.client.list(ListSandboxesQuery(labels=labels), REQUEST_TIMEOUT_S))
         usable = []
         for sandbox in found:
             state = _state(sandbox)
@@ -508,7 +530,8 @@ class DaytonaSandboxes:
 
     def _delete_created(self, token: str) -> None:
         try:
-            leftovers = list(self.client.list(ListSandboxesQuery(labels={"create_token": token})))
+            query = ListSandboxesQuery(labels={"create_token": token})
+            leftovers = list(self.client.list(query, REQUEST_TIMEOUT_S))
         except DaytonaError as exc:
             log.warning("Daytona: could not look for a half-created sandbox: %s", exc)
             return
@@ -522,7 +545,7 @@ class DaytonaSandboxes:
             if time.monotonic() > deadline:
                 raise SandboxError(f"Daytona sandbox {sandbox.id} stayed {_state(sandbox)}")
             time.sleep(1.0)
-            sandbox.refresh_data()
+            sandbox.refresh_data(REQUEST_TIMEOUT_S)
         state = _state(sandbox)
         try:
             if state in _WAIT_STATES:
@@ -619,7 +642,7 @@ class DaytonaSession(ReplSession):
         payload = (context if text else _json_dumps(context)).encode("utf-8")
         remote = f"{self.directory}/{name}"
         call_with_retries(
-            lambda: self.entry.sandbox.fs.upload_file(payload, remote),
+            lambda: self.entry.sandbox.fs.upload_file(payload, remote, int(UPLOAD_TIMEOUT_S)),
             "upload the context",
             self.backend.retry,
         )
@@ -747,7 +770,7 @@ class DaytonaBackend(SandboxBackend):
         try:
             server_path = self._server_path(entry, runtime)
             call_with_retries(
-                lambda: entry.sandbox.fs.create_folder(directory, "700"),
+                lambda: entry.sandbox.fs.create_folder(directory, "700", REQUEST_TIMEOUT_S),
                 "create the session directory",
                 self.retry,
             )
@@ -818,12 +841,14 @@ class DaytonaBackend(SandboxBackend):
             path = f"{UPLOADED_SERVER_DIR}/repl_server-{digest[:16]}{suffix}"
             source = server_source(runtime)
             call_with_retries(
-                lambda: sandbox.fs.create_folder(UPLOADED_SERVER_DIR, "755"),
+                lambda: sandbox.fs.create_folder(UPLOADED_SERVER_DIR, "755", REQUEST_TIMEOUT_S),
                 "create the REPL server directory",
                 self.retry,
             )
             call_with_retries(
-                lambda: sandbox.fs.upload_file(source, path), "upload the REPL server", self.retry
+                lambda: sandbox.fs.upload_file(source, path, int(UPLOAD_TIMEOUT_S)),
+                "upload the REPL server",
+                self.retry,
             )
             entry.server_paths[runtime] = path
             return path
@@ -832,7 +857,7 @@ class DaytonaBackend(SandboxBackend):
         """Delete a file or directory in the sandbox; log (not raise) a failure."""
         try:
             call_with_retries(
-                lambda: sandbox.fs.delete_file(path, recursive=recursive),
+                lambda: sandbox.fs.delete_file(path, recursive, REQUEST_TIMEOUT_S),
                 f"remove {path}",
                 self.retry,
             )

@@ -31,6 +31,10 @@ BAKED_PATHS = {"python": BAKED_SERVER_PATH, "bun": BAKED_JS_SERVER_PATH}
 _MAX_INLINE_BYTES = 90_000
 
 
+BUILD_TIMEOUT_S = 3600.0
+"""The deadline of building and registering a snapshot (the SDK's default is none)."""
+
+
 def server_source(runtime: str = "python") -> bytes:
     """The REPL server's source of `runtime` (python or bun), as the host has it."""
     return (JS_SERVER_SOURCE if runtime == "bun" else SERVER_SOURCE).read_bytes()
@@ -94,7 +98,7 @@ def create_snapshot(
     params = snapshot_params(name, cpu=cpu, memory_gib=memory_gib, disk_gib=disk_gib)
     try:
         client = daytona if daytona is not None else Daytona()
-        client.snapshot.create(params, on_logs=on_logs)
+        client.snapshot.create(params, on_logs=on_logs, timeout=BUILD_TIMEOUT_S)
     except DaytonaError as exc:
         reason = " ".join(str(exc).split())
         raise SnapshotError(f"Could not create Daytona snapshot {name!r}: {reason}") from exc

@@ -8,6 +8,7 @@ import base64
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -428,6 +429,24 @@ def test_persistent_5xx_ends_in_a_clear_error(backend: DaytonaBackend, fake: Fak
     fake.injections.clear()
     session.close()
     assert fake.running_processes() == []
+
+
+def test_a_daytona_that_stops_answering_fails_the_call_by_its_deadline(
+    backend: DaytonaBackend, fake: FakeDaytona, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every Daytona request has a deadline: a toolbox that stops answering ends the call with
+    a clear error instead of holding it (here with a 1 s deadline and a 30 s stall)."""
+    import memcity_pipeline.sandbox.daytona as daytona_backend
+
+    monkeypatch.setattr(daytona_backend, "REQUEST_TIMEOUT_S", 1.0)
+    session = backend.open_session("org-a", RecordingLLM())
+    fake.inject(r"GET /toolbox/.*/logs$", status=None, times=1000, delay_s=30)
+    started = time.monotonic()
+    with pytest.raises(SandboxError, match=r"read the REPL process output"):
+        session.execute("print('never seen')")
+    assert time.monotonic() - started < 20  # one stall would be 30 s: it did not wait for it
+    fake.injections.clear()
+    session.close()
 
 
 def test_a_sandbox_whose_first_use_fails_is_deleted(fake: FakeDaytona) -> None:
