@@ -268,7 +268,7 @@ def memory_index(
             same_ids(
                 "memory_index_matches_memories",
                 memory_ids,
-                _ids(lake, "memory_embeddings", scopes),
+                _ids(lake, "memory_embeddings", "item_id", scopes),
                 "memories",
             ),
             verdict("memory_bm25_matches_memories", {"stale_indexes": len(stale)}, stale=stale),
@@ -291,22 +291,19 @@ def _version(lake: LakeResource, table: str) -> dg.MetadataValue:
     return dg.MetadataValue.int(version) if version is not None else dg.MetadataValue.null()
 
 
-def _ids(lake: LakeResource, table: str, scopes: list[tuple[str, str]]) -> list[str]:
-    """The ids of these partitions' rows of `table` (chunk ids, or embedded item ids)."""
-    column = "chunk_id" if table == "enriched_chunks" else "item_id"
+def _ids(lake: LakeResource, table: str, column: str, scopes: list[tuple[str, str]]) -> list[str]:
+    """The `column` ids of these partitions' rows of `table`."""
     return [
         i
         for org, scope in scopes
-        for i in read_rows(lake.lake, table, scope_where(table, org, scope), columns=[column])[
-            column
-        ]
+        for i in read_rows(lake.lake, table, scope_where(table, org, scope), [column])[column]
     ]
 
 
 def _every_chunk_embedded(lake: LakeResource, scopes: list[tuple[str, str]]) -> dg.AssetCheckResult:
     return same_ids(
         "every_chunk_embedded",
-        _ids(lake, "enriched_chunks", scopes),
-        _ids(lake, "chunk_embeddings", scopes),
+        _ids(lake, "enriched_chunks", "chunk_id", scopes),
+        _ids(lake, "chunk_embeddings", "item_id", scopes),
         "chunks",
     )
