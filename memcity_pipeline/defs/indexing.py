@@ -259,7 +259,7 @@ def memory_index(
             totals["bm25_rebuilt"] += 1
         if not _bm25_current(lake.lake, prefix, ids, texts):
             stale.append(f"{org}/{user}")
-        memory_ids += ids
+        memory_ids += [f"{org}/{user}/{i}" for i in ids]
         totals["memories"] += stats.items
         totals["embedded"] += stats.embedded
         totals["reused"] += stats.reused
@@ -292,9 +292,10 @@ def _version(lake: LakeResource, table: str) -> dg.MetadataValue:
 
 
 def _ids(lake: LakeResource, table: str, column: str, scopes: list[tuple[str, str]]) -> list[str]:
-    """The `column` ids of these partitions' rows of `table`."""
+    """The `column` ids of these partitions' rows of `table`, each as `<org>/<scope>/<id>` (a
+    memory id is its user's own: two users may both have `m1`)."""
     return [
-        i
+        f"{org}/{scope}/{i}"
         for org, scope in scopes
         for i in read_rows(lake.lake, table, scope_where(table, org, scope), [column])[column]
     ]
